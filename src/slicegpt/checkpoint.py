@@ -1,0 +1,92 @@
+"""Save sliced models as standard Hugging Face directories, and load them back.
+
+The directory holds safetensors weights, config.json (with `slicing`, which records
+every width, and an `auto_map` pointing at the bundled modeling file), the tokenizer,
+and modeling_sliced.py, so `AutoModelForCausalLM.from_pretrained(dir,
+trust_remote_code=True)` works where slicegpt is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import modeling_sliced
+from .errors import SliceGPTError
+
+MODELING_FILE = "modeling_sliced.py"
+REPORT_FILE = "slicing_report.json"
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse early, before any work, to clobber a directory that holds something."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise SliceGPTError(f"output directory {out} exists and is not empty (use --overwrite to replace it)")
+
+
+def modeling_source(base_architecture: str) -> str:
+    source = Path(modeling_sliced.__file__).read_text()
+    return source + (
+        "\n\n# The class this checkpoint's config.json names in auto_map.\n"
+        f"from transformers import {base_architecture} as _Base  # noqa: E402\n\n"
+        "SlicedForCausalLM = sliced_class_for(_Base)\n"
+    )
+
+
+def atomic_directory(out: Path, overwrite: bool, write) -> None:
+    """Call write(tmp_dir), then move tmp_dir to `out`: no half-written output is ever left."""
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is meant to be shared
+    try:
+        write(tmp)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def write_sliced(model: nn.Module, tokenizer, directory: Path, extra_files: dict[str, str] | None = None) -> None:
+    """Write a sliced model (config.slicing set) into an existing directory."""
+    slicing = model.config.slicing
+    model.config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.SlicedForCausalLM"}
+    model.save_pretrained(directory, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    (directory / MODELING_FILE).write_text(modeling_source(slicing["base_architecture"]))
+    for name, text in (extra_files or {}).items():
+        (directory / name).write_text(text)
+
+
+def save_sliced(model: nn.Module, tokenizer, out: str | Path, report: dict | None = None,
+                overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
+    out = Path(out)
+    files = dict(extra_files or {})
+    if report is not None:
+        files[REPORT_FILE] = json.dumps(report, indent=2) + "\n"
+    atomic_directory(out, overwrite, lambda tmp: write_sliced(model, tokenizer, tmp, files))
+    return out
+
+
+def load_sliced(directory: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
+    """Load a sliced checkpoint with slicegpt's own copy of the modeling code."""
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(directory)
+    slicing = getattr(config, "slicing", None)
+    if slicing is None:
+        raise SliceGPTError(f"{directory} is not a sliced checkpoint (config.json has no 'slicing')")
+    base = getattr(transformers, slicing["base_architecture"], None)
+    if base is None:
+        raise SliceGPTError(f"this transformers has no {slicing['base_architecture']}")
+    cls = modeling_sliced.sliced_class_for(base)
+    return cls.from_pretrained(directory, config=config, dtype=dtype).to(device).eval()

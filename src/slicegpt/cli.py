@@ -1,0 +1,35 @@
+"""The `slicegpt` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .commands import ppl, slice as slice_command
+from .errors import SliceGPTError
+
+COMMANDS = [slice_command, ppl]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slicegpt", description="Compress causal language models with SliceGPT.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except SliceGPTError as error:
+        print(f"slicegpt: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("slicegpt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""The settings of one slicing run, as a plain dataclass that round-trips through JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .errors import SliceGPTError
+
+CONFIG_VERSION = 1
+
+
+@dataclass
+class SliceConfig:
+    sparsity: float = 0.25
+    # Kept widths are rounded down to a multiple of this, so matmuls stay kernel-friendly.
+    round_to: int = 8
+    cal_data: str = "wikitext2"
+    cal_samples: int = 128
+    cal_seqlen: int = 2048
+    cal_batch_size: int = 8
+    seed: int = 42
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise SliceGPTError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        for name in ("round_to", "cal_samples", "cal_seqlen", "cal_batch_size"):
+            if getattr(self, name) < 1:
+                raise SliceGPTError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+
+    def kept_width(self, dense_width: int) -> int:
+        """The residual width after slicing."""
+        if self.sparsity == 0:
+            return dense_width
+        width = int((1.0 - self.sparsity) * dense_width)
+        width -= width % self.round_to
+        if width < 1:
+            raise SliceGPTError(f"sparsity {self.sparsity} with round-to {self.round_to} leaves no width "
+                                f"of the {dense_width} dimensions")
+        return width
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SliceConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
