@@ -37,7 +37,6 @@ def make_tiny_model(arch: str, tied: bool = False, dtype: torch.dtype = torch.fl
     """A random tiny model whose norms and biases are non-trivial, so fusion is really tested."""
     torch.manual_seed(seed)
     config = TINY_CONFIGS[arch](tied)
-    config.attn_implementation = "eager"
     model = getattr(transformers, arch)(config).to(dtype).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -85,3 +84,24 @@ def smollm2_dir(tmp_path_factory):
         if os.environ.get("CI"):  # .ci/run installs it, so in CI a missing model is a failure
             raise
         pytest.skip(f"smollm2-135m unavailable: {error}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
+    """A tiny random Llama with SmolLM2's tokenizer, saved as a normal model directory."""
+    config = transformers.LlamaConfig(
+        vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,148 @@
+"""Protocol P: SmolLM2-135M sliced at 20/25/30%, quality, cost, memory and size.
+
+smollm2-135m, 2 threads, seed 42, calibration 64 x 2048 tokens of WikiText-2 (v1)
+validation, perplexity on the first 16 chunks of WikiText-2 raw test. Each sparsity
+runs in its own process, so peak RSS is that run's own. The cost baseline, one plain
+dense forward of the model body over the same calibration tokens, is timed in the
+same process right before slicing.
+
+    python bench/protocol_p.py                # the full protocol (about half an hour)
+    python bench/protocol_p.py --quick        # a smoke run with tiny settings
+Writes bench/results/protocol_p.json (or protocol_p_quick.json) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+CAL_DATA = DATA / "wikitext-2-v1.validation.jsonl"
+PPL_DATA = DATA / "wikitext-2-raw-v1.test.jsonl"
+ORIGINAL = {  # the original implementation on this protocol (from the issue)
+    "dense_ppl": 20.71, "sliced_ppl": {"0.2": 43.95, "0.25": 52.21, "0.3": 66.18},
+    "slice_s_25": 718.0, "dense_forward_s": 342.0, "params_25": 140.65e6, "params_dense": 134.52e6,
+}
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+@torch.no_grad()
+def dense_body_forward_s(model, batches) -> float:
+    body = model.get_decoder()
+    start = time.perf_counter()
+    for batch in batches:
+        body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return time.perf_counter() - start
+
+
+def one_run(args) -> dict:
+    """Everything measured for one sparsity, in this process."""
+    from slicegpt import SliceConfig, load_model, perplexity, slice_model
+    from slicegpt.api import calibration_data
+    from slicegpt.data import load_texts
+    from slicegpt.families import family_for
+    from slicegpt.report import count_parameters, head_parameters, shortcut_parameters
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model("smollm2-135m")
+    family = family_for(model)
+    config = SliceConfig(sparsity=args.sparsity, cal_samples=args.cal_samples, cal_seqlen=args.cal_seqlen,
+                         cal_batch_size=args.cal_batch_size, seed=42)
+    batches = calibration_data(tokenizer, config, load_texts(str(CAL_DATA)))
+    ppl_texts = load_texts(str(PPL_DATA))
+    row = {"sparsity": args.sparsity, "params_dense": count_parameters(model)}
+    if args.dense:
+        row["ppl_dense"] = perplexity(model, tokenizer, ppl_texts, chunks=args.ppl_chunks, progress=False)["ppl"]
+    if args.baseline:
+        row["dense_forward_s"] = dense_body_forward_s(model, batches)
+    start = time.perf_counter()
+    slice_model(model, tokenizer, config, batches, progress=False)
+    row["calibrate_and_slice_s"] = time.perf_counter() - start
+    row["ppl_sliced"] = perplexity(model, tokenizer, ppl_texts, chunks=args.ppl_chunks, progress=False)["ppl"]
+    row["params_sliced"] = count_parameters(model)
+    row["params_shortcuts"] = shortcut_parameters(model)
+    row["params_head"] = head_parameters(model, family)
+    row["peak_rss_gib"] = peak_rss_gib()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny settings, to check the script runs")
+    parser.add_argument("--sparsities", default="0.2,0.25,0.3")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: run one sparsity
+    parser.add_argument("--sparsity", type=float, default=0.25, help=argparse.SUPPRESS)
+    parser.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cal-samples", type=int, default=64, help=argparse.SUPPRESS)
+    parser.add_argument("--cal-seqlen", type=int, default=2048, help=argparse.SUPPRESS)
+    parser.add_argument("--cal-batch-size", type=int, default=8, help=argparse.SUPPRESS)
+    parser.add_argument("--ppl-chunks", type=int, default=16, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one_run(args)))
+        return
+
+    sizes = ["--cal-samples", "4", "--cal-seqlen", "256", "--ppl-chunks", "1"] if args.quick else []
+    rows = []
+    for sparsity in [float(s) for s in args.sparsities.split(",")]:
+        flags = ["--dense", "--baseline"] if sparsity == 0.25 else []
+        command = [sys.executable, __file__, "--one", "--sparsity", str(sparsity), "--threads", str(args.threads),
+                   *flags, *sizes]
+        print(f"running sparsity {sparsity} ...", file=sys.stderr, flush=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(done.stderr)
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+
+    summary = summarise(rows)
+    print_table(rows, summary)
+    out = ROOT / "bench" / "results" / ("protocol_p_quick.json" if args.quick else "protocol_p.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"protocol": "P", "quick": args.quick, "threads": args.threads, "rows": rows,
+                               "summary": summary, "original": ORIGINAL,
+                               "torch": torch.__version__}, indent=2) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+def summarise(rows: list[dict]) -> dict:
+    main_row = next((r for r in rows if r["sparsity"] == 0.25), rows[0])
+    summary = {}
+    if "ppl_dense" in main_row:
+        summary["ppl_ratio_25"] = main_row["ppl_sliced"] / main_row["ppl_dense"]
+        summary["ppl_target_met"] = main_row["ppl_sliced"] <= 52.2 or summary["ppl_ratio_25"] <= 2.52
+    if "dense_forward_s" in main_row:
+        summary["cost_ratio_25"] = main_row["calibrate_and_slice_s"] / main_row["dense_forward_s"]
+        summary["cost_target_1_5_met"] = summary["cost_ratio_25"] <= 1.5
+    summary["params_ratio_25"] = main_row["params_sliced"] / main_row["params_dense"]
+    return summary
+
+
+def print_table(rows: list[dict], summary: dict) -> None:
+    print(f"{'sparsity':>8} {'ppl dense':>10} {'ppl sliced':>10} {'slice s':>8} {'dense fwd s':>11} "
+          f"{'params':>12} {'shortcuts':>10} {'head':>10} {'peak GiB':>8}")
+    for r in rows:
+        print(f"{r['sparsity']:>8.2f} {r.get('ppl_dense', float('nan')):>10.2f} {r['ppl_sliced']:>10.2f} "
+              f"{r['calibrate_and_slice_s']:>8.1f} {r.get('dense_forward_s', float('nan')):>11.1f} "
+              f"{r['params_sliced']:>12,} {r['params_shortcuts']:>10,} {r['params_head']:>10,} "
+              f"{r['peak_rss_gib']:>8.2f}")
+    for key, value in summary.items():
+        print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}")
+    print(f"  original at 25%: ppl {ORIGINAL['sliced_ppl']['0.25']}, {ORIGINAL['params_25'] / 1e6:.2f}M params, "
+          f"slice {ORIGINAL['slice_s_25']:.0f} s = {ORIGINAL['slice_s_25'] / ORIGINAL['dense_forward_s']:.2f}x forward")
+
+
+if __name__ == "__main__":
+    main()
