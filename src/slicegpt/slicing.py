@@ -133,23 +133,36 @@ class Slicer:
     @torch.no_grad()
     def run(self, batches: list[dict]) -> SliceResult:
         acts, layer_kwargs = capture_layer_inputs(self.model, self.family, batches)
+        Q = self.slice_embeddings(acts)
+        layers = get_module(self.model, self.family.layers)
+        for index in tqdm(range(len(layers)), desc="Slicing layers", unit="layer", disable=not self.progress):
+            Q = self.slice_layer(index, layers[index], acts, layer_kwargs[index], Q)
+        self.slice_head(Q)
+        return self.result
+
+    @torch.no_grad()
+    def slice_embeddings(self, acts: Activations) -> torch.Tensor:
+        """Rotate the embeddings into the PCA basis of the first layer's input; returns that basis."""
         Q = self._basis(acts, "embeddings")
         for path in self.family.embeddings:
             rotate_embedding(get_module(self.model, path), Q)
         acts.hidden = [change_basis(x, Q) for x in acts.hidden]
         self.result.embedding_width = Q.shape[1]
+        return Q
 
-        layers = get_module(self.model, self.family.layers)
-        bar = tqdm(range(len(layers)), desc="Slicing layers", unit="layer", disable=not self.progress)
-        for index in bar:
-            layer = layers[index]
-            if not isinstance(layer, SlicedDecoderLayer):
-                raise TypeError("fuse the model before slicing it")
-            slice_one = self._parallel_layer if layer.parallel else self._sequential_layer
-            Q = slice_one(index, layer, acts, layer_kwargs[index], Q)
+    @torch.no_grad()
+    def slice_layer(self, index: int, layer: SlicedDecoderLayer, acts: Activations, kwargs: list[dict],
+                    Q_in: torch.Tensor) -> torch.Tensor:
+        """Rotate and slice one fused layer; `acts` become its outputs, in the returned basis."""
+        if not isinstance(layer, SlicedDecoderLayer):
+            raise TypeError("fuse the model before slicing it")
+        slice_one = self._parallel_layer if layer.parallel else self._sequential_layer
+        return slice_one(index, layer, acts, kwargs, Q_in)
+
+    @torch.no_grad()
+    def slice_head(self, Q: torch.Tensor) -> None:
         rotate_input(get_module(self.model, self.family.head), Q)
         self.result.head_in = Q.shape[1]
-        return self.result
 
     def _sequential_layer(self, index: int, layer: SlicedDecoderLayer, acts: Activations,
                           kwargs: list[dict], Q_in: torch.Tensor) -> torch.Tensor:
