@@ -53,9 +53,10 @@ def test_save_and_load_with_slicegpt(tmp_path, arch):
     assert torch.equal(loaded(ids).logits, expected)
 
 
-def test_remote_code_loads_without_slicegpt(tmp_path):
+@pytest.mark.parametrize("arch,tied", [("MistralForCausalLM", False), ("LlamaForCausalLM", True)])
+def test_remote_code_loads_without_slicegpt(tmp_path, arch, tied):
     """A fresh process where slicegpt cannot be imported loads the directory via auto_map."""
-    model, _ = _sliced_tiny("MistralForCausalLM", tied=False)
+    model, _ = _sliced_tiny(arch, tied=tied)
     ids = torch.randint(0, model.config.vocab_size, (1, 12))
     expected = model(ids).logits
     save_sliced(model, None, tmp_path / "out")
@@ -79,3 +80,21 @@ def test_remote_code_loads_without_slicegpt(tmp_path):
                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert run.returncode == 0, run.stderr[-3000:]
     assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+
+
+def test_tied_head_stays_tied(tmp_path):
+    model, result = _sliced_tiny("LlamaForCausalLM", tied=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.model.norm.map.weight.shape == (result.embedding_width, result.head_in)
+    save_sliced(model, None, tmp_path / "out")
+    loaded = load_sliced(tmp_path / "out")
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert loaded.config.tie_word_embeddings
+
+
+def test_untie_head_option():
+    model = make_tiny_model("LlamaForCausalLM", tied=True)
+    config = SliceConfig(sparsity=0.25, tied_head=False)
+    slice_model(model, None, config, random_batches(model.config.vocab_size), progress=False)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert not model.config.slicing["tied_head"]

@@ -36,7 +36,7 @@ def slice_model(model: nn.Module, tokenizer, config: SliceConfig, calibration: l
     device = next(model.parameters()).device
     batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
     model.eval()
-    fuse(model, family)
+    fuse(model, family, keep_tied=config.tied_head)
     width = config.kept_width(model.config.hidden_size)
     result = Slicer(model, family, constant_width(width), progress=progress).run(batches)
     model.config.slicing = slicing_metadata(model, family, result, norm_eps(model, family))

@@ -20,6 +20,9 @@ class SliceConfig:
     cal_seqlen: int = 2048
     cal_batch_size: int = 8
     seed: int = 42
+    # Keep a tied embedding/head pair tied (a small map after the final norm) rather than
+    # untying it, which adds a vocabulary-sized matrix.
+    tied_head: bool = True
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:

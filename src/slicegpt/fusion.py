@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .families import Family, get_module, set_module
-from .modeling_sliced import SlicedRMSNorm, wrap_layer
+from .modeling_sliced import NormThenMap, SlicedRMSNorm, wrap_layer
 
 
 def norm_scale_and_shift(norm: nn.Module, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -66,17 +66,46 @@ def untie_head(model: nn.Module, family: Family) -> None:
         text_config.tie_word_embeddings = False
 
 
+def head_is_tied(model: nn.Module, family: Family) -> bool:
+    head = get_module(model, family.head)
+    return any(head.weight is get_module(model, p).weight for p in family.embeddings)
+
+
+def can_keep_tied(model: nn.Module, family: Family) -> bool:
+    """A tied head survives where the embeddings need no centring (RMSNorm families).
+
+    LayerNorm models centre the embedding rows, which a shared head cannot undo.
+    """
+    return head_is_tied(model, family) and family.norm_kind != "layer"
+
+
+@torch.no_grad()
+def final_map(norm: nn.Module, kind: str, dense: int, eps: float) -> NormThenMap:
+    """Final norm whose scale (and shift) moves into a dense-width map: exact, and rotatable."""
+    scale, shift = norm_scale_and_shift(norm, kind)
+    weight = norm.weight
+    module = NormThenMap(dense, eps, dense, dense, bias=shift is not None, device=weight.device, dtype=weight.dtype)
+    module.map.weight.copy_(torch.diag(scale).to(weight.dtype))
+    if shift is not None:
+        module.map.bias.copy_(shift.to(weight.dtype))
+    return module
+
+
 def norm_eps(model: nn.Module, family: Family) -> float:
     return float(getattr(model.config, family.eps_attr))
 
 
 @torch.no_grad()
-def fuse(model: nn.Module, family: Family) -> None:
+def fuse(model: nn.Module, family: Family, keep_tied: bool = True) -> bool:
     """Fold all norms into their readers and wrap layers so shortcuts can be added.
 
-    The returned model computes the same logits as before (up to float rounding).
+    The model computes the same logits as before (up to float rounding). A tied head
+    stays tied where `keep_tied` and the family allow it (see `NormThenMap`); returns
+    whether it did.
     """
-    untie_head(model, family)
+    tied = keep_tied and can_keep_tied(model, family)
+    if not tied:
+        untie_head(model, family)
     dense = model.config.hidden_size
     eps = norm_eps(model, family)
     centre = family.norm_kind == "layer"
@@ -102,7 +131,11 @@ def fuse(model: nn.Module, family: Family) -> None:
             centre_output(get_module(layer, family.mlp_output))
         layers[index] = wrap_layer(layer, family.to_dict())
 
-    head = get_module(model, family.head)
-    scale, shift = norm_scale_and_shift(get_module(model, family.final_norm), family.norm_kind)
-    fold_into_linears(scale, shift, [head])
+    final_norm = get_module(model, family.final_norm)
+    if tied:
+        set_module(model, family.final_norm, final_map(final_norm, family.norm_kind, dense, eps))
+        return True
+    scale, shift = norm_scale_and_shift(final_norm, family.norm_kind)
+    fold_into_linears(scale, shift, [get_module(model, family.head)])
     set_module(model, family.final_norm, SlicedRMSNorm(dense, eps))
+    return False

@@ -39,6 +39,24 @@ class SlicedRMSNorm(nn.Module):
         return f"dense_width={self.dense_width}, eps={self.eps}"
 
 
+class NormThenMap(nn.Module):
+    """The final norm of a model whose head stays tied to its embeddings.
+
+    The stream's last basis differs from the embedding's, and the final norm's scale
+    cannot be folded into a shared head, so one small map (last width -> embedding
+    width) follows the norm instead of a second vocabulary-sized matrix.
+    """
+
+    def __init__(self, dense_width: int, eps: float, in_width: int, out_width: int, bias: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        self.norm = SlicedRMSNorm(dense_width, eps)
+        self.map = nn.Linear(in_width, out_width, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.map(self.norm(x))
+
+
 def _first(output):
     return output[0] if isinstance(output, tuple) else output
 
@@ -154,9 +172,18 @@ def apply_sliced_structure(model: nn.Module, slicing: dict) -> None:
             wrapped.mlp_shortcut = nn.Linear(mid, widths["out"], **shortcut_kw)
         layers[index] = wrapped
 
-    _set(model, family["final_norm"], SlicedRMSNorm(dense, eps))
     head = model.get_submodule(family["head"])
-    _set(model, family["head"], _narrow_linear(head, in_features=slicing["head_in"]))
+    if slicing.get("tied_head"):
+        embedding = model.get_submodule(family["embeddings"][0])
+        _set(model, family["final_norm"], NormThenMap(dense, eps, slicing["head_in"], slicing["embedding_width"],
+                                                      bias=slicing.get("final_map_bias", False),
+                                                      device=device, dtype=dtype))
+        new_head = _narrow_linear(head, in_features=slicing["embedding_width"])
+        new_head.weight = embedding.weight
+    else:
+        _set(model, family["final_norm"], SlicedRMSNorm(dense, eps))
+        new_head = _narrow_linear(head, in_features=slicing["head_in"])
+    _set(model, family["head"], new_head)
 
 
 def sliced_class_for(base: type) -> type:
@@ -164,8 +191,8 @@ def sliced_class_for(base: type) -> type:
 
     class SlicedForCausalLM(base):
         def __init__(self, config, *args, **kwargs):
-            # The sliced head has its own weights even where the dense model tied them.
-            config.tie_word_embeddings = False
+            # Tied only where slicing kept the head tied (via the final map).
+            config.tie_word_embeddings = bool(config.slicing.get("tied_head", False))
             super().__init__(config, *args, **kwargs)
             apply_sliced_structure(self, config.slicing)
 

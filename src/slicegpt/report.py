@@ -26,10 +26,12 @@ def shortcut_parameters(model: nn.Module) -> int:
 
 
 def head_parameters(model: nn.Module, family: Family) -> int:
-    """Parameters of the LM head that are not shared with the embeddings."""
+    """What the output side costs beyond the embeddings: an untied head, or the final map."""
     head = get_module(model, family.head)
     embedding_ptrs = {get_module(model, p).weight.data_ptr() for p in family.embeddings}
-    return sum(p.numel() for p in head.parameters() if p.data_ptr() not in embedding_ptrs)
+    own = sum(p.numel() for p in head.parameters() if p.data_ptr() not in embedding_ptrs)
+    final_map = getattr(get_module(model, family.final_norm), "map", None)
+    return own + (sum(p.numel() for p in final_map.parameters()) if final_map is not None else 0)
 
 
 def versions() -> dict:

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .families import Family, get_module
-from .modeling_sliced import SlicedDecoderLayer
+from .modeling_sliced import NormThenMap, SlicedDecoderLayer
 from .pca import CovarianceAccumulator, principal_basis
 from .rotation import change_basis, rotate_embedding, rotate_input, rotate_output, shortcut
 
@@ -123,6 +123,7 @@ class Slicer:
         self.model, self.family, self.width_rule, self.progress = model, family, width_rule, progress
         self.dense = model.config.hidden_size
         self.result = SliceResult()
+        self.embedding_basis: torch.Tensor | None = None
 
     def _basis(self, acts: Activations, name: str) -> torch.Tensor:
         eigenvalues, vectors = _principal(acts, where=f"at {name}")
@@ -148,6 +149,7 @@ class Slicer:
             rotate_embedding(get_module(self.model, path), Q)
         acts.hidden = [change_basis(x, Q) for x in acts.hidden]
         self.result.embedding_width = Q.shape[1]
+        self.embedding_basis = Q
         return Q
 
     @torch.no_grad()
@@ -161,8 +163,18 @@ class Slicer:
 
     @torch.no_grad()
     def slice_head(self, Q: torch.Tensor) -> None:
-        rotate_input(get_module(self.model, self.family.head), Q)
+        """The head reads the last basis; a tied head goes through the final map instead."""
         self.result.head_in = Q.shape[1]
+        head = get_module(self.model, self.family.head)
+        final_norm = get_module(self.model, self.family.final_norm)
+        if not isinstance(final_norm, NormThenMap):
+            rotate_input(head, Q)
+            return
+        rotate_input(final_norm.map, Q)
+        rotate_output(final_norm.map, self.embedding_basis)
+        embedding = get_module(self.model, self.family.embeddings[0])
+        head.weight = embedding.weight  # rotating the embedding replaced its Parameter: tie again
+        head.in_features = embedding.weight.shape[1]
 
     def _sequential_layer(self, index: int, layer: SlicedDecoderLayer, acts: Activations,
                           kwargs: list[dict], Q_in: torch.Tensor) -> torch.Tensor:
@@ -210,6 +222,7 @@ def constant_width(width: int) -> WidthRule:
 
 def slicing_metadata(model: nn.Module, family: Family, result: SliceResult, eps: float) -> dict:
     """What the sliced modeling code needs to rebuild the model's shape (goes into config.json)."""
+    final_map = getattr(get_module(model, family.final_norm), "map", None)
     return {
         "format_version": 1,
         "base_architecture": type(model).__name__,
@@ -219,4 +232,6 @@ def slicing_metadata(model: nn.Module, family: Family, result: SliceResult, eps:
         "embedding_width": result.embedding_width,
         "layers": result.layer_widths,
         "head_in": result.head_in,
+        "tied_head": final_map is not None,
+        "final_map_bias": final_map is not None and final_map.bias is not None,
     }

@@ -33,6 +33,8 @@ def add_parser(subparsers) -> None:
                         help=f"tokens per calibration sequence (default {defaults.cal_seqlen})")
     parser.add_argument("--cal-batch-size", type=int, default=defaults.cal_batch_size, metavar="B",
                         help=f"sequences per calibration batch (default {defaults.cal_batch_size})")
+    parser.add_argument("--untie-head", action="store_true",
+                        help="give a tied head its own sliced matrix instead of a small map after the final norm")
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"sampling seed (default {defaults.seed})")
     parser.add_argument("--eval-ppl", action="store_true", help="measure perplexity before and after slicing")
     add_ppl_options(parser, prefix="ppl-")
@@ -45,7 +47,8 @@ def run(args) -> int:
     apply_threads(args)
     config = SliceConfig(sparsity=args.sparsity, round_to=args.round_to, cal_data=args.cal_data,
                          cal_samples=args.cal_samples, cal_seqlen=args.cal_seqlen,
-                         cal_batch_size=args.cal_batch_size, seed=args.seed)
+                         cal_batch_size=args.cal_batch_size, seed=args.seed,
+                         tied_head=not args.untie_head)
     out = Path(args.out)
     check_output_dir(out, args.overwrite)
     timings: dict[str, float] = {}
