@@ -98,3 +98,17 @@ def test_untie_head_option():
     slice_model(model, None, config, random_batches(model.config.vocab_size), progress=False)
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     assert not model.config.slicing["tied_head"]
+
+
+@pytest.mark.parametrize("rotations,shortcuts_per_layer", [("block", 2), ("layer", 1), ("group:2", 0), ("model", 0)])
+def test_rotation_sharing_drops_shortcuts_and_round_trips(tmp_path, rotations, shortcuts_per_layer):
+    from slicegpt.report import shortcut_parameters
+
+    model = make_tiny_model("LlamaForCausalLM", tied=True)
+    config = SliceConfig(sparsity=0.25, rotations=rotations)
+    slice_model(model, None, config, random_batches(model.config.vocab_size), progress=False)
+    width = config.kept_width(64)
+    assert shortcut_parameters(model) == model.config.num_hidden_layers * shortcuts_per_layer * width * width
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    save_sliced(model, None, tmp_path / "out")
+    assert torch.equal(load_sliced(tmp_path / "out")(ids).logits, model(ids).logits)

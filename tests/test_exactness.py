@@ -56,3 +56,16 @@ def test_norms_were_non_trivial():
     model = make_tiny_model("LlamaForCausalLM")
     weight = model.model.layers[0].input_layernorm.weight
     assert (weight - 1).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("rotations", ["layer", "group:1", "model"])
+@pytest.mark.parametrize("arch", list(TINY_CONFIGS))
+def test_shared_rotations_without_slicing_are_exact(arch, rotations):
+    from slicegpt import SliceConfig, slice_model
+
+    model = _dense(arch, True, torch.float64)
+    ids = _ids(model.config.vocab_size)
+    reference = model(ids).logits
+    config = SliceConfig(sparsity=0.0, rotations=rotations)
+    slice_model(model, None, config, random_batches(model.config.vocab_size), progress=False)
+    assert (model(ids).logits - reference).abs().max().item() <= TOLERANCE[torch.float64]

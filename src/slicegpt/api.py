@@ -9,6 +9,7 @@ from .config import SliceConfig
 from .data import calibration_batches, load_texts
 from .families import family_for
 from .fusion import fuse, norm_eps
+from .shared_rotation import rotate_shared
 from .slicing import SliceResult, Slicer, constant_width, slicing_metadata
 
 
@@ -37,8 +38,12 @@ def slice_model(model: nn.Module, tokenizer, config: SliceConfig, calibration: l
     batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
     model.eval()
     fuse(model, family, keep_tied=config.tied_head)
-    width = config.kept_width(model.config.hidden_size)
-    result = Slicer(model, family, constant_width(width), progress=progress).run(batches)
+    width_rule = constant_width(config.kept_width(model.config.hidden_size))
+    if config.rotations in ("block", "layer"):
+        slicer = Slicer(model, family, width_rule, progress=progress, share_layer=config.rotations == "layer")
+        result = slicer.run(batches)
+    else:
+        result = rotate_shared(model, family, batches, width_rule, group_size=config.group_size, progress=progress)
     model.config.slicing = slicing_metadata(model, family, result, norm_eps(model, family))
     model.config.slicing["config"] = config.to_dict()
     return result

@@ -23,6 +23,10 @@ class SliceConfig:
     # Keep a tied embedding/head pair tied (a small map after the final norm) rather than
     # untying it, which adds a vocabulary-sized matrix.
     tied_head: bool = True
+    # Where rotations change: "block" (attention and MLP inputs each get their own,
+    # two shortcuts per layer), "layer" (one per layer, one shortcut), "group:K" (K
+    # consecutive layers share one), "model" (one for all: no shortcuts at all).
+    rotations: str = "block"
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -34,6 +38,18 @@ class SliceConfig:
         for name in ("round_to", "cal_samples", "cal_seqlen", "cal_batch_size"):
             if getattr(self, name) < 1:
                 raise SliceGPTError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        group = self.rotations.split(":", 1)
+        valid = self.rotations in ("block", "layer", "model") or (
+            group[0] == "group" and len(group) == 2 and group[1].isdigit() and int(group[1]) >= 1)
+        if not valid:
+            raise SliceGPTError(f"rotations must be block, layer, model or group:K, got {self.rotations!r}")
+
+    @property
+    def group_size(self) -> int | None:
+        """Layers per shared rotation, for the shared modes ("model" is one group of all)."""
+        if self.rotations.startswith("group:"):
+            return int(self.rotations.split(":", 1)[1])
+        return None
 
     def kept_width(self, dense_width: int) -> int:
         """The residual width after slicing."""

@@ -165,10 +165,10 @@ def apply_sliced_structure(model: nn.Module, slicing: dict) -> None:
             _set(layer, family["mlp_norm"], SlicedRMSNorm(dense, eps))
         wrapped = wrap_layer(layer, family)
         shortcut_kw = dict(bias=False, device=device, dtype=dtype)
-        if family["parallel"]:
-            wrapped.attn_shortcut = nn.Linear(widths["in"], widths["out"], **shortcut_kw)
-        else:
-            wrapped.attn_shortcut = nn.Linear(widths["in"], mid, **shortcut_kw)
+        absent = widths.get("no_shortcut", [])
+        if "attn" not in absent:
+            wrapped.attn_shortcut = nn.Linear(widths["in"], attn_out, **shortcut_kw)
+        if not family["parallel"] and "mlp" not in absent:
             wrapped.mlp_shortcut = nn.Linear(mid, widths["out"], **shortcut_kw)
         layers[index] = wrapped
 

@@ -117,10 +117,16 @@ def _identity(dim: int, like: torch.Tensor) -> torch.Tensor:
 
 
 class Slicer:
-    """Runs the layer-by-layer rotation; `width_rule` picks each point's kept width."""
+    """Runs the layer-by-layer rotation; `width_rule` picks each point's kept width.
 
-    def __init__(self, model: nn.Module, family: Family, width_rule: WidthRule, progress: bool = True):
+    With `share_layer`, attention and MLP of a layer read the same basis, which drops
+    the attention shortcut (its width must then equal the layer's input width).
+    """
+
+    def __init__(self, model: nn.Module, family: Family, width_rule: WidthRule, progress: bool = True,
+                 share_layer: bool = False):
         self.model, self.family, self.width_rule, self.progress = model, family, width_rule, progress
+        self.share_layer = share_layer
         self.dense = model.config.hidden_size
         self.result = SliceResult()
         self.embedding_basis: torch.Tensor | None = None
@@ -163,31 +169,27 @@ class Slicer:
 
     @torch.no_grad()
     def slice_head(self, Q: torch.Tensor) -> None:
-        """The head reads the last basis; a tied head goes through the final map instead."""
+        rotate_head(self.model, self.family, Q, self.embedding_basis)
         self.result.head_in = Q.shape[1]
-        head = get_module(self.model, self.family.head)
-        final_norm = get_module(self.model, self.family.final_norm)
-        if not isinstance(final_norm, NormThenMap):
-            rotate_input(head, Q)
-            return
-        rotate_input(final_norm.map, Q)
-        rotate_output(final_norm.map, self.embedding_basis)
-        embedding = get_module(self.model, self.family.embeddings[0])
-        head.weight = embedding.weight  # rotating the embedding replaced its Parameter: tie again
-        head.in_features = embedding.weight.shape[1]
 
     def _sequential_layer(self, index: int, layer: SlicedDecoderLayer, acts: Activations,
                           kwargs: list[dict], Q_in: torch.Tensor) -> torch.Tensor:
         family, dtype = self.family, acts.hidden[0].dtype
         for path in family.attn_inputs:
             rotate_input(get_module(layer, path), Q_in)
-        # Until the next basis is known, the skip path returns to the dense basis.
-        layer.attn_shortcut = shortcut(Q_in, _identity(self.dense, Q_in), dtype)
-        acts.hidden = [layer.attention_half(x, **kw) for x, kw in zip(acts.hidden, kwargs)]
-        Q_mid = self._basis(acts, f"layer {index} mlp input")
-        rotate_output(get_module(layer, family.attn_output), Q_mid)
-        layer.attn_shortcut = shortcut(Q_in, Q_mid, dtype)
-        acts.hidden = [change_basis(x, Q_mid) for x in acts.hidden]
+        if self.share_layer:
+            Q_mid = Q_in
+            rotate_output(get_module(layer, family.attn_output), Q_mid)
+            layer.attn_shortcut = None
+            acts.hidden = [layer.attention_half(x, **kw) for x, kw in zip(acts.hidden, kwargs)]
+        else:
+            # Until the next basis is known, the skip path returns to the dense basis.
+            layer.attn_shortcut = shortcut(Q_in, _identity(self.dense, Q_in), dtype)
+            acts.hidden = [layer.attention_half(x, **kw) for x, kw in zip(acts.hidden, kwargs)]
+            Q_mid = self._basis(acts, f"layer {index} mlp input")
+            rotate_output(get_module(layer, family.attn_output), Q_mid)
+            layer.attn_shortcut = shortcut(Q_in, Q_mid, dtype)
+            acts.hidden = [change_basis(x, Q_mid) for x in acts.hidden]
 
         for path in family.mlp_inputs:
             rotate_input(get_module(layer, path), Q_mid)
@@ -197,7 +199,7 @@ class Slicer:
         rotate_output(get_module(layer, family.mlp_output), Q_out)
         layer.mlp_shortcut = shortcut(Q_mid, Q_out, dtype)
         acts.hidden = [change_basis(x, Q_out) for x in acts.hidden]
-        self.result.layer_widths.append({"in": Q_in.shape[1], "mid": Q_mid.shape[1], "out": Q_out.shape[1]})
+        self.result.layer_widths.append(layer_record(layer, Q_in, Q_out, Q_mid))
         return Q_out
 
     def _parallel_layer(self, index: int, layer: SlicedDecoderLayer, acts: Activations,
@@ -212,8 +214,37 @@ class Slicer:
         rotate_output(get_module(layer, family.mlp_output), Q_out)
         layer.attn_shortcut = shortcut(Q_in, Q_out, dtype)
         acts.hidden = [change_basis(x, Q_out) for x in acts.hidden]
-        self.result.layer_widths.append({"in": Q_in.shape[1], "out": Q_out.shape[1]})
+        self.result.layer_widths.append(layer_record(layer, Q_in, Q_out))
         return Q_out
+
+
+def layer_record(layer: SlicedDecoderLayer, Q_in: torch.Tensor, Q_out: torch.Tensor,
+                 Q_mid: torch.Tensor | None = None) -> dict:
+    """A layer's widths, and which shortcuts it has where one is not on every path."""
+    record = {"in": Q_in.shape[1]}
+    if Q_mid is not None:
+        record["mid"] = Q_mid.shape[1]
+    record["out"] = Q_out.shape[1]
+    missing = [name for name in ("attn", "mlp") if getattr(layer, f"{name}_shortcut") is None
+               and not (name == "mlp" and layer.parallel)]
+    if missing:
+        record["no_shortcut"] = missing
+    return record
+
+
+@torch.no_grad()
+def rotate_head(model: nn.Module, family: Family, Q_last: torch.Tensor, Q_embedding: torch.Tensor) -> None:
+    """The head reads the last basis; a tied head reads through the final map instead."""
+    head = get_module(model, family.head)
+    final_norm = get_module(model, family.final_norm)
+    if not isinstance(final_norm, NormThenMap):
+        rotate_input(head, Q_last)
+        return
+    rotate_input(final_norm.map, Q_last)
+    rotate_output(final_norm.map, Q_embedding)
+    embedding = get_module(model, family.embeddings[0])
+    head.weight = embedding.weight  # rotating the embedding replaced its Parameter: tie again
+    head.in_features = embedding.weight.shape[1]
 
 
 def constant_width(width: int) -> WidthRule:

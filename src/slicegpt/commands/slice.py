@@ -35,6 +35,9 @@ def add_parser(subparsers) -> None:
                         help=f"sequences per calibration batch (default {defaults.cal_batch_size})")
     parser.add_argument("--untie-head", action="store_true",
                         help="give a tied head its own sliced matrix instead of a small map after the final norm")
+    parser.add_argument("--rotations", default=defaults.rotations, metavar="MODE",
+                        help="where the basis changes: block (default; two shortcuts per layer), layer (one), "
+                             "group:K (K layers share one), model (one basis, no shortcuts)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"sampling seed (default {defaults.seed})")
     parser.add_argument("--eval-ppl", action="store_true", help="measure perplexity before and after slicing")
     add_ppl_options(parser, prefix="ppl-")
@@ -48,7 +51,7 @@ def run(args) -> int:
     config = SliceConfig(sparsity=args.sparsity, round_to=args.round_to, cal_data=args.cal_data,
                          cal_samples=args.cal_samples, cal_seqlen=args.cal_seqlen,
                          cal_batch_size=args.cal_batch_size, seed=args.seed,
-                         tied_head=not args.untie_head)
+                         tied_head=not args.untie_head, rotations=args.rotations)
     out = Path(args.out)
     check_output_dir(out, args.overwrite)
     timings: dict[str, float] = {}
