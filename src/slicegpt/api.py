@@ -7,6 +7,7 @@ from torch import nn
 
 from .config import SliceConfig
 from .data import calibration_batches, load_texts
+from .budget import width_for_budget
 from .families import family_for
 from .fusion import fuse, norm_eps
 from .shared_rotation import rotate_shared
@@ -19,6 +20,16 @@ def calibration_data(tokenizer, config: SliceConfig, texts: list[str] | None = N
         texts = load_texts(config.cal_data, split="train")
     return calibration_batches(tokenizer, texts, config.cal_samples, config.cal_seqlen,
                                config.cal_batch_size, config.seed)
+
+
+def kept_width(model: nn.Module, family, config: SliceConfig) -> int:
+    """The residual width to keep: from the sparsity, or the widest that meets a parameter budget."""
+    if config.target_params is None and config.target_ratio is None:
+        return config.kept_width(model.config.hidden_size)
+    from .report import count_parameters
+
+    target = config.target_params or int(config.target_ratio * count_parameters(model))
+    return width_for_budget(model, family, config, target)
 
 
 @torch.no_grad()
@@ -37,8 +48,9 @@ def slice_model(model: nn.Module, tokenizer, config: SliceConfig, calibration: l
     device = next(model.parameters()).device
     batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
     model.eval()
+    width = kept_width(model, family, config)
     fuse(model, family, keep_tied=config.tied_head)
-    width_rule = constant_width(config.kept_width(model.config.hidden_size))
+    width_rule = constant_width(width)
     if config.rotations in ("block", "layer"):
         slicer = Slicer(model, family, width_rule, progress=progress, share_layer=config.rotations == "layer")
         result = slicer.run(batches)

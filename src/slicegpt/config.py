@@ -27,6 +27,10 @@ class SliceConfig:
     # two shortcuts per layer), "layer" (one per layer, one shortcut), "group:K" (K
     # consecutive layers share one), "model" (one for all: no shortcuts at all).
     rotations: str = "block"
+    # A real parameter budget (every parameter counted) instead of a sparsity: the
+    # widest width that fits is used. At most one of the two.
+    target_params: int | None = None
+    target_ratio: float | None = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -38,6 +42,12 @@ class SliceConfig:
         for name in ("round_to", "cal_samples", "cal_seqlen", "cal_batch_size"):
             if getattr(self, name) < 1:
                 raise SliceGPTError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.target_params is not None and self.target_ratio is not None:
+            raise SliceGPTError("give target-params or target-ratio, not both")
+        if self.target_ratio is not None and not 0.0 < self.target_ratio <= 1.0:
+            raise SliceGPTError(f"target-ratio must be in (0, 1], got {self.target_ratio}")
+        if self.target_params is not None and self.target_params < 1:
+            raise SliceGPTError(f"target-params must be positive, got {self.target_params}")
         group = self.rotations.split(":", 1)
         valid = self.rotations in ("block", "layer", "model") or (
             group[0] == "group" and len(group) == 2 and group[1].isdigit() and int(group[1]) >= 1)

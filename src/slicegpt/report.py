@@ -11,14 +11,8 @@ from .families import Family, get_module
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Every parameter, tied tensors counted once."""
-    seen, total = set(), 0
-    for param in model.parameters():
-        if param.data_ptr() in seen:
-            continue
-        seen.add(param.data_ptr())
-        total += param.numel()
-    return total
+    """Every parameter; `parameters()` yields a tied (shared) parameter once."""
+    return sum(param.numel() for param in model.parameters())
 
 
 def shortcut_parameters(model: nn.Module) -> int:
@@ -28,8 +22,8 @@ def shortcut_parameters(model: nn.Module) -> int:
 def head_parameters(model: nn.Module, family: Family) -> int:
     """What the output side costs beyond the embeddings: an untied head, or the final map."""
     head = get_module(model, family.head)
-    embedding_ptrs = {get_module(model, p).weight.data_ptr() for p in family.embeddings}
-    own = sum(p.numel() for p in head.parameters() if p.data_ptr() not in embedding_ptrs)
+    embeddings = [get_module(model, p).weight for p in family.embeddings]
+    own = sum(p.numel() for p in head.parameters() if not any(p is e for e in embeddings))
     final_map = getattr(get_module(model, family.final_norm), "map", None)
     return own + (sum(p.numel() for p in final_map.parameters()) if final_map is not None else 0)
 

@@ -20,8 +20,13 @@ def add_parser(subparsers) -> None:
     defaults = SliceConfig()
     parser = subparsers.add_parser("slice", help="rotate and slice a model, save it as a Hugging Face directory")
     parser.add_argument("model", metavar="MODEL", help="smollm2-135m, a model directory, a .gguf file or a hub id")
-    parser.add_argument("--sparsity", type=float, required=True,
-                        help="fraction of the residual width to remove, in [0, 1); 0 rotates without slicing")
+    size = parser.add_mutually_exclusive_group(required=True)
+    size.add_argument("--sparsity", type=float,
+                      help="fraction of the residual width to remove, in [0, 1); 0 rotates without slicing")
+    size.add_argument("--target-params", type=int, metavar="N",
+                      help="slice to at most N parameters, every parameter counted (instead of --sparsity)")
+    size.add_argument("--target-ratio", type=float, metavar="R",
+                      help="slice to at most R times the dense parameter count (instead of --sparsity)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
     parser.add_argument("--round-to", type=int, default=defaults.round_to, metavar="M",
                         help=f"round the kept width down to a multiple of M (default {defaults.round_to})")
@@ -48,7 +53,8 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     apply_threads(args)
-    config = SliceConfig(sparsity=args.sparsity, round_to=args.round_to, cal_data=args.cal_data,
+    config = SliceConfig(sparsity=args.sparsity or 0.0, target_params=args.target_params,
+                         target_ratio=args.target_ratio, round_to=args.round_to, cal_data=args.cal_data,
                          cal_samples=args.cal_samples, cal_seqlen=args.cal_seqlen,
                          cal_batch_size=args.cal_batch_size, seed=args.seed,
                          tied_head=not args.untie_head, rotations=args.rotations)

@@ -1,0 +1,99 @@
+"""Size-aware slicing: the width that meets a real parameter budget.
+
+Counts come from building the sliced shape on the meta device with the same modeling
+code that loads checkpoints, so every parameter is counted and nothing is estimated.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .config import SliceConfig
+from .errors import SliceGPTError
+from .families import Family, get_module
+from .fusion import can_keep_tied
+from .modeling_sliced import sliced_class_for
+from .report import count_parameters
+from .shared_rotation import group_points, stream_points
+
+
+def basis_owner(config: SliceConfig, names: list[str], layers: int) -> dict[str, str]:
+    """For each stream point, the point whose basis it uses (equal owners: no shortcut between)."""
+    if config.rotations == "block":
+        return {name: name for name in names}
+    if config.rotations == "layer":
+        owner = {}
+        for name in names:
+            words = name.split()
+            if name.endswith("mlp input"):
+                index = int(words[1])
+                owner[name] = "embeddings" if index == 0 else f"layer {index - 1} output"
+            else:
+                owner[name] = name
+        return owner
+    return {name: group[0] for group in group_points(names, layers, config.group_size) for name in group}
+
+
+def planned_slicing(model: nn.Module, family: Family, config: SliceConfig, widths: dict[str, int]) -> dict:
+    """The `config.slicing` record a run with these per-point widths would produce."""
+    layers = len(get_module(model, family.layers))
+    names = stream_points(family, layers)
+    owner = basis_owner(config, names, layers)
+    records = []
+    for index in range(layers):
+        before = "embeddings" if index == 0 else f"layer {index - 1} output"
+        after = f"layer {index} output"
+        middle = after if family.parallel else f"layer {index} mlp input"
+        record = {"in": widths[before]}
+        if not family.parallel:
+            record["mid"] = widths[middle]
+        record["out"] = widths[after]
+        absent = [part for part, (a, b) in (("attn", (before, middle)), ("mlp", (middle, after)))
+                  if owner[a] == owner[b] and not (part == "mlp" and family.parallel)]
+        if absent:
+            record["no_shortcut"] = absent
+        records.append(record)
+    return {
+        "family": family.to_dict(),
+        "base_architecture": type(model).__name__,
+        "dense_hidden_size": model.config.hidden_size,
+        "norm_eps": 1e-6,  # irrelevant to the count
+        "embedding_width": widths["embeddings"],
+        "layers": records,
+        "head_in": widths[f"layer {layers - 1} output"],
+        "tied_head": config.tied_head and can_keep_tied(model, family),
+    }
+
+
+def predicted_parameters(model: nn.Module, family: Family, config: SliceConfig, widths: dict[str, int]) -> int:
+    model_config = copy.deepcopy(model.config)
+    model_config.slicing = planned_slicing(model, family, config, widths)
+    with torch.device("meta"):
+        skeleton = sliced_class_for(type(model))(model_config)
+    return count_parameters(skeleton)
+
+
+def uniform_widths(model: nn.Module, family: Family, width: int) -> dict[str, int]:
+    layers = len(get_module(model, family.layers))
+    return {name: width for name in stream_points(family, layers)}
+
+
+def width_for_budget(model: nn.Module, family: Family, config: SliceConfig, target: int) -> int:
+    """The largest width (a multiple of round_to) whose sliced model has at most `target` parameters."""
+    dense = model.config.hidden_size
+    step = config.round_to
+    low, high = 1, dense // step  # in units of `step`
+
+    def fits(units: int) -> bool:
+        return predicted_parameters(model, family, config, uniform_widths(model, family, units * step)) <= target
+
+    if not fits(low):
+        raise SliceGPTError(f"no width meets the budget of {target:,} parameters "
+                            f"(even width {step} gives more)")
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low * step

@@ -1,0 +1,43 @@
+"""Size-aware slicing: predicted counts are exact and budgets are met tightly."""
+
+import pytest
+
+from slicegpt import SliceConfig, SliceGPTError, slice_model
+from slicegpt.budget import predicted_parameters, uniform_widths, width_for_budget
+from slicegpt.families import family_for
+from slicegpt.report import count_parameters
+
+from conftest import make_tiny_model, random_batches
+
+
+@pytest.mark.parametrize("rotations", ["block", "layer", "model"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_predicted_count_matches_the_sliced_model(rotations, tied):
+    model = make_tiny_model("Qwen2ForCausalLM", tied=tied)
+    family = family_for(model)
+    config = SliceConfig(sparsity=0.25, rotations=rotations)
+    predicted = predicted_parameters(model, family, config, uniform_widths(model, family, 48))
+    slice_model(model, None, config, random_batches(model.config.vocab_size), progress=False)
+    assert count_parameters(model) == predicted
+
+
+@pytest.mark.parametrize("ratio", [0.6, 0.85])
+def test_target_ratio_is_met_by_the_widest_width(ratio):
+    model = make_tiny_model("LlamaForCausalLM", tied=True)
+    family = family_for(model)
+    dense = count_parameters(model)
+    config = SliceConfig(target_ratio=ratio)
+    width = width_for_budget(model, family, config, int(ratio * dense))
+    wider = predicted_parameters(model, family, config, uniform_widths(model, family, width + config.round_to))
+    assert wider > ratio * dense
+    slice_model(model, None, config, random_batches(model.config.vocab_size), progress=False)
+    assert count_parameters(model) <= ratio * dense
+    assert model.get_input_embeddings().weight.shape[1] == width
+
+
+def test_impossible_budget_is_refused():
+    model = make_tiny_model("LlamaForCausalLM")
+    with pytest.raises(SliceGPTError, match="no width meets the budget"):
+        width_for_budget(model, family_for(model), SliceConfig(), 1000)
+    with pytest.raises(SliceGPTError, match="not both"):
+        SliceConfig(target_params=10, target_ratio=0.5)
