@@ -1,0 +1,127 @@
+"""Real parameters against perplexity for every slicing variant (issue: smaller than dense).
+
+Protocol P by default: smollm2-135m, 2 threads, seed 42, calibration 64 x 2048 tokens of
+WikiText-2 (v1) validation, perplexity on the first 16 chunks of WikiText-2 raw test.
+Each variant slices a fresh copy of the model. Prints a table, writes
+bench/results/size_quality.json and a plot of parameters against perplexity, with the
+original code's point (140.65M, 52.21) beside ours.
+
+    python bench/size_quality.py                         # all variants, protocol P
+    python bench/size_quality.py --variants default,untied --cal-samples 16 --ppl-chunks 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+ORIGINAL = {"label": "original code, 25%", "params": 140.65e6, "ppl": 52.21}
+DENSE_PARAMS = 134_515_008
+BUDGET = 0.85  # the size target: at most 0.85 x dense
+
+# label -> SliceConfig settings. "25%" variants use sparsity 0.25; budget variants the size target.
+VARIANTS = {
+    "untied (as the original)": dict(sparsity=0.25, tied_head=False),
+    "default 25%": dict(sparsity=0.25),
+    "one rotation per layer, 0.85x": dict(target_ratio=BUDGET, rotations="layer"),
+    "groups of 5 layers, 0.85x": dict(target_ratio=BUDGET, rotations="group:5"),
+    "one rotation (no shortcuts), 0.85x": dict(target_ratio=BUDGET, rotations="model"),
+    "two per layer, 0.85x": dict(target_ratio=BUDGET),
+}
+
+
+def run_variant(label: str, settings: dict, args, batches, ppl_texts) -> dict:
+    from slicegpt import SliceConfig, load_model, perplexity, slice_model
+    from slicegpt.families import family_for
+    from slicegpt.report import count_parameters, head_parameters, shortcut_parameters
+
+    model, tokenizer = load_model("smollm2-135m")
+    config = SliceConfig(cal_samples=args.cal_samples, cal_seqlen=args.cal_seqlen, seed=42, **settings)
+    start = time.perf_counter()
+    result = slice_model(model, tokenizer, config, batches, progress=False)
+    seconds = time.perf_counter() - start
+    ppl = perplexity(model, tokenizer, ppl_texts, chunks=args.ppl_chunks, progress=False)["ppl"]
+    family = family_for(model)
+    return {"label": label, "settings": settings, "width": result.embedding_width,
+            "params": count_parameters(model), "shortcuts": shortcut_parameters(model),
+            "head": head_parameters(model, family), "ppl": ppl, "slice_s": round(seconds, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated labels (default: all)")
+    parser.add_argument("--cal-samples", type=int, default=64)
+    parser.add_argument("--cal-seqlen", type=int, default=2048)
+    parser.add_argument("--ppl-chunks", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dense", action="store_true", help="also measure the dense model's perplexity")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "size_quality.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from slicegpt import SliceConfig, load_model, perplexity
+    from slicegpt.api import calibration_data
+    from slicegpt.data import load_texts
+
+    model, tokenizer = load_model("smollm2-135m")
+    ppl_texts = load_texts(str(DATA / "wikitext-2-raw-v1.test.jsonl"))
+    cal = SliceConfig(cal_samples=args.cal_samples, cal_seqlen=args.cal_seqlen, seed=42)
+    batches = calibration_data(tokenizer, cal, load_texts(str(DATA / "wikitext-2-v1.validation.jsonl")))
+    rows = []
+    if args.dense:
+        rows.append({"label": "dense", "params": DENSE_PARAMS, "shortcuts": 0, "head": 0, "width": 576,
+                     "ppl": perplexity(model, tokenizer, ppl_texts, chunks=args.ppl_chunks, progress=False)["ppl"]})
+    del model
+    labels = [label.strip() for label in args.variants.split(",")]
+    unknown = [label for label in labels if label not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    for label in labels:
+        print(f"running {label} ...", file=sys.stderr, flush=True)
+        rows.append(run_variant(label, VARIANTS[label], args, batches, ppl_texts))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+
+    print(f"{'variant':<38} {'width':>5} {'params':>13} {'x dense':>7} {'shortcuts':>10} {'head':>10} {'ppl':>8}")
+    for row in rows:
+        print(f"{row['label']:<38} {row['width']:>5} {row['params']:>13,} {row['params'] / DENSE_PARAMS:>7.3f} "
+              f"{row['shortcuts']:>10,} {row['head']:>10,} {row['ppl']:>8.2f}")
+    print(f"{ORIGINAL['label']:<38} {'':>5} {int(ORIGINAL['params']):>13,} "
+          f"{ORIGINAL['params'] / DENSE_PARAMS:>7.3f} {'':>10} {'':>10} {ORIGINAL['ppl']:>8.2f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    protocol = {"cal_samples": args.cal_samples, "cal_seqlen": args.cal_seqlen, "ppl_chunks": args.ppl_chunks,
+                "threads": args.threads, "seed": 42}
+    out.write_text(json.dumps({"protocol": protocol, "rows": rows, "original": ORIGINAL}, indent=2) + "\n")
+    plot(rows, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        ax.scatter(row["params"] / 1e6, row["ppl"], label=row["label"])
+    ax.scatter(ORIGINAL["params"] / 1e6, ORIGINAL["ppl"], marker="x", color="black", label=ORIGINAL["label"])
+    ax.axvline(BUDGET * DENSE_PARAMS / 1e6, color="grey", linestyle=":", label="0.85 x dense")
+    ax.set_xlabel("real parameters (millions)")
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.set_title("SmolLM2-135M: size against quality")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
