@@ -41,3 +41,29 @@ def test_impossible_budget_is_refused():
         width_for_budget(model, family_for(model), SliceConfig(), 1000)
     with pytest.raises(SliceGPTError, match="not both"):
         SliceConfig(target_params=10, target_ratio=0.5)
+
+
+@pytest.mark.parametrize("rotations", ["block", "layer"])
+def test_variance_schedule_keeps_the_uniform_size(rotations):
+    uniform = make_tiny_model("LlamaForCausalLM", tied=True, seed=3)
+    varied = make_tiny_model("LlamaForCausalLM", tied=True, seed=3)
+    batches = random_batches(uniform.config.vocab_size)
+    slice_model(uniform, None, SliceConfig(sparsity=0.25, rotations=rotations), batches, progress=False)
+    result = slice_model(varied, None, SliceConfig(sparsity=0.25, rotations=rotations, widths="variance"),
+                         batches, progress=False)
+    assert count_parameters(varied) <= count_parameters(uniform)
+    assert all(point.width % 8 == 0 for point in result.points)
+    if rotations == "layer":
+        assert all("mid" not in w or w["in"] == w["mid"] for w in result.layer_widths)
+
+
+def test_variance_widths_follow_the_spectrum():
+    import torch
+
+    from slicegpt.schedule import width_for_fraction
+
+    steep = torch.tensor([100.0, 10.0, 1.0, 0.1] + [0.01] * 60)
+    flat = torch.ones(64)
+    assert width_for_fraction(steep, 0.9, 8) == 8
+    assert width_for_fraction(flat, 0.9, 8) == 64
+    assert width_for_fraction(flat, 0.5, 8) == 32

@@ -7,11 +7,13 @@ from torch import nn
 
 from .config import SliceConfig
 from .data import calibration_batches, load_texts
-from .budget import width_for_budget
-from .families import family_for
+from .budget import predicted_parameters, uniform_widths, width_for_budget
+from .families import Family, family_for
 from .fusion import fuse, norm_eps
 from .shared_rotation import rotate_shared
-from .slicing import SliceResult, Slicer, constant_width, slicing_metadata
+from .report import count_parameters
+from .schedule import dense_spectra, variance_schedule
+from .slicing import SliceResult, Slicer, WidthRule, constant_width, slicing_metadata
 
 
 def calibration_data(tokenizer, config: SliceConfig, texts: list[str] | None = None) -> list[dict]:
@@ -22,14 +24,28 @@ def calibration_data(tokenizer, config: SliceConfig, texts: list[str] | None = N
                                config.cal_batch_size, config.seed)
 
 
-def kept_width(model: nn.Module, family, config: SliceConfig) -> int:
-    """The residual width to keep: from the sparsity, or the widest that meets a parameter budget."""
-    if config.target_params is None and config.target_ratio is None:
-        return config.kept_width(model.config.hidden_size)
-    from .report import count_parameters
+def parameter_budget(model: nn.Module, family: Family, config: SliceConfig) -> int | None:
+    """The real parameter count to meet, where the config asks for one (before fusion)."""
+    if config.target_params is not None:
+        return config.target_params
+    if config.target_ratio is not None:
+        return int(config.target_ratio * count_parameters(model))
+    if config.widths == "variance":  # the same size as the uniform width at this sparsity
+        width = config.kept_width(model.config.hidden_size)
+        return predicted_parameters(model, family, config, uniform_widths(model, family, width))
+    return None
 
-    target = config.target_params or int(config.target_ratio * count_parameters(model))
-    return width_for_budget(model, family, config, target)
+
+def width_rule_for(model: nn.Module, family: Family, config: SliceConfig, batches: list[dict],
+                   budget: int | None, progress: bool) -> WidthRule:
+    """How wide each stream point stays (called on the fused model)."""
+    if config.widths == "variance":
+        spectra = dense_spectra(model, family, batches, progress=progress)
+        widths = variance_schedule(model, family, config, spectra, budget)
+        return lambda name, eigenvalues: widths[name]
+    if budget is None:
+        return constant_width(config.kept_width(model.config.hidden_size))
+    return constant_width(width_for_budget(model, family, config, budget))
 
 
 @torch.no_grad()
@@ -48,9 +64,9 @@ def slice_model(model: nn.Module, tokenizer, config: SliceConfig, calibration: l
     device = next(model.parameters()).device
     batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
     model.eval()
-    width = kept_width(model, family, config)
+    budget = parameter_budget(model, family, config)
     fuse(model, family, keep_tied=config.tied_head)
-    width_rule = constant_width(width)
+    width_rule = width_rule_for(model, family, config, batches, budget, progress)
     if config.rotations in ("block", "layer"):
         slicer = Slicer(model, family, width_rule, progress=progress, share_layer=config.rotations == "layer")
         result = slicer.run(batches)

@@ -31,6 +31,9 @@ class SliceConfig:
     # widest width that fits is used. At most one of the two.
     target_params: int | None = None
     target_ratio: float | None = None
+    # "uniform": one width everywhere; "variance": per-point widths that keep an equal
+    # fraction of each point's variance, at the same real size as the uniform width.
+    widths: str = "uniform"
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -48,6 +51,8 @@ class SliceConfig:
             raise SliceGPTError(f"target-ratio must be in (0, 1], got {self.target_ratio}")
         if self.target_params is not None and self.target_params < 1:
             raise SliceGPTError(f"target-params must be positive, got {self.target_params}")
+        if self.widths not in ("uniform", "variance"):
+            raise SliceGPTError(f"widths must be uniform or variance, got {self.widths!r}")
         group = self.rotations.split(":", 1)
         valid = self.rotations in ("block", "layer", "model") or (
             group[0] == "group" and len(group) == 2 and group[1].isdigit() and int(group[1]) >= 1)

@@ -43,6 +43,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--rotations", default=defaults.rotations, metavar="MODE",
                         help="where the basis changes: block (default; two shortcuts per layer), layer (one), "
                              "group:K (K layers share one), model (one basis, no shortcuts)")
+    parser.add_argument("--widths", default=defaults.widths, choices=["uniform", "variance"],
+                        help="uniform (default): one width everywhere; variance: per-layer widths from the "
+                             "eigenvalue spectra, at the same real size")
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"sampling seed (default {defaults.seed})")
     parser.add_argument("--eval-ppl", action="store_true", help="measure perplexity before and after slicing")
     add_ppl_options(parser, prefix="ppl-")
@@ -57,7 +60,8 @@ def run(args) -> int:
                          target_ratio=args.target_ratio, round_to=args.round_to, cal_data=args.cal_data,
                          cal_samples=args.cal_samples, cal_seqlen=args.cal_seqlen,
                          cal_batch_size=args.cal_batch_size, seed=args.seed,
-                         tied_head=not args.untie_head, rotations=args.rotations)
+                         tied_head=not args.untie_head, rotations=args.rotations,
+                         widths=args.widths)
     out = Path(args.out)
     check_output_dir(out, args.overwrite)
     timings: dict[str, float] = {}
