@@ -26,22 +26,26 @@ ORIGINAL = {"label": "original code, 25%", "params": 140.65e6, "ppl": 52.21}
 DENSE_PARAMS = 134_515_008
 BUDGET = 0.85  # the size target: at most 0.85 x dense
 
-# label -> SliceConfig settings. "25%" variants use sparsity 0.25; budget variants the size target.
+# key -> (label, SliceConfig settings). "25%" variants use sparsity 0.25; the others the size target.
 VARIANTS = {
-    "untied (as the original)": dict(sparsity=0.25, tied_head=False),
-    "default 25%": dict(sparsity=0.25),
-    "one rotation per layer, 0.85x": dict(target_ratio=BUDGET, rotations="layer"),
-    "groups of 5 layers, 0.85x": dict(target_ratio=BUDGET, rotations="group:5"),
-    "one rotation (no shortcuts), 0.85x": dict(target_ratio=BUDGET, rotations="model"),
-    "two per layer, 0.85x": dict(target_ratio=BUDGET),
+    "untied": ("untied head, 25% (as the original)", dict(sparsity=0.25, tied_head=False)),
+    "default": ("default, 25%", dict(sparsity=0.25)),
+    "variance": ("variance widths, 25%", dict(sparsity=0.25, widths="variance")),
+    "block": ("two rotations per layer, 0.85x", dict(target_ratio=BUDGET)),
+    "layer": ("one rotation per layer, 0.85x", dict(target_ratio=BUDGET, rotations="layer")),
+    "layer-variance": ("one per layer + variance widths, 0.85x",
+                       dict(target_ratio=BUDGET, rotations="layer", widths="variance")),
+    "group5": ("groups of 5 layers, 0.85x", dict(target_ratio=BUDGET, rotations="group:5")),
+    "model": ("one rotation (no shortcuts), 0.85x", dict(target_ratio=BUDGET, rotations="model")),
 }
 
 
-def run_variant(label: str, settings: dict, args, batches, ppl_texts) -> dict:
+def run_variant(key: str, args, batches, ppl_texts) -> dict:
     from slicegpt import SliceConfig, load_model, perplexity, slice_model
     from slicegpt.families import family_for
     from slicegpt.report import count_parameters, head_parameters, shortcut_parameters
 
+    label, settings = VARIANTS[key]
     model, tokenizer = load_model("smollm2-135m")
     config = SliceConfig(cal_samples=args.cal_samples, cal_seqlen=args.cal_seqlen, seed=42, **settings)
     start = time.perf_counter()
@@ -49,14 +53,14 @@ def run_variant(label: str, settings: dict, args, batches, ppl_texts) -> dict:
     seconds = time.perf_counter() - start
     ppl = perplexity(model, tokenizer, ppl_texts, chunks=args.ppl_chunks, progress=False)["ppl"]
     family = family_for(model)
-    return {"label": label, "settings": settings, "width": result.embedding_width,
+    return {"key": key, "label": label, "settings": settings, "width": result.embedding_width,
             "params": count_parameters(model), "shortcuts": shortcut_parameters(model),
             "head": head_parameters(model, family), "ppl": ppl, "slice_s": round(seconds, 1)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated labels (default: all)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated keys from {list(VARIANTS)}")
     parser.add_argument("--cal-samples", type=int, default=64)
     parser.add_argument("--cal-seqlen", type=int, default=2048)
     parser.add_argument("--ppl-chunks", type=int, default=16)
@@ -79,13 +83,13 @@ def main() -> None:
         rows.append({"label": "dense", "params": DENSE_PARAMS, "shortcuts": 0, "head": 0, "width": 576,
                      "ppl": perplexity(model, tokenizer, ppl_texts, chunks=args.ppl_chunks, progress=False)["ppl"]})
     del model
-    labels = [label.strip() for label in args.variants.split(",")]
-    unknown = [label for label in labels if label not in VARIANTS]
+    keys = [key.strip() for key in args.variants.split(",")]
+    unknown = [key for key in keys if key not in VARIANTS]
     if unknown:
         sys.exit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
-    for label in labels:
-        print(f"running {label} ...", file=sys.stderr, flush=True)
-        rows.append(run_variant(label, VARIANTS[label], args, batches, ppl_texts))
+    for key in keys:
+        print(f"running {key} ...", file=sys.stderr, flush=True)
+        rows.append(run_variant(key, args, batches, ppl_texts))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
     print(f"{'variant':<38} {'width':>5} {'params':>13} {'x dense':>7} {'shortcuts':>10} {'head':>10} {'ppl':>8}")
