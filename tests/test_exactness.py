@@ -58,7 +58,7 @@ def test_norms_were_non_trivial():
     assert (weight - 1).abs().max() > 0.1
 
 
-@pytest.mark.parametrize("rotations", ["layer", "group:1", "model"])
+@pytest.mark.parametrize("rotations", ["layer", "group:1", "model", "block-normalized"])
 @pytest.mark.parametrize("arch", list(TINY_CONFIGS))
 def test_shared_rotations_without_slicing_are_exact(arch, rotations):
     from slicegpt import SliceConfig, slice_model
@@ -66,6 +66,7 @@ def test_shared_rotations_without_slicing_are_exact(arch, rotations):
     model = _dense(arch, True, torch.float64)
     ids = _ids(model.config.vocab_size)
     reference = model(ids).logits
-    config = SliceConfig(sparsity=0.0, rotations=rotations)
+    rotations, _, pca = rotations.partition("-")
+    config = SliceConfig(sparsity=0.0, rotations=rotations, pca=pca or "raw")
     slice_model(model, None, config, random_batches(model.config.vocab_size), progress=False)
     assert (model(ids).logits - reference).abs().max().item() <= TOLERANCE[torch.float64]

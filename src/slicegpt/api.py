@@ -40,7 +40,7 @@ def width_rule_for(model: nn.Module, family: Family, config: SliceConfig, batche
                    budget: int | None, progress: bool) -> WidthRule:
     """How wide each stream point stays (called on the fused model)."""
     if config.widths == "variance":
-        spectra = dense_spectra(model, family, batches, progress=progress)
+        spectra = dense_spectra(model, family, batches, progress=progress, normalize=config.pca == "normalized")
         widths = variance_schedule(model, family, config, spectra, budget)
         return lambda name, eigenvalues: widths[name]
     if budget is None:
@@ -68,10 +68,12 @@ def slice_model(model: nn.Module, tokenizer, config: SliceConfig, calibration: l
     fuse(model, family, keep_tied=config.tied_head)
     width_rule = width_rule_for(model, family, config, batches, budget, progress)
     if config.rotations in ("block", "layer"):
-        slicer = Slicer(model, family, width_rule, progress=progress, share_layer=config.rotations == "layer")
+        slicer = Slicer(model, family, width_rule, progress=progress, share_layer=config.rotations == "layer",
+                        normalize_pca=config.pca == "normalized")
         result = slicer.run(batches)
     else:
-        result = rotate_shared(model, family, batches, width_rule, group_size=config.group_size, progress=progress)
+        result = rotate_shared(model, family, batches, width_rule, group_size=config.group_size, progress=progress,
+                               normalize_pca=config.pca == "normalized")
     model.config.slicing = slicing_metadata(model, family, result, norm_eps(model, family))
     model.config.slicing["config"] = config.to_dict()
     return result

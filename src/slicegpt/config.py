@@ -34,6 +34,9 @@ class SliceConfig:
     # "uniform": one width everywhere; "variance": per-point widths that keep an equal
     # fraction of each point's variance, at the same real size as the uniform width.
     widths: str = "uniform"
+    # "raw": PCA of the stream as it is (the paper); "normalized": every token weighed
+    # equally, as the RMS norms that read the stream see it.
+    pca: str = "raw"
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -53,6 +56,8 @@ class SliceConfig:
             raise SliceGPTError(f"target-params must be positive, got {self.target_params}")
         if self.widths not in ("uniform", "variance"):
             raise SliceGPTError(f"widths must be uniform or variance, got {self.widths!r}")
+        if self.pca not in ("raw", "normalized"):
+            raise SliceGPTError(f"pca must be raw or normalized, got {self.pca!r}")
         group = self.rotations.split(":", 1)
         valid = self.rotations in ("block", "layer", "model") or (
             group[0] == "group" and len(group) == 2 and group[1].isdigit() and int(group[1]) >= 1)

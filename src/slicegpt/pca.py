@@ -10,8 +10,10 @@ from .errors import SliceGPTError
 class CovarianceAccumulator:
     """Sums X^T X over every non-padding token it is shown."""
 
-    def __init__(self, dim: int, where: str = "", device: torch.device | str = "cpu"):
+    def __init__(self, dim: int, where: str = "", device: torch.device | str = "cpu", normalize: bool = False):
         self.where = where
+        # normalize: weigh every token equally, as the norms that read the stream do.
+        self.normalize = normalize
         self.sum = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         self.tokens = 0
 
@@ -24,6 +26,8 @@ class CovarianceAccumulator:
         if not torch.isfinite(x).all():
             raise SliceGPTError(f"non-finite values (NaN or inf) in the activations {self.where}; "
                                 "try float32, or check the model's weights")
+        if self.normalize:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).clamp(min=1e-30))
         self.sum.addmm_(x.T, x)
         self.tokens += x.shape[0]
 

@@ -37,10 +37,10 @@ def widths_for_fraction(spectra: dict[str, torch.Tensor], owner: dict[str, str],
 
 
 def dense_spectra(model: nn.Module, family: Family, batches: list[dict], share: float = 0.25,
-                  progress: bool = True) -> dict[str, torch.Tensor]:
+                  progress: bool = True, normalize: bool = False) -> dict[str, torch.Tensor]:
     """Eigenvalues at every stream point of the fused dense model, from a share of the batches."""
     subset = batches[: max(1, round(len(batches) * share))]
-    covariances = collect_covariances(model, family, subset, progress)
+    covariances = collect_covariances(model, family, subset, progress, normalize=normalize)
     return {name: principal_basis(acc.sum)[0] for name, acc in covariances.items()}
 
 

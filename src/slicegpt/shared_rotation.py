@@ -44,8 +44,8 @@ def _norm_hooks(model: nn.Module, family: Family) -> list[tuple[nn.Module, str]]
 
 
 @torch.no_grad()
-def collect_covariances(model: nn.Module, family: Family, batches: list[dict],
-                        progress: bool = True) -> dict[str, CovarianceAccumulator]:
+def collect_covariances(model: nn.Module, family: Family, batches: list[dict], progress: bool = True,
+                        normalize: bool = False) -> dict[str, CovarianceAccumulator]:
     """Each stream point's covariance on the fused model, from one forward of the body."""
     dense = model.config.hidden_size
     device = next(model.parameters()).device
@@ -53,7 +53,8 @@ def collect_covariances(model: nn.Module, family: Family, batches: list[dict],
     current = {}
     handles = []
     for module, name in _norm_hooks(model, family):
-        accumulators.setdefault(name, CovarianceAccumulator(dense, where=f"at {name}", device=device))
+        accumulators.setdefault(name, CovarianceAccumulator(dense, where=f"at {name}", device=device,
+                                                                normalize=normalize))
 
         def hook(module, args, name=name):
             accumulators[name].add(args[0], current["mask"])
@@ -85,11 +86,11 @@ def group_points(names: list[str], layers: int, group_size: int | None) -> list[
 
 @torch.no_grad()
 def rotate_shared(model: nn.Module, family: Family, batches: list[dict], width_rule: WidthRule,
-                  group_size: int | None = None, progress: bool = True) -> SliceResult:
+                  group_size: int | None = None, progress: bool = True, normalize_pca: bool = False) -> SliceResult:
     """Rotate and slice a fused model with one basis per group of layers."""
     layers = get_module(model, family.layers)
     names = stream_points(family, len(layers))
-    covariances = collect_covariances(model, family, batches, progress)
+    covariances = collect_covariances(model, family, batches, progress, normalize=normalize_pca)
     result = SliceResult()
     bases: dict[str, torch.Tensor] = {}
     for group in group_points(names, len(layers), group_size):

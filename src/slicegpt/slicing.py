@@ -103,9 +103,9 @@ class SliceResult:
 WidthRule = Callable[[str, torch.Tensor], int]
 
 
-def _principal(acts: Activations, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _principal(acts: Activations, where: str, normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     dim = acts.hidden[0].shape[-1]
-    acc = CovarianceAccumulator(dim, where=where)
+    acc = CovarianceAccumulator(dim, where=where, normalize=normalize)
     for x, mask in zip(acts.hidden, acts.masks):
         acc.add(x, mask)
     acc.all_reduce()
@@ -124,15 +124,15 @@ class Slicer:
     """
 
     def __init__(self, model: nn.Module, family: Family, width_rule: WidthRule, progress: bool = True,
-                 share_layer: bool = False):
+                 share_layer: bool = False, normalize_pca: bool = False):
         self.model, self.family, self.width_rule, self.progress = model, family, width_rule, progress
-        self.share_layer = share_layer
+        self.share_layer, self.normalize_pca = share_layer, normalize_pca
         self.dense = model.config.hidden_size
         self.result = SliceResult()
         self.embedding_basis: torch.Tensor | None = None
 
     def _basis(self, acts: Activations, name: str) -> torch.Tensor:
-        eigenvalues, vectors = _principal(acts, where=f"at {name}")
+        eigenvalues, vectors = _principal(acts, where=f"at {name}", normalize=self.normalize_pca)
         width = self.width_rule(name, eigenvalues)
         self.result.points.append(StreamPoint(name, eigenvalues.tolist(), width))
         return vectors[:, :width]

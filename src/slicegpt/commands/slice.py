@@ -46,6 +46,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--widths", default=defaults.widths, choices=["uniform", "variance"],
                         help="uniform (default): one width everywhere; variance: per-layer widths from the "
                              "eigenvalue spectra, at the same real size")
+    parser.add_argument("--pca", default=defaults.pca, choices=["raw", "normalized"],
+                        help="raw: PCA of the stream as it is; normalized: every token weighed equally")
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"sampling seed (default {defaults.seed})")
     parser.add_argument("--eval-ppl", action="store_true", help="measure perplexity before and after slicing")
     add_ppl_options(parser, prefix="ppl-")
@@ -61,7 +63,7 @@ def run(args) -> int:
                          cal_samples=args.cal_samples, cal_seqlen=args.cal_seqlen,
                          cal_batch_size=args.cal_batch_size, seed=args.seed,
                          tied_head=not args.untie_head, rotations=args.rotations,
-                         widths=args.widths)
+                         widths=args.widths, pca=args.pca)
     out = Path(args.out)
     check_output_dir(out, args.overwrite)
     timings: dict[str, float] = {}
