@@ -145,3 +145,13 @@ def test_failed_save_leaves_no_output(tiny_model_dir, tmp_path, capsys, monkeypa
     with pytest.raises(OSError):
         main(slice_args(tiny_model_dir, tmp_path / "o"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_plain_export_from_the_cli(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "plain"
+    assert main(slice_args(tiny_model_dir, out, "--rotations", "model", "--plain")) == 0
+    assert not (out / "modeling_sliced.py").exists()
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.hidden_size == 48
+    code = main(slice_args(tiny_model_dir, tmp_path / "o2", "--plain"))
+    assert_clean_error(capsys, code, "--plain needs --rotations model")

@@ -55,13 +55,18 @@ def atomic_directory(out: Path, overwrite: bool, write) -> None:
 
 
 def write_sliced(model: nn.Module, tokenizer, directory: Path, extra_files: dict[str, str] | None = None) -> None:
-    """Write a sliced model (config.slicing set) into an existing directory."""
-    slicing = model.config.slicing
-    model.config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.SlicedForCausalLM"}
+    """Write a sliced model into an existing directory, with its modeling file where it needs one.
+
+    A plain export (see plain.py) has no `config.slicing` and needs no remote code.
+    """
+    slicing = getattr(model.config, "slicing", None)
+    if slicing is not None:
+        model.config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.SlicedForCausalLM"}
     model.save_pretrained(directory, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-    (directory / MODELING_FILE).write_text(modeling_source(slicing["base_architecture"]))
+    if slicing is not None:
+        (directory / MODELING_FILE).write_text(modeling_source(slicing["base_architecture"]))
     for name, text in (extra_files or {}).items():
         (directory / name).write_text(text)
 

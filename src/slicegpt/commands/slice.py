@@ -9,9 +9,11 @@ from ..api import calibration_data, slice_model
 from ..checkpoint import check_output_dir, save_sliced
 from ..config import SliceConfig
 from ..data import load_texts
+from ..errors import SliceGPTError
 from ..families import family_for
 from ..models import load_model
 from ..perplexity import perplexity
+from ..plain import to_plain_model
 from ..report import count_parameters, head_parameters, shortcut_parameters, versions
 from .common import add_model_options, add_ppl_options, apply_threads, say, timed
 
@@ -51,6 +53,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"sampling seed (default {defaults.seed})")
     parser.add_argument("--eval-ppl", action="store_true", help="measure perplexity before and after slicing")
     add_ppl_options(parser, prefix="ppl-")
+    parser.add_argument("--plain", action="store_true",
+                        help="with --rotations model: save a plain model of the original class "
+                             "(smaller hidden size, no remote code needed)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     add_model_options(parser)
     parser.set_defaults(run=run)
@@ -66,6 +71,8 @@ def run(args) -> int:
                          widths=args.widths, pca=args.pca)
     out = Path(args.out)
     check_output_dir(out, args.overwrite)
+    if args.plain and config.rotations != "model":
+        raise SliceGPTError("--plain needs --rotations model (a model without shortcuts)")
     timings: dict[str, float] = {}
 
     cal_texts = load_texts(config.cal_data, split="train")
@@ -92,6 +99,8 @@ def run(args) -> int:
             ppl["sliced"] = measure_ppl()
         say(f"sliced perplexity: {ppl['sliced']:.3f}")
 
+    if args.plain:
+        model = to_plain_model(model, family)
     params = {
         "dense": dense_params,
         "sliced": count_parameters(model),
@@ -100,7 +109,7 @@ def run(args) -> int:
     }
     run_config = {**config.to_dict(), "model": args.model, "dtype": args.dtype, "device": args.device,
                   "eval_ppl": args.eval_ppl, "ppl_data": args.ppl_data, "ppl_chunks": args.ppl_chunks,
-                  "ppl_seqlen": args.ppl_seqlen}
+                  "ppl_seqlen": args.ppl_seqlen, "plain": args.plain}
     report = {
         "config": run_config,
         "widths": {"embedding": result.embedding_width, "layers": result.layer_widths, "head_in": result.head_in},

@@ -1,0 +1,33 @@
+"""One rotation for the whole model: the result exports as a plain model of its class."""
+
+import pytest
+import torch
+import transformers
+
+from slicegpt import SliceConfig, SliceGPTError, slice_model
+from slicegpt.families import family_for
+from slicegpt.plain import to_plain_model
+
+from conftest import make_tiny_model, random_batches
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_plain_export_computes_the_same(tmp_path, arch, tied):
+    model = make_tiny_model(arch, tied=tied)
+    slice_model(model, None, SliceConfig(sparsity=0.25, rotations="model"), random_batches(96), progress=False)
+    plain = to_plain_model(model, family_for(model))
+    assert plain.config.hidden_size == 48 and not hasattr(plain.config, "slicing")
+    ids = torch.randint(0, 96, (2, 12))
+    assert (plain(ids).logits - model(ids).logits).abs().max() < 1e-5
+    plain.save_pretrained(tmp_path / "plain")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain")  # no remote code
+    assert type(reloaded) is type(plain)
+    assert torch.equal(reloaded(ids).logits, plain(ids).logits)
+
+
+def test_plain_export_needs_one_rotation():
+    model = make_tiny_model("LlamaForCausalLM")
+    slice_model(model, None, SliceConfig(sparsity=0.25), random_batches(96), progress=False)
+    with pytest.raises(SliceGPTError, match="--rotations model"):
+        to_plain_model(model, family_for(model))
