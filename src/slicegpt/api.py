@@ -36,9 +36,9 @@ def slice_model(model: nn.Module, tokenizer, config: SliceConfig, calibration: l
     device = next(model.parameters()).device
     batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
     model.eval()
-    fuse(model, family)
+    added_biases = fuse(model, family)
     width = config.kept_width(model.config.hidden_size)
     result = Slicer(model, family, constant_width(width), progress=progress).run(batches)
-    model.config.slicing = slicing_metadata(model, family, result, norm_eps(model, family))
+    model.config.slicing = slicing_metadata(model, family, result, norm_eps(model, family), added_biases)
     model.config.slicing["config"] = config.to_dict()
     return result
