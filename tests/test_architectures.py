@@ -10,13 +10,12 @@ import textwrap
 import pytest
 import torch
 import transformers
-from torch import nn
 
 from slicegpt import SliceConfig, load_sliced, save_sliced, slice_model
 from slicegpt.families import FAMILIES, family_for
 from slicegpt.modeling_sliced import SlicedDecoderLayer, SlicedRMSNorm, stream_weight
 
-from conftest import TINY_CONFIGS, architecture_class, make_tiny_model, random_batches
+from conftest import TINY_CONFIGS, make_tiny_model, random_batches
 
 ARCHS = list(TINY_CONFIGS)
 DENSE, KEPT = 64, 48  # sparsity 0.25 of hidden 64, a multiple of 8
@@ -81,6 +80,20 @@ def test_load_sliced_round_trip_is_identical(arch, sliced):
     loaded = load_sliced(out, attn_implementation="eager", experts_implementation="eager")
     with torch.no_grad():
         assert torch.equal(loaded(_ids()).logits, logits)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generation_with_cache_matches_full_forwards(arch, sliced):
+    """The sliced layers pass the cache through (GPT-2 passes it positionally)."""
+    model = sliced(arch)[0]
+    ids = _ids()[:1, :6]
+    with torch.no_grad():
+        generated = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        expected = ids
+        for _ in range(4):
+            next_token = model(expected, use_cache=False).logits[:, -1:].argmax(-1)
+            expected = torch.cat([expected, next_token], dim=1)
+    assert torch.equal(generated, expected)
 
 
 # Run in a fresh interpreter that cannot import slicegpt: the checkpoint must carry its own code.

@@ -8,7 +8,6 @@ reads. Each later layer sees (and corrects for) the error of the earlier sliced 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
