@@ -156,7 +156,7 @@ MIXTRAL = dataclasses.replace(
     mlp_keeps_width=True,
 )
 _ALL_SPARSE = (
-    ("mlp_only_layers", [], "dense MLP layers among the MoE layers (mlp_only_layers) are not supported"),
+    ("mlp_only_layers", (), "dense MLP layers among the MoE layers (mlp_only_layers) are not supported"),
     ("decoder_sparse_step", 1, "dense MLP layers among the MoE layers (decoder_sparse_step > 1) are not supported"),
 )
 QWEN3_MOE = dataclasses.replace(MIXTRAL, name="qwen3_moe", requires=_ALL_SPARSE)
@@ -238,10 +238,14 @@ def _exists(root: nn.Module, path: str) -> bool:
         return False
 
 
+def _comparable(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
 def check_config(model: nn.Module, family: Family) -> None:
     arch = type(model).__name__
     for attr, value, why in family.requires:
-        if getattr(model.config, attr, value) != value:
+        if _comparable(getattr(model.config, attr, value)) != value:
             raise SliceGPTError(f"{arch} with {attr}={getattr(model.config, attr)!r}: {why}")
     if family.parallel_attr and not hasattr(model.config, family.parallel_attr):
         raise SliceGPTError(f"{arch}'s config has no '{family.parallel_attr}', which picks its block shape")
