@@ -133,7 +133,8 @@ def remote_logits(sliced, tmp_path_factory):
     names = {arch: arch.replace(":", "-") for arch in ARCHS}
     jobs = {"ids": str(work / "ids.pt"), "out": str(work),
             "dirs": {names[arch]: str(sliced(arch)[3]) for arch in ARCHS}}
-    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(work / "modules"), "PATH": "/usr/bin:/bin"}
+    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(work / "modules"), "PATH": "/usr/bin:/bin",
+           "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-I", "-c", _CHILD, json.dumps(jobs)], cwd=work, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

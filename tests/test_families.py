@@ -42,6 +42,14 @@ def test_missing_expert_tensor_is_named():
     _fails_before_any_work(model, r"'mlp\.experts\.down_proj' not found in layer 0")
 
 
+def test_transposed_expert_layout_is_refused():
+    """Fused experts stored (experts, in, out), as some models do, would rotate along the wrong axis."""
+    model = make_tiny_model("Qwen3MoeForCausalLM")
+    experts = model.model.layers[0].mlp.experts
+    experts.down_proj = nn.Parameter(experts.down_proj.detach().transpose(1, 2).contiguous())
+    _fails_before_any_work(model, r"'mlp\.experts\.down_proj' has shape \(4, 32, 64\), not the residual width 64")
+
+
 def test_missing_final_norm_is_named():
     model = _tiny("OPTForCausalLM", _remove_final_layer_norm=True)
     _fails_before_any_work(model, r"'model\.decoder\.final_layer_norm' not found in the model")

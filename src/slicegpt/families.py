@@ -262,11 +262,20 @@ def check_structure(model: nn.Module, family: Family) -> None:
         if not _exists(root, path):
             raise mismatch(f"module '{path}' not found", where)
 
-    def require_weight(root: nn.Module, path: str, where: str) -> None:
+    dense = model.config.hidden_size
+
+    def require_weight(root: nn.Module, path: str, where: str, reads: bool) -> None:
         try:
-            stream_weight(root, path)
+            target = stream_weight(root, path)
         except AttributeError:
             raise mismatch(f"module or parameter '{path}' not found", where) from None
+        weight = target.weight
+        # Readers hold the stream on the last axis, writers on the second-to-last (Conv1D: reversed).
+        transposed = family.conv1d and type(target.owner).__name__ == "Conv1D"
+        axis = -1 if reads != transposed else -2
+        if weight.dim() < 2 or weight.shape[axis] != dense:
+            raise mismatch(f"'{path}' has shape {tuple(weight.shape)}, not the residual width {dense} on the "
+                           f"axis where a stream {'reader' if reads else 'writer'} holds it", where)
 
     for path, why in family.forbidden:
         if _exists(model, path):
@@ -274,7 +283,7 @@ def check_structure(model: nn.Module, family: Family) -> None:
     for path in (family.layers, *family.embeddings, family.final_norm):
         require(model, path, "the model")
     for path in (*family.embeddings, family.head):
-        require_weight(model, path, "the model")
+        require_weight(model, path, "the model", reads=True)
     final_norm = get_module(model, family.final_norm)
     check_norm(final_norm, family.norm_kind, mismatch(
         f"norm '{family.final_norm}' is a {type(final_norm).__name__}, not {NORM_KINDS[family.norm_kind]}",
@@ -284,11 +293,13 @@ def check_structure(model: nn.Module, family: Family) -> None:
         modules = [family.attn, family.attn_norm, family.mlp, family.mlp_norm, *family.mlp_chain]
         for path in filter(None, modules):
             require(layer, path, where)
-        for path in (*family.attn_inputs, *family.attn_outputs, *family.mlp_inputs, *family.mlp_outputs):
-            require_weight(layer, path, where)
+        for path in (*family.attn_inputs, *family.mlp_inputs):
+            require_weight(layer, path, where, reads=True)
+        for path in (*family.attn_outputs, *family.mlp_outputs):
+            require_weight(layer, path, where, reads=False)
         for path in family.mlp_width_attrs:
             parent, _, name = path.rpartition(".")
-            if not isinstance(getattr(get_module(layer, parent), name, None), int):
+            if not _exists(layer, parent) or not isinstance(getattr(get_module(layer, parent), name, None), int):
                 raise mismatch(f"integer attribute '{path}' not found", where)
         for path in filter(None, (family.attn_norm, family.mlp_norm)):
             norm = get_module(layer, path)
