@@ -2,64 +2,112 @@
 
 from __future__ import annotations
 
+import functools
 import os
-import types
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
+# Tiny models gain nothing from intra-op threads, and on a busy machine thread contention
+# makes each op orders of magnitude slower (a 2-layer MoE forward: 15 ms vs 1.2 s).
+torch.set_num_threads(1)
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WIKITEXT_VALIDATION = SHARED_DATA / "wikitext-2" / "wikitext-2-v1.validation.jsonl"
 WIKITEXT_TEST = SHARED_DATA / "wikitext-2" / "wikitext-2-raw-v1.test.jsonl"
 
-# Tiny configs: 2 layers, hidden 64, grouped-query attention. Keyed by architecture.
+# Tiny configs: 2 layers, hidden 64, grouped-query attention where the family has it.
+# Keyed by architecture class; "Class:variant" keys build the same class from another config.
+_SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4)
+_GQA = dict(_SMALL, num_key_value_heads=2)
+_MOE = dict(_GQA, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+
 TINY_CONFIGS = {
     "LlamaForCausalLM": lambda tied: transformers.LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=tied,
+        **_GQA, tie_word_embeddings=tied,
         rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
-    "MistralForCausalLM": lambda tied: transformers.MistralConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=tied, sliding_window=8),
-    "Qwen2ForCausalLM": lambda tied: transformers.Qwen2Config(
-        vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=tied),
-    "Qwen3ForCausalLM": lambda tied: transformers.Qwen3Config(
-        vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, tie_word_embeddings=tied),
+    "MistralForCausalLM": lambda tied: transformers.MistralConfig(**_GQA, tie_word_embeddings=tied, sliding_window=8),
+    "Qwen2ForCausalLM": lambda tied: transformers.Qwen2Config(**_GQA, tie_word_embeddings=tied),
+    "Qwen3ForCausalLM": lambda tied: transformers.Qwen3Config(**_GQA, head_dim=16, tie_word_embeddings=tied),
+    "OPTForCausalLM": lambda tied: transformers.OPTConfig(
+        vocab_size=96, hidden_size=64, ffn_dim=112, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, word_embed_proj_dim=64, do_layer_norm_before=True, tie_word_embeddings=tied),
+    # Partial rotary and q/k LayerNorms inside attention: the rotation must not care.
+    "PhiForCausalLM": lambda tied: transformers.PhiConfig(
+        **_GQA, qk_layernorm=True, tie_word_embeddings=tied,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+    "Phi3ForCausalLM": lambda tied: transformers.Phi3Config(
+        **_GQA, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=tied),
+    "GPTNeoXForCausalLM": lambda tied: transformers.GPTNeoXConfig(
+        **_SMALL, use_parallel_residual=True, attention_bias=True, tie_word_embeddings=tied,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}),
+    "GPTNeoXForCausalLM:sequential": lambda tied: transformers.GPTNeoXConfig(
+        **_SMALL, use_parallel_residual=False, attention_bias=True, tie_word_embeddings=tied,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}),
+    "GPT2LMHeadModel": lambda tied: transformers.GPT2Config(
+        vocab_size=96, n_embd=64, n_inner=112, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0,
+        tie_word_embeddings=tied),
+    "GemmaForCausalLM": lambda tied: transformers.GemmaConfig(**_GQA, head_dim=16, tie_word_embeddings=tied),
+    "MixtralForCausalLM": lambda tied: transformers.MixtralConfig(
+        **dict(_GQA, intermediate_size=32), num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=tied),
+    "Qwen2MoeForCausalLM": lambda tied: transformers.Qwen2MoeConfig(
+        **_MOE, shared_expert_intermediate_size=48, tie_word_embeddings=tied),
+    "Qwen3MoeForCausalLM": lambda tied: transformers.Qwen3MoeConfig(**_MOE, head_dim=16, tie_word_embeddings=tied),
 }
 
 
-def make_tiny_model(arch: str, tied: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0):
-    """A random tiny model whose norms and biases are non-trivial, so fusion is really tested."""
-    torch.manual_seed(seed)
-    config = TINY_CONFIGS[arch](tied)
-    model = getattr(transformers, arch)(config).to(dtype).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                param.copy_(1.0 + 0.3 * torch.randn_like(param))
-            elif name.endswith("bias"):
-                param.copy_(0.1 * torch.randn_like(param))
+def architecture_class(arch: str):
+    return getattr(transformers, arch.split(":")[0])
+
+
+def _is_norm(module) -> bool:
+    return isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
+
+
+@torch.no_grad()
+def _randomise(model):
+    for module in model.modules():
+        if _is_norm(module) and getattr(module, "weight", None) is not None:
+            module.weight.copy_(1.0 + 0.3 * torch.randn_like(module.weight))
+    for name, param in model.named_parameters():
+        if name.endswith("bias"):
+            param.copy_(0.1 * torch.randn_like(param))
     return model
 
 
-def _exact_rms_forward(self, x):
+def make_tiny_model(arch: str, tied: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A random tiny model of `arch` (a TINY_CONFIGS key) with non-trivial norms and biases."""
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[arch](tied)
+    config._attn_implementation = "eager"
+    # The default grouped_mm experts kernel has no float64; the eager loop computes the same.
+    config._experts_implementation = "eager"
+    model = architecture_class(arch)(config)
+    return _randomise(model).to(dtype).eval()
+
+
+def _exact_rms_forward(self, x, plus_one=False):
     """transformers' RMSNorms compute in float32 even for float64 inputs; keep float64."""
     weight = getattr(self, "weight", None)
     eps = getattr(self, "variance_epsilon", getattr(self, "eps", 1e-6))
     y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return y if weight is None else weight * y
+    if weight is None:
+        return y
+    return (1.0 + weight) * y if plus_one else weight * y
 
 
 def full_precision_norms(model):
     """Patch the dense reference so float64 comparisons measure the method, not its casts."""
+    from slicegpt.families import FAMILIES
+
+    family = FAMILIES.get(type(model).__name__)
+    plus_one = family is not None and family.norm_kind == "rms_plus_one"
     for module in model.modules():
         if type(module).__name__.endswith("RMSNorm") and "Sliced" not in type(module).__name__:
-            module.forward = types.MethodType(_exact_rms_forward, module)
+            module.forward = functools.partial(_exact_rms_forward, module, plus_one=plus_one)
     return model
 
 

@@ -65,7 +65,7 @@ def slice_model(model: nn.Module, tokenizer, config: SliceConfig, calibration: l
     batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
     model.eval()
     budget = parameter_budget(model, family, config)
-    fuse(model, family, keep_tied=config.tied_head)
+    added_biases = fuse(model, family, keep_tied=config.tied_head)
     width_rule = width_rule_for(model, family, config, batches, budget, progress)
     if config.rotations in ("block", "layer"):
         slicer = Slicer(model, family, width_rule, progress=progress, share_layer=config.rotations == "layer",
@@ -74,6 +74,6 @@ def slice_model(model: nn.Module, tokenizer, config: SliceConfig, calibration: l
     else:
         result = rotate_shared(model, family, batches, width_rule, group_size=config.group_size, progress=progress,
                                normalize_pca=config.pca == "normalized")
-    model.config.slicing = slicing_metadata(model, family, result, norm_eps(model, family))
+    model.config.slicing = slicing_metadata(model, family, result, norm_eps(model, family), added_biases)
     model.config.slicing["config"] = config.to_dict()
     return result

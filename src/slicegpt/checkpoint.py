@@ -60,9 +60,14 @@ def write_sliced(model: nn.Module, tokenizer, directory: Path, extra_files: dict
     A plain export (see plain.py) has no `config.slicing` and needs no remote code.
     """
     slicing = getattr(model.config, "slicing", None)
-    if slicing is not None:
+    if slicing is None:
+        model.save_pretrained(directory, safe_serialization=True)
+    else:
         model.config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.SlicedForCausalLM"}
-    model.save_pretrained(directory, safe_serialization=True)
+        # Keys exactly as in memory: transformers' "original format" conversions (fused experts
+        # split per expert, renamed heads) are skipped on load for remote-code classes, so
+        # reverting them on save would leave keys that nothing maps back.
+        model.save_pretrained(directory, safe_serialization=True, save_original_format=False)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     if slicing is not None:
@@ -81,8 +86,12 @@ def save_sliced(model: nn.Module, tokenizer, out: str | Path, report: dict | Non
     return out
 
 
-def load_sliced(directory: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
-    """Load a sliced checkpoint with slicegpt's own copy of the modeling code."""
+def load_sliced(directory: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                **from_pretrained_kwargs) -> nn.Module:
+    """Load a sliced checkpoint with slicegpt's own copy of the modeling code.
+
+    Extra keyword arguments go to `from_pretrained` (e.g. attn_implementation="eager").
+    """
     import transformers
     from transformers import AutoConfig
 
@@ -94,4 +103,4 @@ def load_sliced(directory: str | Path, dtype: torch.dtype = torch.float32, devic
     if base is None:
         raise SliceGPTError(f"this transformers has no {slicing['base_architecture']}")
     cls = modeling_sliced.sliced_class_for(base)
-    return cls.from_pretrained(directory, config=config, dtype=dtype).to(device).eval()
+    return cls.from_pretrained(directory, config=config, dtype=dtype, **from_pretrained_kwargs).to(device).eval()

@@ -1,4 +1,4 @@
-"""Fold every norm's scale (and bias) into the linears that read it.
+"""Fold every norm's scale (and bias) into the weights that read it.
 
 After fusion every norm is a bare `SlicedRMSNorm`, which commutes with any
 orthogonal rotation of the residual stream, and the model computes the same function.
@@ -9,13 +9,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .families import Family, get_module, set_module
-from .modeling_sliced import NormThenMap, SlicedRMSNorm, wrap_layer
+from .errors import SliceGPTError
+from .families import Family, get_module, norm_module_eps, set_module
+from .modeling_sliced import NormThenMap, SlicedRMSNorm, StreamWeight, linearise_conv1d, stream_weight, wrap_layer
 
 
-def norm_scale_and_shift(norm: nn.Module, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The affine part of a norm, as (scale, shift) in float64."""
-    weight = norm.weight.detach().double()
+def norm_scale_and_shift(norm: nn.Module, kind: str, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The affine part of a norm, as (scale, shift) in float64 (a norm without a weight scales by 1)."""
+    weight = getattr(norm, "weight", None)
+    if weight is None:
+        size = dim if dim is not None else norm.normalized_shape[-1]
+        weight = torch.ones(size, dtype=torch.float64)
+    weight = weight.detach().double()
     if kind == "rms":
         return weight, None
     if kind == "rms_plus_one":
@@ -27,27 +32,38 @@ def norm_scale_and_shift(norm: nn.Module, kind: str) -> tuple[torch.Tensor, torc
 
 
 @torch.no_grad()
-def fold_into_linears(scale: torch.Tensor, shift: torch.Tensor | None, linears: list[nn.Linear]) -> None:
-    """linear(scale * x + shift) == linear'(x), with W' = W diag(scale), b' = b + W shift."""
-    for linear in linears:
-        weight = linear.weight.double()
+def fold_into_linears(scale: torch.Tensor, shift: torch.Tensor | None, readers: list[StreamWeight]) -> list[int]:
+    """reader(scale * x + shift) == reader'(x), with W' = W diag(scale), b' = b + W shift.
+
+    A reader's stream axis is the last axis of its weight, so this also folds into MoE routers
+    and fused (experts, out, in) expert tensors. Returns the indices of the readers that had
+    no bias and now have one (a LayerNorm shift becomes a bias).
+    """
+    gained = []
+    for index, reader in enumerate(readers):
+        weight = reader.weight.double()
+        bias = None
         if shift is not None:
             extra = weight @ shift.to(weight.device)
-            if linear.bias is None:
-                linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
-                                                       device=linear.weight.device))
-            linear.bias.copy_((linear.bias.double() + extra).to(linear.bias.dtype))
-        linear.weight.copy_((weight * scale.to(weight.device)).to(linear.weight.dtype))
+            if reader.bias is None and not isinstance(reader.owner, nn.Linear):
+                raise SliceGPTError(f"cannot fold a norm's shift into {type(reader.owner).__name__}.{reader.name}, "
+                                    "which has no bias")
+            if reader.bias is None:
+                gained.append(index)
+            bias = extra if reader.bias is None else reader.bias.double() + extra
+        reader.replace(weight * scale.to(weight.device), bias)
+    return gained
 
 
 @torch.no_grad()
-def centre_output(linear: nn.Linear) -> None:
-    """Make what the linear writes mean-free over the stream's coordinates (LayerNorm models)."""
-    weight = linear.weight.double()
-    linear.weight.copy_((weight - weight.mean(dim=0, keepdim=True)).to(linear.weight.dtype))
-    if linear.bias is not None:
-        bias = linear.bias.double()
-        linear.bias.copy_((bias - bias.mean()).to(linear.bias.dtype))
+def centre_output(writer: StreamWeight) -> None:
+    """Make what the weight writes mean-free over the stream's coordinates (LayerNorm models)."""
+    weight = writer.weight.double()
+    bias = writer.bias
+    if bias is not None:
+        bias = bias.double()
+        bias = bias - bias.mean(dim=-1, keepdim=True)
+    writer.replace(weight - weight.mean(dim=-2, keepdim=True), bias)
 
 
 @torch.no_grad()
@@ -80,29 +96,39 @@ def can_keep_tied(model: nn.Module, family: Family) -> bool:
 
 
 @torch.no_grad()
-def final_map(norm: nn.Module, kind: str, dense: int, eps: float) -> NormThenMap:
+def final_map(norm: nn.Module, kind: str, dense: int, eps: float, like: torch.Tensor) -> NormThenMap:
     """Final norm whose scale (and shift) moves into a dense-width map: exact, and rotatable."""
-    scale, shift = norm_scale_and_shift(norm, kind)
-    weight = norm.weight
-    module = NormThenMap(dense, eps, dense, dense, bias=shift is not None, device=weight.device, dtype=weight.dtype)
-    module.map.weight.copy_(torch.diag(scale).to(weight.dtype))
+    scale, shift = norm_scale_and_shift(norm, kind, dense)
+    module = NormThenMap(dense, eps, dense, dense, bias=shift is not None, device=like.device, dtype=like.dtype)
+    module.map.weight.copy_(torch.diag(scale).to(like.dtype))
     if shift is not None:
-        module.map.bias.copy_(shift.to(weight.dtype))
+        module.map.bias.copy_(shift.to(like.dtype))
     return module
 
 
 def norm_eps(model: nn.Module, family: Family) -> float:
-    return float(getattr(model.config, family.eps_attr))
+    final = get_module(model, family.final_norm)
+    eps = norm_module_eps(final.norm if isinstance(final, NormThenMap) else final)
+    if eps is None:
+        raise SliceGPTError(f"cannot find the epsilon of norm '{family.final_norm}'")
+    return eps
+
+
+def prepare(model: nn.Module, family: Family) -> None:
+    """Bring the stream weights into the one layout the rest of slicegpt assumes (nn.Linear, not Conv1D)."""
+    for layer in get_module(model, family.layers):
+        linearise_conv1d(layer, family.to_dict())
 
 
 @torch.no_grad()
-def fuse(model: nn.Module, family: Family, keep_tied: bool = True) -> bool:
+def fuse(model: nn.Module, family: Family, keep_tied: bool = True) -> list[str]:
     """Fold all norms into their readers and wrap layers so shortcuts can be added.
 
     The model computes the same logits as before (up to float rounding). A tied head
-    stays tied where `keep_tied` and the family allow it (see `NormThenMap`); returns
-    whether it did.
+    stays tied where `keep_tied` and the family allow it (see `NormThenMap`). Returns the
+    paths of the linears that gained a bias (the sliced model must be rebuilt with one).
     """
+    prepare(model, family)
     tied = keep_tied and can_keep_tied(model, family)
     if not tied:
         untie_head(model, family)
@@ -113,29 +139,31 @@ def fuse(model: nn.Module, family: Family, keep_tied: bool = True) -> bool:
         for path in family.embeddings:
             centre_embedding(get_module(model, path))
 
+    gained: list[str] = []
+
+    def fold(root: nn.Module, norm_path: str, reader_paths, prefix: str) -> None:
+        scale, shift = norm_scale_and_shift(get_module(root, norm_path), family.norm_kind, dense)
+        readers = [stream_weight(root, p) for p in reader_paths]
+        gained.extend(prefix + reader_paths[i] for i in fold_into_linears(scale, shift, readers))
+        set_module(root, norm_path, SlicedRMSNorm(dense, eps))
+
     layers = get_module(model, family.layers)
     for index, layer in enumerate(layers):
-        attn_readers = [get_module(layer, p) for p in family.attn_inputs]
-        mlp_readers = [get_module(layer, p) for p in family.mlp_inputs]
-        if family.mlp_norm is None:
-            attn_readers += mlp_readers  # one norm feeds both branches
+        prefix = f"{family.layers}.{index}."
+        if family.mlp_norm is None:  # one norm feeds both branches
+            fold(layer, family.attn_norm, (*family.attn_inputs, *family.mlp_inputs), prefix)
         else:
-            scale, shift = norm_scale_and_shift(get_module(layer, family.mlp_norm), family.norm_kind)
-            fold_into_linears(scale, shift, mlp_readers)
-            set_module(layer, family.mlp_norm, SlicedRMSNorm(dense, eps))
-        scale, shift = norm_scale_and_shift(get_module(layer, family.attn_norm), family.norm_kind)
-        fold_into_linears(scale, shift, attn_readers)
-        set_module(layer, family.attn_norm, SlicedRMSNorm(dense, eps))
+            fold(layer, family.attn_norm, family.attn_inputs, prefix)
+            fold(layer, family.mlp_norm, family.mlp_inputs, prefix)
         if centre:
-            centre_output(get_module(layer, family.attn_output))
-            centre_output(get_module(layer, family.mlp_output))
+            for path in (*family.attn_outputs, *family.mlp_outputs):
+                centre_output(stream_weight(layer, path))
         layers[index] = wrap_layer(layer, family.to_dict())
 
-    final_norm = get_module(model, family.final_norm)
     if tied:
-        set_module(model, family.final_norm, final_map(final_norm, family.norm_kind, dense, eps))
-        return True
-    scale, shift = norm_scale_and_shift(final_norm, family.norm_kind)
-    fold_into_linears(scale, shift, [get_module(model, family.head)])
-    set_module(model, family.final_norm, SlicedRMSNorm(dense, eps))
-    return False
+        set_module(model, family.final_norm,
+                   final_map(get_module(model, family.final_norm), family.norm_kind, dense, eps,
+                             like=get_module(model, family.head).weight))
+    else:
+        fold(model, family.final_norm, (family.head,), "")
+    return gained

@@ -4,10 +4,15 @@ This file is copied next to every sliced checkpoint, so it must import nothing b
 torch and transformers. A sliced model is the original transformers class with three
 changes, all described by `config.slicing`:
   * every norm is a bare RMSNorm that still divides by the dense width,
-  * linears that read or write the residual stream are narrower,
+  * weights that read or write the residual stream are narrower,
   * each residual path carries a shortcut matrix (a change of basis between blocks).
 The family-specific module names travel in `config.slicing["family"]`, so the block
 forward below is written once per block shape (sequential, parallel).
+
+Orientation of a stream weight (the one convention everything here relies on): a weight
+that *reads* the stream has the stream on its last axis (nn.Linear (out, in), embedding
+tables, MoE routers, fused expert tensors (experts, out, in)); a weight that *writes*
+the stream has it on its second-to-last axis, and its bias on its last axis.
 """
 
 from __future__ import annotations
@@ -57,6 +62,95 @@ class NormThenMap(nn.Module):
         return self.map(self.norm(x))
 
 
+class StreamWeight:
+    """A weight (and its bias, if any) that touches the residual stream, wherever it lives.
+
+    A path names either a module with a `weight` (nn.Linear, nn.Embedding, a router) or a
+    bare parameter (a fused expert tensor such as `mlp.experts.gate_up_proj`, whose bias,
+    where there is one, is `<name>_bias` by transformers' convention).
+    """
+
+    def __init__(self, owner: nn.Module, name: str, bias_name: str | None):
+        self.owner, self.name, self.bias_name = owner, name, bias_name
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return getattr(self.owner, self.name)
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return getattr(self.owner, self.bias_name) if self.bias_name else None
+
+    def replace(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Swap in new tensors (of any width) and keep the owner's width attributes true."""
+        old = self.weight
+        setattr(self.owner, self.name, nn.Parameter(weight.to(old.dtype).contiguous(), requires_grad=old.requires_grad))
+        if bias is not None:
+            if self.bias_name is None:
+                if not isinstance(self.owner, nn.Linear):
+                    raise ValueError(f"cannot add a bias to {type(self.owner).__name__}.{self.name}")
+                self.bias_name = "bias"
+                dtype, grad = old.dtype, old.requires_grad
+            else:
+                dtype, grad = self.bias.dtype, self.bias.requires_grad
+            setattr(self.owner, self.bias_name, nn.Parameter(bias.to(dtype).contiguous(), requires_grad=grad))
+        if self.name == "weight" and isinstance(self.owner, nn.Linear):
+            self.owner.out_features, self.owner.in_features = self.weight.shape
+        if self.name == "weight" and isinstance(self.owner, nn.Embedding):
+            self.owner.embedding_dim = self.weight.shape[1]
+
+
+def stream_weight(root: nn.Module, path: str) -> StreamWeight:
+    """The StreamWeight at `path` below `root`; AttributeError names the path if it is missing."""
+    try:
+        module = root.get_submodule(path)
+    except AttributeError:
+        module = None
+    if module is not None:
+        if not isinstance(getattr(module, "weight", None), nn.Parameter):
+            raise AttributeError(f"module '{path}' has no weight parameter")
+        return StreamWeight(module, "weight", "bias" if getattr(module, "bias", None) is not None else None)
+    parent, _, name = path.rpartition(".")
+    owner = root.get_submodule(parent) if parent else root
+    if not isinstance(getattr(owner, name, None), nn.Parameter):
+        raise AttributeError(f"'{path}' is neither a module nor a parameter")
+    bias = f"{name}_bias"
+    return StreamWeight(owner, name, bias if isinstance(getattr(owner, bias, None), nn.Parameter) else None)
+
+
+def conv1d_as_linear(module: nn.Module) -> nn.Linear:
+    """transformers' Conv1D (GPT-2) stores its weight as (in, out); nn.Linear holds the transpose."""
+    weight = module.weight
+    linear = nn.Linear(weight.shape[0], weight.shape[1], bias=module.bias is not None,
+                       device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight.T)
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+    return linear
+
+
+def stream_linear_paths(family: dict) -> list[str]:
+    return [*family["attn_inputs"], *family["attn_outputs"], *family["mlp_inputs"], *family["mlp_outputs"]]
+
+
+def linearise_conv1d(layer: nn.Module, family: dict) -> None:
+    """Replace the layer's Conv1D stream linears by nn.Linear, for families that use them."""
+    if not family["conv1d"]:
+        return
+    for path in stream_linear_paths(family):
+        module = layer.get_submodule(path)
+        if type(module).__name__ == "Conv1D":
+            _set(layer, path, conv1d_as_linear(module))
+
+
+def set_width_attrs(layer: nn.Module, paths, width: int) -> None:
+    """Integer attributes that must follow the stream width (MoE routers reshape by them)."""
+    for path in paths:
+        parent, _, name = path.rpartition(".")
+        setattr(layer.get_submodule(parent) if parent else layer, name, width)
+
+
 def _first(output):
     return output[0] if isinstance(output, tuple) else output
 
@@ -71,11 +165,13 @@ class SlicedDecoderLayer(nn.Module):
 
     def __init__(self, modules: dict[str, nn.Module], family: dict, attention_type: str | None = None):
         super().__init__()
-        self.names = {key: family[key] for key in ("attn", "mlp", "attn_norm", "mlp_norm")}
+        self.names = {key: family[key] for key in ("attn", "attn_norm", "mlp_norm")}
+        # The MLP is one module, or (OPT) a chain of the layer's own children applied in order.
+        self.mlp_names = [family["mlp"]] if family["mlp"] else list(family["mlp_chain"])
         self.parallel = bool(family["parallel"])
-        for key, name in self.names.items():
-            if name is not None:
-                self.add_module(name, modules[key])
+        self.positional = tuple(family["layer_args"])
+        for name, module in modules.items():
+            self.add_module(name, module)
         self.attn_shortcut: nn.Linear | None = None
         self.mlp_shortcut: nn.Linear | None = None
         if attention_type is not None:
@@ -83,6 +179,11 @@ class SlicedDecoderLayer(nn.Module):
 
     def _part(self, key: str) -> nn.Module:
         return getattr(self, self.names[key])
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        for name in self.mlp_names:
+            x = _first(getattr(self, name)(x))
+        return x
 
     @staticmethod
     def _skip(shortcut: nn.Linear | None, x: torch.Tensor) -> torch.Tensor:
@@ -93,34 +194,22 @@ class SlicedDecoderLayer(nn.Module):
         return self._skip(self.attn_shortcut, x) + out
 
     def mlp_half(self, x: torch.Tensor) -> torch.Tensor:
-        out = _first(self._part("mlp")(self._part("mlp_norm")(x)))
-        return self._skip(self.mlp_shortcut, x) + out
+        return self._skip(self.mlp_shortcut, x) + self._mlp(self._part("mlp_norm")(x))
 
     def parallel_block(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         attn_in = self._part("attn_norm")(x)
         mlp_in = attn_in if self.names["mlp_norm"] is None else self._part("mlp_norm")(x)
         attn_out = _first(self._part("attn")(hidden_states=attn_in, **kwargs))
-        mlp_out = _first(self._part("mlp")(mlp_in))
-        return self._skip(self.attn_shortcut, x) + attn_out + mlp_out
+        return self._skip(self.attn_shortcut, x) + attn_out + self._mlp(mlp_in)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if args:
-            raise TypeError("SlicedDecoderLayer takes only keyword arguments after hidden_states")
+        if len(args) > len(self.positional):
+            raise TypeError(f"SlicedDecoderLayer got {len(args)} positional arguments after hidden_states; "
+                            f"the family names {len(self.positional)}")
+        kwargs.update(zip(self.positional, args))  # GPT-2 passes cache and mask positionally
         if self.parallel:
             return self.parallel_block(hidden_states, **kwargs)
         return self.mlp_half(self.attention_half(hidden_states, **kwargs))
-
-
-def _narrow_linear(linear: nn.Module, in_features: int | None = None, out_features: int | None = None) -> nn.Linear:
-    """An empty nn.Linear like `linear` with other widths; its weights come from the checkpoint."""
-    new = nn.Linear(
-        in_features or linear.in_features,
-        out_features or linear.out_features,
-        bias=linear.bias is not None,
-        device=linear.weight.device,
-        dtype=linear.weight.dtype,
-    )
-    return new
 
 
 def _set(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -130,60 +219,88 @@ def _set(root: nn.Module, path: str, module: nn.Module) -> None:
 
 def wrap_layer(layer: nn.Module, family: dict) -> SlicedDecoderLayer:
     """Turn an original decoder layer into a SlicedDecoderLayer holding the same modules."""
-    parts = {key: layer.get_submodule(family[key]) for key in ("attn", "mlp", "attn_norm")}
-    parts["mlp_norm"] = layer.get_submodule(family["mlp_norm"]) if family["mlp_norm"] else None
-    return SlicedDecoderLayer(parts, family, getattr(layer, "attention_type", None))
+    names = [family["attn"], family["attn_norm"], family["mlp_norm"], family["mlp"], *family["mlp_chain"]]
+    modules = {name: layer.get_submodule(name) for name in names if name}
+    return SlicedDecoderLayer(modules, family, getattr(layer, "attention_type", None))
+
+
+def _narrow(root: nn.Module, path: str, width: int, reads: bool) -> None:
+    """Give a stream weight `width` along its stream axis; its values come from the checkpoint."""
+    target = stream_weight(root, path)
+    weight, bias = target.weight, target.bias
+    shape = list(weight.shape)
+    shape[-1 if reads else -2] = width
+    new_bias = None
+    if bias is not None and not reads:
+        new_bias = torch.empty(*bias.shape[:-1], width, device=bias.device, dtype=bias.dtype)
+    target.replace(torch.empty(shape, device=weight.device, dtype=weight.dtype), new_bias)
+
+
+# Fields added in format 2, with the values that format-1 checkpoints (Llama-style) imply.
+_FORMAT_2_DEFAULTS = {"mlp_chain": (), "mlp_width_attrs": (), "mlp_keeps_width": False, "conv1d": False,
+                      "layer_args": ()}
+
+
+def family_fields(family: dict) -> dict:
+    """The family dict in the current format (format-1 checkpoints named one output each)."""
+    family = {**_FORMAT_2_DEFAULTS, **family}
+    for key in ("attn", "mlp"):
+        if f"{key}_output" in family:
+            family[f"{key}_outputs"] = (family.pop(f"{key}_output"),)
+    return family
 
 
 def apply_sliced_structure(model: nn.Module, slicing: dict) -> None:
     """Reshape a freshly built dense model into the sliced shape that `slicing` records."""
-    family = slicing["family"]
+    family = family_fields(slicing["family"])
     dense, eps = slicing["dense_hidden_size"], slicing["norm_eps"]
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    parameter = next(model.parameters())
+    shortcut_kw = dict(bias=False, device=parameter.device, dtype=parameter.dtype)
 
     for path in family["embeddings"]:
-        old = model.get_submodule(path)
-        _set(model, path, nn.Embedding(old.num_embeddings, slicing["embedding_width"], old.padding_idx,
-                                       device=device, dtype=dtype))
+        _narrow(model, path, slicing["embedding_width"], reads=True)
 
     layers = model.get_submodule(family["layers"])
     for index, widths in enumerate(slicing["layers"]):
         layer = layers[index]
-        mid = widths["in"] if family["parallel"] else widths["mid"]
+        linearise_conv1d(layer, family)
+        w_in, w_out = widths["in"], widths["out"]
+        w_mid = w_in if family["parallel"] else widths["mid"]  # the width the MLP reads
         for path in family["attn_inputs"]:
-            _set(layer, path, _narrow_linear(layer.get_submodule(path), in_features=widths["in"]))
-        attn_out = widths["out"] if family["parallel"] else mid
-        _set(layer, family["attn_output"], _narrow_linear(layer.get_submodule(family["attn_output"]),
-                                                          out_features=attn_out))
+            _narrow(layer, path, w_in, reads=True)
+        for path in family["attn_outputs"]:
+            _narrow(layer, path, w_out if family["parallel"] else w_mid, reads=False)
         for path in family["mlp_inputs"]:
-            _set(layer, path, _narrow_linear(layer.get_submodule(path), in_features=mid))
-        _set(layer, family["mlp_output"], _narrow_linear(layer.get_submodule(family["mlp_output"]),
-                                                         out_features=widths["out"]))
-        _set(layer, family["attn_norm"], SlicedRMSNorm(dense, eps))
-        if family["mlp_norm"]:
-            _set(layer, family["mlp_norm"], SlicedRMSNorm(dense, eps))
+            _narrow(layer, path, w_mid, reads=True)
+        for path in family["mlp_outputs"]:
+            _narrow(layer, path, w_out, reads=False)
+        set_width_attrs(layer, family["mlp_width_attrs"], w_mid)
+        for key in ("attn_norm", "mlp_norm"):
+            if family[key]:
+                _set(layer, family[key], SlicedRMSNorm(dense, eps))
         wrapped = wrap_layer(layer, family)
-        shortcut_kw = dict(bias=False, device=device, dtype=dtype)
         absent = widths.get("no_shortcut", [])
         if "attn" not in absent:
-            wrapped.attn_shortcut = nn.Linear(widths["in"], attn_out, **shortcut_kw)
+            wrapped.attn_shortcut = nn.Linear(w_in, w_out if family["parallel"] else w_mid, **shortcut_kw)
         if not family["parallel"] and "mlp" not in absent:
-            wrapped.mlp_shortcut = nn.Linear(mid, widths["out"], **shortcut_kw)
+            wrapped.mlp_shortcut = nn.Linear(w_mid, w_out, **shortcut_kw)
         layers[index] = wrapped
 
-    head = model.get_submodule(family["head"])
     if slicing.get("tied_head"):
-        embedding = model.get_submodule(family["embeddings"][0])
         _set(model, family["final_norm"], NormThenMap(dense, eps, slicing["head_in"], slicing["embedding_width"],
                                                       bias=slicing.get("final_map_bias", False),
-                                                      device=device, dtype=dtype))
-        new_head = _narrow_linear(head, in_features=slicing["embedding_width"])
-        new_head.weight = embedding.weight
+                                                      device=parameter.device, dtype=parameter.dtype))
+        head = model.get_submodule(family["head"])
+        head.weight = model.get_submodule(family["embeddings"][0]).weight
+        head.in_features = slicing["embedding_width"]
     else:
         _set(model, family["final_norm"], SlicedRMSNorm(dense, eps))
-        new_head = _narrow_linear(head, in_features=slicing["head_in"])
-    _set(model, family["head"], new_head)
+        _narrow(model, family["head"], slicing["head_in"], reads=True)
+    for path in slicing.get("added_biases", ()):  # LayerNorm shifts folded into bias-free linears
+        linear = model.get_submodule(path)
+        if linear.bias is None:
+            linear.bias = nn.Parameter(torch.empty(linear.out_features, device=linear.weight.device,
+                                                   dtype=linear.weight.dtype))
 
 
 def sliced_class_for(base: type) -> type:

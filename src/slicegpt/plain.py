@@ -42,6 +42,17 @@ def check_plain_exportable(model: nn.Module, family: Family) -> int:
     return widths.pop()
 
 
+EPS_ATTRIBUTES = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps")
+
+
+def eps_attribute(config, eps: float) -> str:
+    """The config attribute that sets the norms' epsilon."""
+    for name in EPS_ATTRIBUTES:
+        if isinstance(getattr(config, name, None), float) and math.isclose(getattr(config, name), eps):
+            return name
+    raise SliceGPTError(f"cannot find the norm epsilon ({eps}) in {type(config).__name__}")
+
+
 @torch.no_grad()
 def to_plain_model(model: nn.Module, family: Family) -> nn.Module:
     """A new model of the original class, hidden size = the sliced width, same function."""
@@ -54,7 +65,7 @@ def to_plain_model(model: nn.Module, family: Family) -> nn.Module:
             delattr(config, key)
     config.head_dim = getattr(config, "head_dim", None) or dense // config.num_attention_heads
     config.hidden_size = width
-    setattr(config, family.eps_attr, eps * dense / width)
+    setattr(config, eps_attribute(config, eps), eps * dense / width)
     config.tie_word_embeddings = False
 
     state = {k: v for k, v in model.state_dict().items()}

@@ -1,8 +1,12 @@
-"""Rotate and slice the linears and embeddings that touch the residual stream.
+"""Rotate and slice the weights that touch the residual stream.
 
 `Q` holds basis vectors as columns (dense width x kept width), so a stream in the
 new basis is `x @ Q`. All products are done in float64 and cast back.
-nn.Linear stores its weight as (out, in).
+
+A `StreamWeight` that reads the stream has it on the last axis of its weight
+(nn.Linear stores (out, in); embedding tables, MoE routers and fused expert tensors
+(experts, out, in) agree), one that writes it has it on the second-to-last axis and on
+the last axis of its bias. So one formula each covers 2D and 3D weights.
 """
 
 from __future__ import annotations
@@ -10,34 +14,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def _store(param: nn.Parameter, value: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(value.to(param.dtype).contiguous(), requires_grad=param.requires_grad)
+from .modeling_sliced import StreamWeight
 
 
 @torch.no_grad()
-def rotate_input(linear: nn.Linear, Q: torch.Tensor) -> None:
-    """The linear now reads a stream expressed in basis Q: W <- W Q."""
-    weight = linear.weight
-    linear.weight = _store(weight, weight.double() @ Q.to(weight.device, torch.float64))
-    linear.in_features = Q.shape[1]
+def rotate_input(reader: StreamWeight, Q: torch.Tensor) -> None:
+    """The weight now reads a stream expressed in basis Q: W <- W Q."""
+    weight = reader.weight
+    reader.replace(weight.double() @ Q.to(weight.device, torch.float64))
 
 
 @torch.no_grad()
-def rotate_output(linear: nn.Linear, Q: torch.Tensor) -> None:
-    """The linear now writes into basis Q: W <- Q^T W, b <- Q^T b."""
-    Q = Q.to(linear.weight.device, torch.float64)
-    linear.weight = _store(linear.weight, Q.T @ linear.weight.double())
-    if linear.bias is not None:
-        linear.bias = _store(linear.bias, Q.T @ linear.bias.double())
-    linear.out_features = Q.shape[1]
-
-
-@torch.no_grad()
-def rotate_embedding(embedding: nn.Embedding, Q: torch.Tensor) -> None:
-    weight = embedding.weight
-    embedding.weight = _store(weight, weight.double() @ Q.to(weight.device, torch.float64))
-    embedding.embedding_dim = Q.shape[1]
+def rotate_output(writer: StreamWeight, Q: torch.Tensor) -> None:
+    """The weight now writes into basis Q: W <- Q^T W, b <- b Q."""
+    Q = Q.to(writer.weight.device, torch.float64)
+    bias = writer.bias
+    writer.replace(Q.T @ writer.weight.double(), None if bias is None else bias.double() @ Q)
 
 
 def shortcut(Q_from: torch.Tensor, Q_to: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
@@ -52,3 +44,8 @@ def shortcut(Q_from: torch.Tensor, Q_to: torch.Tensor, dtype: torch.dtype) -> nn
 def change_basis(x: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     """Activations in basis Q, in their own dtype (float64 only where they already are)."""
     return x @ Q.to(x.device, x.dtype)
+
+
+def to_dense(x: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """Activations in basis Q back in the dense coordinates (the dropped directions as zeros)."""
+    return x @ Q.T.to(x.device, x.dtype)

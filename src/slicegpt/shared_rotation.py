@@ -13,10 +13,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import SliceGPTError
 from .families import Family, get_module
-from .modeling_sliced import NormThenMap
+from .modeling_sliced import NormThenMap, set_width_attrs, stream_weight
 from .pca import CovarianceAccumulator, principal_basis
-from .rotation import rotate_embedding, rotate_input, rotate_output, shortcut
+from .rotation import rotate_input, rotate_output, shortcut
 from .slicing import SliceResult, StreamPoint, WidthRule, layer_record, rotate_head
 
 
@@ -104,20 +105,25 @@ def rotate_shared(model: nn.Module, family: Family, batches: list[dict], width_r
             result.points.append(StreamPoint(name, eigenvalues.tolist(), width))
 
     for path in family.embeddings:
-        rotate_embedding(get_module(model, path), bases["embeddings"])
+        rotate_input(stream_weight(model, path), bases["embeddings"])
     result.embedding_width = bases["embeddings"].shape[1]
     Q_in = bases["embeddings"]
     for index, layer in enumerate(layers):
-        dtype = get_module(layer, family.attn_output).weight.dtype
+        dtype = stream_weight(layer, family.attn_outputs[0]).weight.dtype
         Q_out = bases[f"layer {index} output"]
-        Q_mid = bases.get(f"layer {index} mlp input", Q_out)
-        for path in family.attn_inputs:
-            rotate_input(get_module(layer, path), Q_in)
-        for path in family.mlp_inputs:
-            rotate_input(get_module(layer, path), Q_in if layer.parallel else Q_mid)
-        rotate_output(get_module(layer, family.attn_output), Q_out if layer.parallel else Q_mid)
-        rotate_output(get_module(layer, family.mlp_output), Q_out)
+        Q_mid = Q_in if layer.parallel else bases[f"layer {index} mlp input"]
         attn_to = Q_out if layer.parallel else Q_mid
+        if family.mlp_keeps_width and Q_mid.shape[1] != Q_out.shape[1]:
+            raise SliceGPTError(f"{family.name} needs the same width before and after its MLP")
+        for path in family.attn_inputs:
+            rotate_input(stream_weight(layer, path), Q_in)
+        for path in family.mlp_inputs:
+            rotate_input(stream_weight(layer, path), Q_mid)
+        for path in family.attn_outputs:
+            rotate_output(stream_weight(layer, path), attn_to)
+        for path in family.mlp_outputs:
+            rotate_output(stream_weight(layer, path), Q_out)
+        set_width_attrs(layer, family.mlp_width_attrs, Q_mid.shape[1])
         layer.attn_shortcut = None if attn_to is Q_in else shortcut(Q_in, attn_to, dtype)
         if not layer.parallel:
             layer.mlp_shortcut = None if Q_out is Q_mid else shortcut(Q_mid, Q_out, dtype)

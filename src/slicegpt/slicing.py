@@ -8,7 +8,6 @@ reads. Each later layer sees (and corrects for) the error of the earlier sliced 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -16,10 +15,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import SliceGPTError
 from .families import Family, get_module
-from .modeling_sliced import NormThenMap, SlicedDecoderLayer
+from .modeling_sliced import NormThenMap, SlicedDecoderLayer, set_width_attrs, stream_weight
 from .pca import CovarianceAccumulator, principal_basis
-from .rotation import change_basis, rotate_embedding, rotate_input, rotate_output, shortcut
+from .rotation import change_basis, rotate_input, rotate_output, shortcut, to_dense
 
 
 class _StopForward(Exception):
@@ -29,14 +29,15 @@ class _StopForward(Exception):
 class _Recorder(nn.Module):
     """Stands in for a decoder layer to record the arguments the model passes it."""
 
-    def __init__(self, store: list, last: bool):
+    def __init__(self, store: list, last: bool, arg_names: tuple[str, ...]):
         super().__init__()
-        self.store, self.last = store, last
+        self.store, self.last, self.arg_names = store, last, arg_names
 
     def forward(self, hidden_states, *args, **kwargs):
-        if args:
-            raise TypeError("decoder layers are expected to take keyword arguments after hidden_states")
-        self.store.append((hidden_states, kwargs))
+        if len(args) > len(self.arg_names):
+            raise TypeError(f"the model passes a decoder layer {len(args)} positional arguments after "
+                            f"hidden_states; the family description names {len(self.arg_names)} (layer_args)")
+        self.store.append((hidden_states, {**kwargs, **dict(zip(self.arg_names, args))}))
         if self.last:
             raise _StopForward
         return hidden_states
@@ -61,7 +62,7 @@ def capture_layer_inputs(model: nn.Module, family: Family, batches: list[dict]) 
     originals = list(layers)
     stores: list[list] = [[] for _ in originals]
     for index in range(len(originals)):
-        layers[index] = _Recorder(stores[index], last=index == len(originals) - 1)
+        layers[index] = _Recorder(stores[index], last=index == len(originals) - 1, arg_names=family.layer_args)
     hidden, masks = [], []
     try:
         for batch in batches:
@@ -112,10 +113,6 @@ def _principal(acts: Activations, where: str, normalize: bool = False) -> tuple[
     return principal_basis(acc.sum)
 
 
-def _identity(dim: int, like: torch.Tensor) -> torch.Tensor:
-    return torch.eye(dim, dtype=torch.float64, device=like.device)
-
-
 class Slicer:
     """Runs the layer-by-layer rotation; `width_rule` picks each point's kept width.
 
@@ -152,7 +149,7 @@ class Slicer:
         """Rotate the embeddings into the PCA basis of the first layer's input; returns that basis."""
         Q = self._basis(acts, "embeddings")
         for path in self.family.embeddings:
-            rotate_embedding(get_module(self.model, path), Q)
+            rotate_input(stream_weight(self.model, path), Q)
         acts.hidden = [change_basis(x, Q) for x in acts.hidden]
         self.result.embedding_width = Q.shape[1]
         self.embedding_basis = Q
@@ -172,48 +169,55 @@ class Slicer:
         rotate_head(self.model, self.family, Q, self.embedding_basis)
         self.result.head_in = Q.shape[1]
 
+    def _block(self, name: str, layer: SlicedDecoderLayer, run: Callable, acts: Activations, kwargs: list[dict],
+               Q_in: torch.Tensor, inputs: tuple[str, ...], outputs: tuple[str, ...], has_mlp: bool,
+               Q_out: torch.Tensor | None = None) -> torch.Tensor:
+        """One residual block: run it, find the basis of its output, rotate and slice its weights.
+
+        The block runs with its weights still in the dense basis, on the stream brought back to
+        dense coordinates (`x Q_in^T`; the sliced directions are zeros) and an identity skip
+        path. That equals the rotated block exactly, and every module sees a stream as wide
+        as it was built for (MoE experts allocate their output like their input).
+        """
+        acts.hidden = [run(to_dense(x, Q_in), **kw) for x, kw in zip(acts.hidden, kwargs)]
+        if Q_out is None:  # else the caller fixed the output basis (a shared rotation)
+            Q_out = self._basis(acts, name)
+        if has_mlp and self.family.mlp_keeps_width and Q_out.shape[1] != Q_in.shape[1]:
+            raise SliceGPTError(f"{self.family.name} needs the same width before and after its MLP "
+                                f"(got {Q_in.shape[1]} and {Q_out.shape[1]} at {name})")
+        for path in inputs:
+            rotate_input(stream_weight(layer, path), Q_in)
+        for path in outputs:
+            rotate_output(stream_weight(layer, path), Q_out)
+        if has_mlp:
+            set_width_attrs(layer, self.family.mlp_width_attrs, Q_in.shape[1])
+        acts.hidden = [change_basis(x, Q_out) for x in acts.hidden]
+        return Q_out
+
     def _sequential_layer(self, index: int, layer: SlicedDecoderLayer, acts: Activations,
                           kwargs: list[dict], Q_in: torch.Tensor) -> torch.Tensor:
         family, dtype = self.family, acts.hidden[0].dtype
-        for path in family.attn_inputs:
-            rotate_input(get_module(layer, path), Q_in)
-        if self.share_layer:
-            Q_mid = Q_in
-            rotate_output(get_module(layer, family.attn_output), Q_mid)
-            layer.attn_shortcut = None
-            acts.hidden = [layer.attention_half(x, **kw) for x, kw in zip(acts.hidden, kwargs)]
-        else:
-            # Until the next basis is known, the skip path returns to the dense basis.
-            layer.attn_shortcut = shortcut(Q_in, _identity(self.dense, Q_in), dtype)
-            acts.hidden = [layer.attention_half(x, **kw) for x, kw in zip(acts.hidden, kwargs)]
-            Q_mid = self._basis(acts, f"layer {index} mlp input")
-            rotate_output(get_module(layer, family.attn_output), Q_mid)
+        layer.attn_shortcut = layer.mlp_shortcut = None
+        Q_mid = self._block(f"layer {index} mlp input", layer, layer.attention_half, acts, kwargs, Q_in,
+                            family.attn_inputs, family.attn_outputs, has_mlp=False,
+                            Q_out=Q_in if self.share_layer else None)
+        if not self.share_layer:
             layer.attn_shortcut = shortcut(Q_in, Q_mid, dtype)
-            acts.hidden = [change_basis(x, Q_mid) for x in acts.hidden]
-
-        for path in family.mlp_inputs:
-            rotate_input(get_module(layer, path), Q_mid)
-        layer.mlp_shortcut = shortcut(Q_mid, _identity(self.dense, Q_mid), dtype)
-        acts.hidden = [layer.mlp_half(x) for x in acts.hidden]
-        Q_out = self._basis(acts, f"layer {index} output")
-        rotate_output(get_module(layer, family.mlp_output), Q_out)
+        no_kwargs = [{} for _ in kwargs]
+        Q_out = self._block(f"layer {index} output", layer, layer.mlp_half, acts, no_kwargs, Q_mid,
+                            family.mlp_inputs, family.mlp_outputs, has_mlp=True)
         layer.mlp_shortcut = shortcut(Q_mid, Q_out, dtype)
-        acts.hidden = [change_basis(x, Q_out) for x in acts.hidden]
         self.result.layer_widths.append(layer_record(layer, Q_in, Q_out, Q_mid))
         return Q_out
 
     def _parallel_layer(self, index: int, layer: SlicedDecoderLayer, acts: Activations,
                         kwargs: list[dict], Q_in: torch.Tensor) -> torch.Tensor:
         family, dtype = self.family, acts.hidden[0].dtype
-        for path in (*family.attn_inputs, *family.mlp_inputs):
-            rotate_input(get_module(layer, path), Q_in)
-        layer.attn_shortcut = shortcut(Q_in, _identity(self.dense, Q_in), dtype)
-        acts.hidden = [layer.parallel_block(x, **kw) for x, kw in zip(acts.hidden, kwargs)]
-        Q_out = self._basis(acts, f"layer {index} output")
-        rotate_output(get_module(layer, family.attn_output), Q_out)
-        rotate_output(get_module(layer, family.mlp_output), Q_out)
+        layer.attn_shortcut = None
+        Q_out = self._block(f"layer {index} output", layer, layer.parallel_block, acts, kwargs, Q_in,
+                            (*family.attn_inputs, *family.mlp_inputs), (*family.attn_outputs, *family.mlp_outputs),
+                            has_mlp=True)
         layer.attn_shortcut = shortcut(Q_in, Q_out, dtype)
-        acts.hidden = [change_basis(x, Q_out) for x in acts.hidden]
         self.result.layer_widths.append(layer_record(layer, Q_in, Q_out))
         return Q_out
 
@@ -238,10 +242,11 @@ def rotate_head(model: nn.Module, family: Family, Q_last: torch.Tensor, Q_embedd
     head = get_module(model, family.head)
     final_norm = get_module(model, family.final_norm)
     if not isinstance(final_norm, NormThenMap):
-        rotate_input(head, Q_last)
+        rotate_input(stream_weight(model, family.head), Q_last)
         return
-    rotate_input(final_norm.map, Q_last)
-    rotate_output(final_norm.map, Q_embedding)
+    final_map = stream_weight(final_norm, "map")
+    rotate_input(final_map, Q_last)
+    rotate_output(final_map, Q_embedding)
     embedding = get_module(model, family.embeddings[0])
     head.weight = embedding.weight  # rotating the embedding replaced its Parameter: tie again
     head.in_features = embedding.weight.shape[1]
@@ -251,11 +256,12 @@ def constant_width(width: int) -> WidthRule:
     return lambda name, eigenvalues: min(width, eigenvalues.shape[0])
 
 
-def slicing_metadata(model: nn.Module, family: Family, result: SliceResult, eps: float) -> dict:
+def slicing_metadata(model: nn.Module, family: Family, result: SliceResult, eps: float,
+                     added_biases: list[str] = ()) -> dict:
     """What the sliced modeling code needs to rebuild the model's shape (goes into config.json)."""
     final_map = getattr(get_module(model, family.final_norm), "map", None)
     return {
-        "format_version": 1,
+        "format_version": 2,
         "base_architecture": type(model).__name__,
         "family": family.to_dict(),
         "dense_hidden_size": model.config.hidden_size,
@@ -265,4 +271,6 @@ def slicing_metadata(model: nn.Module, family: Family, result: SliceResult, eps:
         "head_in": result.head_in,
         "tied_head": final_map is not None,
         "final_map_bias": final_map is not None and final_map.bias is not None,
+        # Linears that had no bias until fusion folded a LayerNorm shift into them.
+        "added_biases": list(added_biases),
     }

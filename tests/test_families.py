@@ -1,0 +1,111 @@
+"""Bad input fails before any work, and says which module, norm or setting is the problem."""
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from slicegpt import SliceConfig, SliceGPTError, slice_model
+from slicegpt.families import family_for
+
+from conftest import TINY_CONFIGS, architecture_class, make_tiny_model, random_batches
+
+
+def _tiny(arch, **overrides):
+    config = TINY_CONFIGS[arch](False)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return architecture_class(arch)(config).eval()
+
+
+def _fails_before_any_work(model, match):
+    """slice_model raises a SliceGPTError matching `match` and leaves every weight untouched."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SliceGPTError, match=match):
+        slice_model(model, None, SliceConfig(sparsity=0.25), random_batches(96), progress=False)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_renamed_module_is_named():
+    model = make_tiny_model("Phi3ForCausalLM")
+    attn = model.model.layers[1].self_attn
+    attn.fused_qkv = attn.qkv_proj
+    del attn.qkv_proj
+    _fails_before_any_work(model, r"'self_attn\.qkv_proj' not found in layer 1")
+
+
+def test_missing_expert_tensor_is_named():
+    model = make_tiny_model("MixtralForCausalLM")
+    del model.model.layers[0].mlp.experts.down_proj
+    _fails_before_any_work(model, r"'mlp\.experts\.down_proj' not found in layer 0")
+
+
+def test_transposed_expert_layout_is_refused():
+    """Fused experts stored (experts, in, out), as some models do, would rotate along the wrong axis."""
+    model = make_tiny_model("Qwen3MoeForCausalLM")
+    experts = model.model.layers[0].mlp.experts
+    experts.down_proj = nn.Parameter(experts.down_proj.detach().transpose(1, 2).contiguous())
+    _fails_before_any_work(model, r"'mlp\.experts\.down_proj' has shape \(4, 32, 64\), not the residual width 64")
+
+
+def test_missing_final_norm_is_named():
+    model = _tiny("OPTForCausalLM", _remove_final_layer_norm=True)
+    _fails_before_any_work(model, r"'model\.decoder\.final_layer_norm' not found in the model")
+
+
+def test_unexpected_norm_type_is_named():
+    model = make_tiny_model("LlamaForCausalLM")
+    model.model.layers[1].post_attention_layernorm = nn.LayerNorm(64, eps=1e-5)
+    _fails_before_any_work(model, r"norm 'post_attention_layernorm' is a LayerNorm, not an RMSNorm .* in layer 1")
+
+
+def test_norm_that_computes_another_formula_is_refused():
+    """Gemma's norms scale by (1 + w): a plain-scale RMSNorm in its place would fold wrongly."""
+    model = make_tiny_model("GemmaForCausalLM")
+    model.model.norm = transformers.models.llama.modeling_llama.LlamaRMSNorm(64, eps=1e-6)
+    _fails_before_any_work(model, r"norm 'model\.norm' is a LlamaRMSNorm, not an RMSNorm scaled by \(1 \+ w\)")
+
+
+def test_layer_norm_where_rms_expected_is_refused():
+    model = make_tiny_model("GPT2LMHeadModel")
+    model.transformer.h[0].ln_2 = transformers.models.llama.modeling_llama.LlamaRMSNorm(64)
+    _fails_before_any_work(model, r"norm 'ln_2' is a LlamaRMSNorm, not a LayerNorm in layer 0")
+
+
+def test_opt_post_ln_is_refused():
+    _fails_before_any_work(_tiny("OPTForCausalLM", do_layer_norm_before=False), "post-LN is not supported")
+
+
+def test_opt_projected_embeddings_are_refused():
+    config = TINY_CONFIGS["OPTForCausalLM"](False)
+    config.word_embed_proj_dim = 32
+    model = transformers.OPTForCausalLM(config).eval()
+    _fails_before_any_work(model, r"project_in.*not supported")
+
+
+def test_gpt2_cross_attention_is_refused():
+    _fails_before_any_work(_tiny("GPT2LMHeadModel", add_cross_attention=True), "cross-attention")
+
+
+def test_moe_with_dense_layers_is_refused():
+    _fails_before_any_work(_tiny("Qwen2MoeForCausalLM", mlp_only_layers=[1]), "mlp_only_layers")
+
+
+@pytest.mark.parametrize("arch", ["Gemma2ForCausalLM", "Gemma3ForCausalLM"])
+def test_sandwich_norm_models_are_refused(arch):
+    config_class = {"Gemma2ForCausalLM": transformers.Gemma2Config,
+                    "Gemma3ForCausalLM": transformers.Gemma3TextConfig}[arch]
+    config = config_class(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = getattr(transformers, arch)(config).eval()
+    _fails_before_any_work(model, "inside the residual branch")
+
+
+def test_unknown_architecture_lists_the_supported_ones():
+    class ToyForCausalLM(nn.Module):
+        pass
+
+    with pytest.raises(SliceGPTError, match="ToyForCausalLM is not supported; supported: .*GPT2LMHeadModel"):
+        family_for(ToyForCausalLM())
