@@ -30,6 +30,7 @@ BUDGET = 0.85  # the size target: at most 0.85 x dense
 VARIANTS = {
     "untied": ("untied head, 25% (as the original)", dict(sparsity=0.25, tied_head=False)),
     "default": ("default, 25%", dict(sparsity=0.25)),
+    "tied-input": ("tied head, embedding-only basis, 25%", dict(sparsity=0.25, tied_head_basis="input")),
     "variance": ("variance widths, 25%", dict(sparsity=0.25, widths="variance")),
     "normalized": ("normalized PCA, 25%", dict(sparsity=0.25, pca="normalized")),
     "variance-normalized": ("variance widths + normalized PCA, 25%",

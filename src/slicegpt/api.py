@@ -8,11 +8,13 @@ from torch import nn
 from .config import SliceConfig
 from .data import calibration_batches, load_texts
 from .budget import predicted_parameters, uniform_widths, width_for_budget
-from .families import Family, family_for
+from .families import Family, family_for, get_module
 from .fusion import fuse, norm_eps
-from .shared_rotation import rotate_shared
+from .modeling_sliced import NormThenMap
+from .pca import CovarianceAccumulator
+from .shared_rotation import HEAD_INPUT, collect_covariances, rotate_shared
 from .report import count_parameters
-from .schedule import dense_spectra, variance_schedule
+from .schedule import spectra_of, variance_schedule
 from .slicing import SliceResult, Slicer, WidthRule, constant_width, slicing_metadata
 
 
@@ -36,12 +38,26 @@ def parameter_budget(model: nn.Module, family: Family, config: SliceConfig) -> i
     return None
 
 
-def width_rule_for(model: nn.Module, family: Family, config: SliceConfig, batches: list[dict],
-                   budget: int | None, progress: bool) -> WidthRule:
+def survey(model: nn.Module, family: Family, config: SliceConfig, batches: list[dict],
+           progress: bool) -> dict[str, CovarianceAccumulator] | None:
+    """Covariances at every stream point of the fused dense model, where the config needs them.
+
+    A quarter of the calibration batches (at least one) is enough for what they decide:
+    per-point widths, and the basis a tied head shares with the embeddings.
+    """
+    tied = isinstance(get_module(model, family.final_norm), NormThenMap)
+    joint_head = tied and config.tied_head_basis == "joint" and config.rotations in ("block", "layer")
+    if config.widths != "variance" and not joint_head:
+        return None
+    subset = batches[: max(1, round(len(batches) / 4))]
+    return collect_covariances(model, family, subset, progress, normalize=config.pca == "normalized")
+
+
+def width_rule_for(model: nn.Module, family: Family, config: SliceConfig,
+                   covariances: dict[str, CovarianceAccumulator] | None, budget: int | None) -> WidthRule:
     """How wide each stream point stays (called on the fused model)."""
     if config.widths == "variance":
-        spectra = dense_spectra(model, family, batches, progress=progress, normalize=config.pca == "normalized")
-        widths = variance_schedule(model, family, config, spectra, budget)
+        widths = variance_schedule(model, family, config, spectra_of(covariances), budget)
         return lambda name, eigenvalues: widths[name]
     if budget is None:
         return constant_width(config.kept_width(model.config.hidden_size))
@@ -66,14 +82,17 @@ def slice_model(model: nn.Module, tokenizer, config: SliceConfig, calibration: l
     model.eval()
     budget = parameter_budget(model, family, config)
     added_biases = fuse(model, family, keep_tied=config.tied_head)
-    width_rule = width_rule_for(model, family, config, batches, budget, progress)
+    covariances = survey(model, family, config, batches, progress)
+    width_rule = width_rule_for(model, family, config, covariances, budget)
     if config.rotations in ("block", "layer"):
+        head = covariances.get(HEAD_INPUT) if covariances and config.tied_head_basis == "joint" else None
         slicer = Slicer(model, family, width_rule, progress=progress, share_layer=config.rotations == "layer",
-                        normalize_pca=config.pca == "normalized")
+                        normalize_pca=config.pca == "normalized", head_covariance=head and head.sum)
         result = slicer.run(batches)
     else:
         result = rotate_shared(model, family, batches, width_rule, group_size=config.group_size, progress=progress,
-                               normalize_pca=config.pca == "normalized")
+                               normalize_pca=config.pca == "normalized",
+                               joint_head=config.tied_head_basis == "joint")
     model.config.slicing = slicing_metadata(model, family, result, norm_eps(model, family), added_biases)
     model.config.slicing["config"] = config.to_dict()
     return result

@@ -23,6 +23,9 @@ class SliceConfig:
     # Keep a tied embedding/head pair tied (a small map after the final norm) rather than
     # untying it, which adds a vocabulary-sized matrix.
     tied_head: bool = True
+    # The tied head reads the embedding basis: "joint" picks that basis for both the
+    # embeddings and the head's input (from a survey pass); "input" for the embeddings alone.
+    tied_head_basis: str = "joint"
     # Where rotations change: "block" (attention and MLP inputs each get their own,
     # two shortcuts per layer), "layer" (one per layer, one shortcut), "group:K" (K
     # consecutive layers share one), "model" (one for all: no shortcuts at all).
@@ -56,6 +59,8 @@ class SliceConfig:
             raise SliceGPTError(f"target-params must be positive, got {self.target_params}")
         if self.widths not in ("uniform", "variance"):
             raise SliceGPTError(f"widths must be uniform or variance, got {self.widths!r}")
+        if self.tied_head_basis not in ("joint", "input"):
+            raise SliceGPTError(f"tied-head-basis must be joint or input, got {self.tied_head_basis!r}")
         if self.pca not in ("raw", "normalized"):
             raise SliceGPTError(f"pca must be raw or normalized, got {self.pca!r}")
         group = self.rotations.split(":", 1)

@@ -15,8 +15,8 @@ from .budget import basis_owner, predicted_parameters
 from .config import SliceConfig
 from .errors import SliceGPTError
 from .families import Family, get_module
-from .pca import principal_basis
-from .shared_rotation import collect_covariances, stream_points
+from .pca import CovarianceAccumulator, principal_basis
+from .shared_rotation import HEAD_INPUT, stream_points
 
 
 def width_for_fraction(eigenvalues: torch.Tensor, fraction: float, round_to: int) -> int:
@@ -36,12 +36,9 @@ def widths_for_fraction(spectra: dict[str, torch.Tensor], owner: dict[str, str],
     return {name: by_owner[owner[name]] for name in spectra}
 
 
-def dense_spectra(model: nn.Module, family: Family, batches: list[dict], share: float = 0.25,
-                  progress: bool = True, normalize: bool = False) -> dict[str, torch.Tensor]:
-    """Eigenvalues at every stream point of the fused dense model, from a share of the batches."""
-    subset = batches[: max(1, round(len(batches) * share))]
-    covariances = collect_covariances(model, family, subset, progress, normalize=normalize)
-    return {name: principal_basis(acc.sum)[0] for name, acc in covariances.items()}
+def spectra_of(covariances: dict[str, CovarianceAccumulator]) -> dict[str, torch.Tensor]:
+    """Eigenvalues at every stream point (from `collect_covariances` on the fused dense model)."""
+    return {name: principal_basis(acc.sum)[0] for name, acc in covariances.items() if name != HEAD_INPUT}
 
 
 def variance_schedule(model: nn.Module, family: Family, config: SliceConfig, spectra: dict[str, torch.Tensor],

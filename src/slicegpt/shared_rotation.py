@@ -31,6 +31,9 @@ def stream_points(family: Family, layers: int) -> list[str]:
     return names
 
 
+HEAD_INPUT = "head input"
+
+
 def _norm_hooks(model: nn.Module, family: Family) -> list[tuple[nn.Module, str]]:
     layers = get_module(model, family.layers)
     hooks = []
@@ -61,6 +64,14 @@ def collect_covariances(model: nn.Module, family: Family, batches: list[dict], p
             accumulators[name].add(args[0], current["mask"])
 
         handles.append(module.register_forward_pre_hook(hook))
+    final = get_module(model, family.final_norm)
+    if isinstance(final, NormThenMap):  # a tied head reads the map's output, in the embedding basis
+        accumulators[HEAD_INPUT] = CovarianceAccumulator(dense, where="at the head", device=device)
+
+        def head_hook(module, args, output):
+            accumulators[HEAD_INPUT].add(output, current["mask"])
+
+        handles.append(final.register_forward_hook(head_hook))
     try:
         for batch in tqdm(batches, desc="Collecting covariances", unit="batch", disable=not progress):
             current["mask"] = batch.get("attention_mask")
@@ -87,7 +98,8 @@ def group_points(names: list[str], layers: int, group_size: int | None) -> list[
 
 @torch.no_grad()
 def rotate_shared(model: nn.Module, family: Family, batches: list[dict], width_rule: WidthRule,
-                  group_size: int | None = None, progress: bool = True, normalize_pca: bool = False) -> SliceResult:
+                  group_size: int | None = None, progress: bool = True, normalize_pca: bool = False,
+                  joint_head: bool = True) -> SliceResult:
     """Rotate and slice a fused model with one basis per group of layers."""
     layers = get_module(model, family.layers)
     names = stream_points(family, len(layers))
@@ -96,7 +108,10 @@ def rotate_shared(model: nn.Module, family: Family, batches: list[dict], width_r
     bases: dict[str, torch.Tensor] = {}
     for group in group_points(names, len(layers), group_size):
         # Normalise each point by its trace, so the late layers' larger stream does not dominate.
-        total = sum(covariances[n].sum / covariances[n].sum.trace() for n in group)
+        # A tied head reads the embedding basis, so its input counts where the embeddings do.
+        joint = "embeddings" in group and HEAD_INPUT in covariances and joint_head
+        members = group + ([HEAD_INPUT] if joint else [])
+        total = sum(covariances[n].sum / covariances[n].sum.trace() for n in members)
         eigenvalues, vectors = principal_basis(total)
         width = width_rule(group[0], eigenvalues)
         basis = vectors[:, :width]

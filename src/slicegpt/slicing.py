@@ -104,13 +104,17 @@ class SliceResult:
 WidthRule = Callable[[str, torch.Tensor], int]
 
 
-def _principal(acts: Activations, where: str, normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _principal(acts: Activations, where: str, normalize: bool = False,
+               also: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PCA of the activations; `also` is another covariance to serve equally (trace-normalised)."""
     dim = acts.hidden[0].shape[-1]
     acc = CovarianceAccumulator(dim, where=where, normalize=normalize)
     for x, mask in zip(acts.hidden, acts.masks):
         acc.add(x, mask)
     acc.all_reduce()
-    return principal_basis(acc.sum)
+    if also is None:
+        return principal_basis(acc.sum)
+    return principal_basis(acc.sum / acc.sum.trace() + also / also.trace())
 
 
 class Slicer:
@@ -121,15 +125,18 @@ class Slicer:
     """
 
     def __init__(self, model: nn.Module, family: Family, width_rule: WidthRule, progress: bool = True,
-                 share_layer: bool = False, normalize_pca: bool = False):
+                 share_layer: bool = False, normalize_pca: bool = False,
+                 head_covariance: torch.Tensor | None = None):
         self.model, self.family, self.width_rule, self.progress = model, family, width_rule, progress
         self.share_layer, self.normalize_pca = share_layer, normalize_pca
+        # A tied head reads the embedding basis too: its input covariance shapes that basis.
+        self.head_covariance = head_covariance
         self.dense = model.config.hidden_size
         self.result = SliceResult()
         self.embedding_basis: torch.Tensor | None = None
 
-    def _basis(self, acts: Activations, name: str) -> torch.Tensor:
-        eigenvalues, vectors = _principal(acts, where=f"at {name}", normalize=self.normalize_pca)
+    def _basis(self, acts: Activations, name: str, also: torch.Tensor | None = None) -> torch.Tensor:
+        eigenvalues, vectors = _principal(acts, where=f"at {name}", normalize=self.normalize_pca, also=also)
         width = self.width_rule(name, eigenvalues)
         self.result.points.append(StreamPoint(name, eigenvalues.tolist(), width))
         return vectors[:, :width]
@@ -147,7 +154,7 @@ class Slicer:
     @torch.no_grad()
     def slice_embeddings(self, acts: Activations) -> torch.Tensor:
         """Rotate the embeddings into the PCA basis of the first layer's input; returns that basis."""
-        Q = self._basis(acts, "embeddings")
+        Q = self._basis(acts, "embeddings", also=self.head_covariance)
         for path in self.family.embeddings:
             rotate_input(stream_weight(self.model, path), Q)
         acts.hidden = [change_basis(x, Q) for x in acts.hidden]

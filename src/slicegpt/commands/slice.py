@@ -42,6 +42,8 @@ def add_parser(subparsers) -> None:
                         help=f"sequences per calibration batch (default {defaults.cal_batch_size})")
     parser.add_argument("--untie-head", action="store_true",
                         help="give a tied head its own sliced matrix instead of a small map after the final norm")
+    parser.add_argument("--tied-head-basis", default=defaults.tied_head_basis, choices=["joint", "input"],
+                        help="basis a tied head shares with the embeddings: joint (default; PCA of both) or input")
     parser.add_argument("--rotations", default=defaults.rotations, metavar="MODE",
                         help="where the basis changes: block (default; two shortcuts per layer), layer (one), "
                              "group:K (K layers share one), model (one basis, no shortcuts)")
@@ -68,7 +70,7 @@ def run(args) -> int:
                          cal_samples=args.cal_samples, cal_seqlen=args.cal_seqlen,
                          cal_batch_size=args.cal_batch_size, seed=args.seed,
                          tied_head=not args.untie_head, rotations=args.rotations,
-                         widths=args.widths, pca=args.pca)
+                         widths=args.widths, pca=args.pca, tied_head_basis=args.tied_head_basis)
     out = Path(args.out)
     check_output_dir(out, args.overwrite)
     if args.plain and config.rotations != "model":
