@@ -51,12 +51,12 @@ def run_variant(key: str, args, batches, ppl_texts) -> dict:
 
     label, settings = VARIANTS[key]
     model, tokenizer = load_model("smollm2-135m")
+    family = family_for(model)  # before slicing: the check compares shapes with the dense width
     config = SliceConfig(cal_samples=args.cal_samples, cal_seqlen=args.cal_seqlen, seed=42, **settings)
     start = time.perf_counter()
     result = slice_model(model, tokenizer, config, batches, progress=False)
     seconds = time.perf_counter() - start
     ppl = perplexity(model, tokenizer, ppl_texts, chunks=args.ppl_chunks, progress=False)["ppl"]
-    family = family_for(model)
     return {"key": key, "label": label, "settings": settings, "width": result.embedding_width,
             "params": count_parameters(model), "shortcuts": shortcut_parameters(model),
             "head": head_parameters(model, family), "ppl": ppl, "slice_s": round(seconds, 1)}
