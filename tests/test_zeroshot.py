@@ -134,3 +134,15 @@ def test_bad_task_lists_and_limits():
     assert zeroshot.parse_tasks("piqa, piqa ,arc_easy") == ["piqa", "arc_easy"]
     with pytest.raises(SystemExit):
         main(["eval", "zeroshot", "x", "--limit", "two"])
+
+
+@pytest.mark.slow
+def test_smollm2_is_far_above_chance_on_lambada(smollm2_dir):
+    """The real model, through the same path: a language model predicts LAMBADA's last words."""
+    from slicegpt.models import load_model
+
+    model, tokenizer = load_model(smollm2_dir)
+    result = zeroshot.evaluate_zeroshot(model, tokenizer, "lambada_openai,piqa", limit=20, batch_size=8)
+    lambada, piqa = result["tasks"]["lambada_openai"], result["tasks"]["piqa"]
+    assert lambada["acc"] >= 0.2 and lambada["perplexity"] < 100  # chance is ~0 over a 49k vocabulary
+    assert piqa["acc_norm"] >= 0.5

@@ -53,10 +53,10 @@ def parameters_section(report: dict) -> list[str]:
         ["dense model", f"{params['dense']:,}"],
         ["sliced model", f"{params['sliced']:,} ({params['sliced'] / params['dense']:.3f}x dense)"],
         ["of which shortcut matrices", f"{params['shortcuts']:,}"],
-        ["of which untied LM head", f"{params['head']:,}"],
+        ["of which output side beyond the embeddings (untied head or final map)", f"{params['head']:,}"],
     ]
-    lines = ["## Parameters", "", "Counted on the model, tied tensors once; the shortcut matrices and the "
-             "untied head are what slicing adds.", "", *_table(["", "parameters"], rows)]
+    lines = ["## Parameters", "", "Counted on the model, tied tensors once; the shortcut matrices and the output side "
+             "are what slicing adds.", "", *_table(["", "parameters"], rows)]
     if widths:
         layer_widths = sorted({w for layer in widths.get("layers", []) for w in layer.values()})
         lines += [f"Residual width: embedding {widths.get('embedding')}, layers "
