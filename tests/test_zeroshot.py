@@ -9,7 +9,7 @@ import torch
 from slicegpt.cli import main
 from slicegpt.errors import SliceGPTError
 
-from conftest import SHARED_DATA, SIX_TASKS, ZEROSHOT_LIMIT
+from conftest import SHARED_DATA, SIX_TASKS, ZEROSHOT_LIMIT, random_batches
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -146,3 +146,17 @@ def test_smollm2_is_far_above_chance_on_lambada(smollm2_dir):
     lambada, piqa = result["tasks"]["lambada_openai"], result["tasks"]["piqa"]
     assert lambada["acc"] >= 0.2 and lambada["perplexity"] < 100  # chance is ~0 over a 49k vocabulary
     assert piqa["acc_norm"] >= 0.5
+
+
+@pytest.mark.parametrize("tied_head", [True, False])
+def test_sliced_model_is_left_as_it_was(tiny_model_dir, tied_head):
+    """lm-eval's wrapper re-ties weights by the config; a sliced model must come out unchanged."""
+    from slicegpt import SliceConfig, load_model, slice_model
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    slice_model(model, tokenizer, SliceConfig(sparsity=0.25, tied_head=tied_head),
+                random_batches(model.config.vocab_size, seqlen=32), progress=False)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    before = model(ids).logits
+    zeroshot.evaluate_zeroshot(model, tokenizer, "winogrande", limit=2)
+    assert torch.equal(model(ids).logits, before)
