@@ -15,8 +15,9 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import sys
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import yaml
@@ -135,12 +136,14 @@ def build_tasks(manager, specs: list[str], sources: dict) -> list:
 
 @contextmanager
 def quiet_lm_eval():
-    """lm-eval warns that it was handed a model object: that is what we mean to do."""
+    """lm-eval warns that it was handed a model object (what we mean to do), and prints
+    progress to stdout; send that to stderr, so stdout stays parseable (`--json`)."""
     logger = logging.getLogger("lm_eval")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        yield
+        with redirect_stdout(sys.stderr):
+            yield
     finally:
         logger.setLevel(level)
 
