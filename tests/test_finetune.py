@@ -9,7 +9,7 @@ from slicegpt.checkpoint import load_sliced
 from slicegpt.cli import main
 from slicegpt.errors import SliceGPTError
 
-from conftest import WIKITEXT_TEST, WIKITEXT_VALIDATION
+from conftest import TINY_CAL_PPL, WIKITEXT_TEST, WIKITEXT_VALIDATION
 
 pytest.importorskip("peft")
 
@@ -96,3 +96,20 @@ def test_bad_settings_are_refused():
         finetune_module.FinetuneConfig(steps=0)
     with pytest.raises(SliceGPTError, match="lr must be positive"):
         finetune_module.FinetuneConfig(lr=0)
+
+
+def test_plain_export_can_be_finetuned(tiny_model_dir, tmp_path):
+    """A plain export has no config.slicing; the adapters find their linears through the family registry."""
+    from slicegpt.models import load_model
+
+    plain = tmp_path / "plain"
+    assert main(["slice", str(tiny_model_dir), "--sparsity", "0.25", "--rotations", "model", "--plain",
+                 "--out", str(plain), *TINY_CAL_PPL]) == 0
+    tuned = tmp_path / "tuned"
+    assert main(["finetune", str(plain), "--out", str(tuned), "--data", str(WIKITEXT_VALIDATION), *FAST]) == 0
+    before, _ = load_model(str(plain))
+    after, _ = load_model(str(tuned))
+    assert not hasattr(after.config, "slicing") and type(after) is type(before)
+    ids = torch.arange(1, 13).view(1, 12)
+    assert (after(ids).logits - before(ids).logits).abs().max() > 1e-4
+    assert "## Recovery fine-tuning" in (tuned / "README.md").read_text()

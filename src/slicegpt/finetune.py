@@ -2,7 +2,7 @@
 
 The adapters go on the attention and MLP linears of every decoder layer, found by the
 names the checkpoint's `config.slicing["family"]` records (q/k/v/o, gate/up/down for the
-Llama family). The shortcut matrices stay frozen: they are the change of basis between
+Llama family; a plain export takes them from the family registry). The shortcut matrices stay frozen: they are the change of basis between
 consecutive blocks' principal components, and the linears on either side of them already
 receive adapters that can absorb any correction, so adapting them too would add
 parameters without adding a direction of change the others lack. The LM head and the
@@ -66,25 +66,43 @@ def training_stream(tokenizer, texts: list[str], seqlen: int, source: str = "the
     return stream
 
 
-def layer_linears(model: nn.Module) -> list[str]:
-    """The attention and MLP linears' paths inside a decoder layer, as the checkpoint names them."""
+def family_description(model: nn.Module) -> dict:
+    """The module names of `model`'s family: from config.slicing, or (a plain export) the registry."""
     slicing = getattr(model.config, "slicing", None)
-    if slicing is None:
-        raise SliceGPTError("recovery fine-tuning takes a sliced model (config.slicing is missing)")
-    family = slicing["family"]
-    return [*family["attn_inputs"], family["attn_output"], *family["mlp_inputs"], family["mlp_output"]]
+    if slicing is not None:
+        return slicing["family"]
+    from .families import family_for
+
+    return family_for(model).to_dict()
+
+
+def layer_linears(model: nn.Module) -> list[str]:
+    """Paths, inside one decoder layer, of the attention and MLP linears that read or write the stream.
+
+    Fused expert tensors (MoE) are not linears and get no adapter; the shortcuts are not
+    in these lists.
+    """
+    family = family_description(model)
+    paths = [*family["attn_inputs"], *family["attn_outputs"], *family["mlp_inputs"], *family["mlp_outputs"]]
+    layer = model.get_submodule(family["layers"])[0]
+    return [path for path in paths if isinstance(_find(layer, path), nn.Linear)]
+
+
+def _find(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None  # a bare parameter (fused experts)
 
 
 def lora_targets(model: nn.Module) -> list[str]:
     """Full module names of every decoder layer's attention and MLP linears (no shortcuts, no head)."""
+    family = family_description(model)
     paths = layer_linears(model)
-    family = model.config.slicing["family"]
+    if not paths:
+        raise SliceGPTError(f"the {family['name']} family has no linear attention or MLP layers to adapt")
     layers = model.get_submodule(family["layers"])
-    names = [f"{family['layers']}.{index}.{path}" for index in range(len(layers)) for path in paths]
-    for name in names:
-        if not isinstance(model.get_submodule(name), nn.Linear):
-            raise SliceGPTError(f"{name} is not a linear layer; cannot put a LoRA adapter on it")
-    return names
+    return [f"{family['layers']}.{index}.{path}" for index in range(len(layers)) for path in paths]
 
 
 def _schedule(config: FinetuneConfig):

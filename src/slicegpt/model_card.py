@@ -58,7 +58,8 @@ def parameters_section(report: dict) -> list[str]:
     lines = ["## Parameters", "", "Counted on the model, tied tensors once; the shortcut matrices and the output side "
              "are what slicing adds.", "", *_table(["", "parameters"], rows)]
     if widths:
-        layer_widths = sorted({w for layer in widths.get("layers", []) for w in layer.values()})
+        layer_widths = sorted({layer[key] for layer in widths.get("layers", []) for key in ("in", "mid", "out")
+                               if key in layer})
         lines += [f"Residual width: embedding {widths.get('embedding')}, layers "
                   f"{', '.join(map(str, layer_widths))}, head input {widths.get('head_in')}.", ""]
     return lines

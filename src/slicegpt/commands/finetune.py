@@ -53,7 +53,7 @@ def source_report(directory: Path) -> dict:
 def run(args) -> int:
     apply_threads(args)
     source = Path(args.model)
-    if not source.is_dir() or not is_sliced_dir(str(source)):
+    if not source.is_dir() or not (is_sliced_dir(str(source)) or (source / REPORT_FILE).is_file()):
         raise SliceGPTError(f"{args.model} is not a sliced checkpoint directory (slice a model first)")
     config = FinetuneConfig(steps=args.steps, lr=args.lr, seqlen=args.seqlen, batch_size=args.batch_size,
                             lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
@@ -88,7 +88,7 @@ def run(args) -> int:
 
     losses = record.pop("losses")
     report = source_report(source)
-    report.setdefault("config", {"model": args.model, **model.config.slicing.get("config", {})})
+    report.setdefault("config", {"model": args.model, **getattr(model.config, "slicing", {}).get("config", {})})
     report["finetune"] = {
         "source": str(source),
         "config": {**config.to_dict(), "lora": {"r": config.lora_r, "alpha": config.lora_alpha,
