@@ -87,7 +87,8 @@ def slice_model(model: nn.Module, tokenizer, config: SliceConfig, calibration: l
     if config.rotations in ("block", "layer"):
         head = covariances.get(HEAD_INPUT) if covariances and config.tied_head_basis == "joint" else None
         slicer = Slicer(model, family, width_rule, progress=progress, share_layer=config.rotations == "layer",
-                        normalize_pca=config.pca == "normalized", head_covariance=head and head.sum)
+                        normalize_pca=config.pca == "normalized",
+                        head_covariance=None if head is None else head.sum)
         result = slicer.run(batches)
     else:
         result = rotate_shared(model, family, batches, width_rule, group_size=config.group_size, progress=progress,
