@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .families import Family, get_module, set_module
-from .modeling_sliced import SlicedRMSNorm, wrap_layer
+from .modeling_sliced import SlicedDecoderLayer, SlicedRMSNorm, wrap_layer
 
 
 def norm_scale_and_shift(norm: nn.Module, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -71,38 +71,53 @@ def norm_eps(model: nn.Module, family: Family) -> float:
 
 
 @torch.no_grad()
+def fuse_embeddings(model: nn.Module, family: Family) -> None:
+    """Untie the head and, for LayerNorm models, centre the embedding rows."""
+    untie_head(model, family)
+    if family.norm_kind == "layer":
+        for path in family.embeddings:
+            centre_embedding(get_module(model, path))
+
+
+@torch.no_grad()
+def fuse_layer(layer: nn.Module, family: Family, dense: int, eps: float) -> SlicedDecoderLayer:
+    """Fold one decoder layer's norms into its linears; returns it wrapped for shortcuts."""
+    attn_readers = [get_module(layer, p) for p in family.attn_inputs]
+    mlp_readers = [get_module(layer, p) for p in family.mlp_inputs]
+    if family.mlp_norm is None:
+        attn_readers += mlp_readers  # one norm feeds both branches
+    else:
+        scale, shift = norm_scale_and_shift(get_module(layer, family.mlp_norm), family.norm_kind)
+        fold_into_linears(scale, shift, mlp_readers)
+        set_module(layer, family.mlp_norm, SlicedRMSNorm(dense, eps))
+    scale, shift = norm_scale_and_shift(get_module(layer, family.attn_norm), family.norm_kind)
+    fold_into_linears(scale, shift, attn_readers)
+    set_module(layer, family.attn_norm, SlicedRMSNorm(dense, eps))
+    if family.norm_kind == "layer":
+        centre_output(get_module(layer, family.attn_output))
+        centre_output(get_module(layer, family.mlp_output))
+    return wrap_layer(layer, family.to_dict())
+
+
+@torch.no_grad()
+def fuse_head(model: nn.Module, family: Family) -> None:
+    """Fold the final norm into the LM head (untie it first: see fuse_embeddings)."""
+    head = get_module(model, family.head)
+    scale, shift = norm_scale_and_shift(get_module(model, family.final_norm), family.norm_kind)
+    fold_into_linears(scale, shift, [head])
+    set_module(model, family.final_norm, SlicedRMSNorm(model.config.hidden_size, norm_eps(model, family)))
+
+
+@torch.no_grad()
 def fuse(model: nn.Module, family: Family) -> None:
     """Fold all norms into their readers and wrap layers so shortcuts can be added.
 
     The returned model computes the same logits as before (up to float rounding).
+    Streaming runs call the three parts one layer at a time.
     """
-    untie_head(model, family)
-    dense = model.config.hidden_size
-    eps = norm_eps(model, family)
-    centre = family.norm_kind == "layer"
-    if centre:
-        for path in family.embeddings:
-            centre_embedding(get_module(model, path))
-
+    fuse_embeddings(model, family)
+    dense, eps = model.config.hidden_size, norm_eps(model, family)
     layers = get_module(model, family.layers)
     for index, layer in enumerate(layers):
-        attn_readers = [get_module(layer, p) for p in family.attn_inputs]
-        mlp_readers = [get_module(layer, p) for p in family.mlp_inputs]
-        if family.mlp_norm is None:
-            attn_readers += mlp_readers  # one norm feeds both branches
-        else:
-            scale, shift = norm_scale_and_shift(get_module(layer, family.mlp_norm), family.norm_kind)
-            fold_into_linears(scale, shift, mlp_readers)
-            set_module(layer, family.mlp_norm, SlicedRMSNorm(dense, eps))
-        scale, shift = norm_scale_and_shift(get_module(layer, family.attn_norm), family.norm_kind)
-        fold_into_linears(scale, shift, attn_readers)
-        set_module(layer, family.attn_norm, SlicedRMSNorm(dense, eps))
-        if centre:
-            centre_output(get_module(layer, family.attn_output))
-            centre_output(get_module(layer, family.mlp_output))
-        layers[index] = wrap_layer(layer, family.to_dict())
-
-    head = get_module(model, family.head)
-    scale, shift = norm_scale_and_shift(get_module(model, family.final_norm), family.norm_kind)
-    fold_into_linears(scale, shift, [head])
-    set_module(model, family.final_norm, SlicedRMSNorm(dense, eps))
+        layers[index] = fuse_layer(layer, family, dense, eps)
+    fuse_head(model, family)
