@@ -49,6 +49,15 @@ class Activations:
     hidden: list[torch.Tensor]
     masks: list[torch.Tensor | None]
 
+    def map(self, fn: Callable[..., torch.Tensor], *per_batch: list) -> None:
+        """Replace each batch by fn(batch, *its extras), one batch at a time.
+
+        Done in place, so each old batch is freed as its successor is made (at most one
+        batch is held twice); streaming runs swap in a subclass that keeps batches on disk.
+        """
+        for index, extras in enumerate(zip(*per_batch) if per_batch else [()] * len(self.hidden)):
+            self.hidden[index] = fn(self.hidden[index], *extras)
+
 
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, family: Family, batches: list[dict]) -> tuple[Activations, list[list[dict]]]:
@@ -146,7 +155,7 @@ class Slicer:
         Q = self._basis(acts, "embeddings")
         for path in self.family.embeddings:
             rotate_embedding(get_module(self.model, path), Q)
-        acts.hidden = [change_basis(x, Q) for x in acts.hidden]
+        acts.map(lambda x: change_basis(x, Q))
         self.result.embedding_width = Q.shape[1]
         return Q
 
@@ -171,20 +180,20 @@ class Slicer:
             rotate_input(get_module(layer, path), Q_in)
         # Until the next basis is known, the skip path returns to the dense basis.
         layer.attn_shortcut = shortcut(Q_in, _identity(self.dense, Q_in), dtype)
-        acts.hidden = [layer.attention_half(x, **kw) for x, kw in zip(acts.hidden, kwargs)]
+        acts.map(lambda x, kw: layer.attention_half(x, **kw), kwargs)
         Q_mid = self._basis(acts, f"layer {index} mlp input")
         rotate_output(get_module(layer, family.attn_output), Q_mid)
         layer.attn_shortcut = shortcut(Q_in, Q_mid, dtype)
-        acts.hidden = [change_basis(x, Q_mid) for x in acts.hidden]
+        acts.map(lambda x: change_basis(x, Q_mid))
 
         for path in family.mlp_inputs:
             rotate_input(get_module(layer, path), Q_mid)
         layer.mlp_shortcut = shortcut(Q_mid, _identity(self.dense, Q_mid), dtype)
-        acts.hidden = [layer.mlp_half(x) for x in acts.hidden]
+        acts.map(layer.mlp_half)
         Q_out = self._basis(acts, f"layer {index} output")
         rotate_output(get_module(layer, family.mlp_output), Q_out)
         layer.mlp_shortcut = shortcut(Q_mid, Q_out, dtype)
-        acts.hidden = [change_basis(x, Q_out) for x in acts.hidden]
+        acts.map(lambda x: change_basis(x, Q_out))
         self.result.layer_widths.append({"in": Q_in.shape[1], "mid": Q_mid.shape[1], "out": Q_out.shape[1]})
         return Q_out
 
@@ -194,12 +203,12 @@ class Slicer:
         for path in (*family.attn_inputs, *family.mlp_inputs):
             rotate_input(get_module(layer, path), Q_in)
         layer.attn_shortcut = shortcut(Q_in, _identity(self.dense, Q_in), dtype)
-        acts.hidden = [layer.parallel_block(x, **kw) for x, kw in zip(acts.hidden, kwargs)]
+        acts.map(lambda x, kw: layer.parallel_block(x, **kw), kwargs)
         Q_out = self._basis(acts, f"layer {index} output")
         rotate_output(get_module(layer, family.attn_output), Q_out)
         rotate_output(get_module(layer, family.mlp_output), Q_out)
         layer.attn_shortcut = shortcut(Q_in, Q_out, dtype)
-        acts.hidden = [change_basis(x, Q_out) for x in acts.hidden]
+        acts.map(lambda x: change_basis(x, Q_out))
         self.result.layer_widths.append({"in": Q_in.shape[1], "out": Q_out.shape[1]})
         return Q_out
 
