@@ -20,6 +20,12 @@ def calibration_data(tokenizer, config: SliceConfig, texts: list[str] | None = N
                                config.cal_batch_size, config.seed)
 
 
+def build_slicer(model: nn.Module, family, config: SliceConfig, progress: bool = True) -> Slicer:
+    """The Slicer for a fused model and these settings (shared by the in-memory and streaming runs)."""
+    width = config.kept_width(model.config.hidden_size)
+    return Slicer(model, family, constant_width(width), progress=progress)
+
+
 @torch.no_grad()
 def slice_model(model: nn.Module, tokenizer, config: SliceConfig, calibration: list[str] | list[dict] | None = None,
                 progress: bool = True) -> SliceResult:
@@ -37,8 +43,7 @@ def slice_model(model: nn.Module, tokenizer, config: SliceConfig, calibration: l
     batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
     model.eval()
     fuse(model, family)
-    width = config.kept_width(model.config.hidden_size)
-    result = Slicer(model, family, constant_width(width), progress=progress).run(batches)
+    result = build_slicer(model, family, config, progress).run(batches)
     model.config.slicing = slicing_metadata(model, family, result, norm_eps(model, family))
     model.config.slicing["config"] = config.to_dict()
     return result

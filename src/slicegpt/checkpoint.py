@@ -54,14 +54,21 @@ def atomic_directory(out: Path, overwrite: bool, write) -> None:
             shutil.rmtree(tmp)
 
 
+AUTO_MAP = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.SlicedForCausalLM"}
+
+
 def write_sliced(model: nn.Module, tokenizer, directory: Path, extra_files: dict[str, str] | None = None) -> None:
     """Write a sliced model (config.slicing set) into an existing directory."""
-    slicing = model.config.slicing
-    model.config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.SlicedForCausalLM"}
+    model.config.auto_map = AUTO_MAP
     model.save_pretrained(directory, safe_serialization=True)
+    write_companion_files(model.config, tokenizer, directory, extra_files)
+
+
+def write_companion_files(config, tokenizer, directory: Path, extra_files: dict[str, str] | None = None) -> None:
+    """Everything of a sliced directory but the weights and config: tokenizer, modeling file, extras."""
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-    (directory / MODELING_FILE).write_text(modeling_source(slicing["base_architecture"]))
+    (directory / MODELING_FILE).write_text(modeling_source(config.slicing["base_architecture"]))
     for name, text in (extra_files or {}).items():
         (directory / name).write_text(text)
 

@@ -114,7 +114,7 @@ WidthRule = Callable[[str, torch.Tensor], int]
 
 def _principal(acts: Activations, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     dim = acts.hidden[0].shape[-1]
-    acc = CovarianceAccumulator(dim, where=where)
+    acc = CovarianceAccumulator(dim, where=where, device=acts.hidden[0].device)
     for x, mask in zip(acts.hidden, acts.masks):
         acc.add(x, mask)
     acc.all_reduce()

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 from pathlib import Path
 
+from .. import distributed
 from ..api import calibration_data, slice_model
-from ..checkpoint import check_output_dir, save_sliced
+from ..checkpoint import REPORT_FILE, check_output_dir, save_sliced
 from ..config import SliceConfig
 from ..data import load_texts
+from ..errors import SliceGPTError
 from ..families import family_for
-from ..models import load_model
+from ..models import DTYPES, is_sliced_dir, load_model, resolve
 from ..perplexity import perplexity
 from ..report import count_parameters, head_parameters, shortcut_parameters, versions
+from ..resources import activation_bytes, available_memory, check_disk, dtype_bytes, gib, in_memory_bytes
 from .common import add_model_options, add_ppl_options, apply_threads, say, timed
 
 
@@ -38,6 +43,17 @@ def add_parser(subparsers) -> None:
     add_ppl_options(parser, prefix="ppl-")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     add_model_options(parser)
+    scale = parser.add_argument_group("large models, several processes, resuming")
+    scale.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
+                       help="slice one layer at a time from the safetensors shards, checkpointing after each "
+                            "(default: only when the model would not fit in available memory)")
+    scale.add_argument("--spill", choices=("auto", "always", "never"), default="auto",
+                       help="streaming: keep calibration activations in a file on disk (default: when they "
+                            "would not fit in memory)")
+    scale.add_argument("--fresh", action="store_true",
+                       help="streaming: discard an interrupted run's checkpoints instead of resuming them")
+    scale.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                       help="under torchrun: how long a rank waits for the others before giving up (default 1800)")
     parser.set_defaults(run=run)
 
 
@@ -48,14 +64,26 @@ def run(args) -> int:
                          cal_batch_size=args.cal_batch_size, seed=args.seed)
     out = Path(args.out)
     check_output_dir(out, args.overwrite)
-    timings: dict[str, float] = {}
+    with distributed.session(args.device, args.dist_timeout) as ctx:
+        streaming, reason = choose_engine(args, config)
+        if streaming:
+            if ctx.is_main:
+                say(f"streaming mode: {reason}")
+            return run_streaming(args, config, out, ctx)
+        return run_in_memory(args, config, out, ctx)
 
+
+def run_in_memory(args, config: SliceConfig, out: Path, ctx) -> int:
+    timings: dict[str, float] = {}
     cal_texts = load_texts(config.cal_data, split="train")
     ppl_texts = load_texts(args.ppl_data, split="test") if args.eval_ppl else None
     with timed(timings, "load"):
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=ctx.device)
     family = family_for(model)
-    batches = calibration_data(tokenizer, config, cal_texts)
+    if ctx.is_main:
+        check_disk(out.parent, {"output": output_size_bound(model, config)})
+    batches = ctx.shard(calibration_data(tokenizer, config, cal_texts))
+    eval_ppl = args.eval_ppl and ctx.is_main
 
     def measure_ppl() -> float:
         return perplexity(model, tokenizer, ppl_texts, seqlen=args.ppl_seqlen, chunks=args.ppl_chunks,
@@ -63,13 +91,15 @@ def run(args) -> int:
 
     ppl = {}
     dense_params = count_parameters(model)
-    if args.eval_ppl:
+    if eval_ppl:
         with timed(timings, "ppl_dense"):
             ppl["dense"] = measure_ppl()
         say(f"dense perplexity: {ppl['dense']:.3f}")
     with timed(timings, "calibrate_and_slice"):
-        result = slice_model(model, tokenizer, config, batches)
-    if args.eval_ppl:
+        result = slice_model(model, tokenizer, config, batches, progress=ctx.is_main)
+    if not ctx.is_main:
+        return 0  # rank 0 writes the output
+    if eval_ppl:
         with timed(timings, "ppl_sliced"):
             ppl["sliced"] = measure_ppl()
         say(f"sliced perplexity: {ppl['sliced']:.3f}")
@@ -80,10 +110,93 @@ def run(args) -> int:
         "shortcuts": shortcut_parameters(model),
         "head": head_parameters(model, family),
     }
+    report = build_report(args, config, result, params, ppl, timings, ctx)
+    spectra = {p.name: p.eigenvalues for p in result.points}
+    with timed(timings, "save"):
+        save_sliced(model, tokenizer, out, report=report, overwrite=args.overwrite,
+                    extra_files={"spectra.json": json.dumps(spectra)})
+    print_summary(args.model, out, params, ppl, timings)
+    return 0
+
+
+def run_streaming(args, config: SliceConfig, out: Path, ctx) -> int:
+    from transformers import AutoTokenizer
+
+    from ..streaming import StreamingRun, report_spill
+
+    if args.eval_ppl:
+        raise SliceGPTError("--eval-ppl needs the whole model in memory, which streaming mode avoids; "
+                            f"measure it afterwards with `slicegpt ppl {out}`")
+    timings: dict[str, float] = {}
+    cal_texts = load_texts(config.cal_data, split="train")
+    source = resolve(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    job = StreamingRun(source, out, config, dtype=DTYPES[args.dtype], ctx=ctx, spill=args.spill,
+                       fresh=args.fresh, overwrite=args.overwrite, model_name=args.model)
+    batches = ctx.shard(calibration_data(tokenizer, config, cal_texts))
+    plan = job.plan(batches)
+    if ctx.is_main:
+        say(report_spill(plan) + f"; checkpoints in {job.directory}")
+    with timed(timings, "calibrate_and_slice"):
+        result = job.run(batches)
+    if not ctx.is_main:
+        return 0
+    params = job.parameter_counts()
+    report = build_report(args, config, result, params, {}, timings, ctx)
+    report["streaming"] = {key: value for key, value in plan.items() if key != "available_memory"}
+    spectra = {p.name: p.eigenvalues for p in result.points}
+    with timed(timings, "save"):
+        job.finish(tokenizer, {REPORT_FILE: json.dumps(report, indent=2) + "\n", "spectra.json": json.dumps(spectra)})
+    print_summary(args.model, out, params, {}, timings)
+    return 0
+
+
+def choose_engine(args, config: SliceConfig) -> tuple[bool, str]:
+    """Streaming when asked, or when slicing in memory would not fit; with the reason."""
+    from ..shards import SafetensorsCheckpoint
+
+    if args.streaming is False:
+        return False, "--no-streaming"
+    source = resolve(args.model)
+    local = Path(source).is_dir() and not is_sliced_dir(source)
+    if args.streaming:
+        if not local:
+            raise SliceGPTError(f"--streaming needs a local model directory with safetensors weights, not {args.model}")
+        return True, "--streaming"
+    if not local:
+        return False, "not a local directory"
+    try:
+        checkpoint = SafetensorsCheckpoint(source)
+        shapes = checkpoint.shapes()
+    except SliceGPTError:
+        return False, "no safetensors weights"
+    from transformers import AutoConfig
+
+    width = AutoConfig.from_pretrained(source).get_text_config().hidden_size
+    dtype = DTYPES[args.dtype]
+    parameters = sum(math.prod(s) for s in shapes.values())
+    acts = activation_bytes(config.cal_samples, config.cal_seqlen, width, dtype)
+    need = in_memory_bytes(parameters, dtype, acts, max(math.prod(s) for s in shapes.values()))
+    free = available_memory(args.device)
+    if need <= free:
+        return False, f"fits in memory ({gib(need)} of {gib(free)})"
+    return True, f"slicing in memory would need about {gib(need)}, and {gib(free)} is available"
+
+
+def output_size_bound(model, config: SliceConfig) -> int:
+    """Bytes the sliced checkpoint takes at most: dense weights, shortcuts, an untied head."""
+    text = model.config.get_text_config()
+    width = config.kept_width(text.hidden_size)
+    tied = bool(getattr(text, "tie_word_embeddings", False))
+    extra = 2 * text.num_hidden_layers * width**2 + (text.vocab_size * text.hidden_size if tied else 0)
+    return (count_parameters(model) + extra) * dtype_bytes(next(model.parameters()).dtype)
+
+
+def build_report(args, config: SliceConfig, result, params: dict, ppl: dict, timings: dict, ctx) -> dict:
     run_config = {**config.to_dict(), "model": args.model, "dtype": args.dtype, "device": args.device,
                   "eval_ppl": args.eval_ppl, "ppl_data": args.ppl_data, "ppl_chunks": args.ppl_chunks,
-                  "ppl_seqlen": args.ppl_seqlen}
-    report = {
+                  "ppl_seqlen": args.ppl_seqlen, "world_size": ctx.world_size}
+    return {
         "config": run_config,
         "widths": {"embedding": result.embedding_width, "layers": result.layer_widths, "head_in": result.head_in},
         "params": params,
@@ -92,12 +205,6 @@ def run(args) -> int:
         "timings_s": timings,
         "versions": versions(),
     }
-    spectra = {p.name: p.eigenvalues for p in result.points}
-    with timed(timings, "save"):
-        save_sliced(model, tokenizer, out, report=report, overwrite=args.overwrite,
-                    extra_files={"spectra.json": json.dumps(spectra)})
-    print_summary(args.model, out, params, ppl, timings)
-    return 0
 
 
 def print_summary(name: str, out: Path, params: dict, ppl: dict, timings: dict) -> None:
