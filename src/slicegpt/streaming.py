@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import torch
@@ -190,7 +191,8 @@ class StreamingRun:
                                               self.work.path)
             slicer.result = result_from_dict(state["result"])
             if self.progress and ctx.is_main:
-                print(f"slicegpt: resuming {self.directory} at layer {start}/{self.layer_count}", flush=True)
+                print(f"slicegpt: resuming {self.directory} at layer {start}/{self.layer_count}", file=sys.stderr,
+                      flush=True)
         for path in family.embeddings:
             get_module(model, path).to("meta")
 
