@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import ppl, slice as slice_command
+from .commands import bench, ppl, slice as slice_command
 from .errors import SliceGPTError
 
-COMMANDS = [slice_command, ppl]
+COMMANDS = [slice_command, ppl, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
