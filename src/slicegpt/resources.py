@@ -36,6 +36,23 @@ def available_memory(device: str = "cpu") -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def release_memory() -> None:
+    """Hand freed memory back to the OS.
+
+    glibc keeps freed heap memory for reuse; across the layers of a streaming run that
+    showed as resident memory creeping up layer after layer (0.59 -> 0.89 GiB over 8 layers
+    of a 2048-wide model), and flat at 0.50 GiB with a trim after each layer.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def free_disk(path: str | Path) -> int:
     """Free bytes on the filesystem that holds `path` (or would, once created)."""
     path = Path(path).resolve()

@@ -32,7 +32,7 @@ from .distributed import DistContext
 from .errors import SliceGPTError
 from .families import family_for, get_module
 from .fusion import fuse_embeddings, fuse_head, fuse_layer, norm_eps
-from .resources import available_memory, check_disk, dtype_bytes, gib
+from .resources import available_memory, check_disk, dtype_bytes, gib, release_memory
 from .resume import WorkDir, result_from_dict, result_to_dict
 from .shards import SafetensorsCheckpoint, shard_name, write_index, write_shard
 from .slicing import Activations, SliceResult, capture_layer_inputs, slicing_metadata
@@ -195,6 +195,7 @@ class StreamingRun:
                       flush=True)
         for path in family.embeddings:
             get_module(model, path).to("meta")
+        release_memory()
 
         eps, layers = norm_eps(model, family), get_module(model, layers_path)
         progress = tqdm(range(start, self.layer_count), desc="Slicing layers (streaming)", unit="layer",
@@ -209,6 +210,8 @@ class StreamingRun:
                 write_shard(self.directory, shard_name(index + 2, self.shard_count), state_dict)
             layers[index] = layer.to("meta")
             layer_kwargs[index] = None
+            del layer
+            release_memory()
             self._checkpoint(index + 1, Q, acts, slicer.result, settings)
             _fault_injection(index, ctx.rank)
 
