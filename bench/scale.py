@@ -148,6 +148,7 @@ def slice_case(model: Path, out: Path, args) -> dict:
     report = json.loads((out / "slicing_report.json").read_text())
     output_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     return {"wall_s": round(wall, 1), "calibrate_and_slice_s": report["timings_s"]["calibrate_and_slice"],
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
             "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3), "params": report["params"],
             "output_gib": round(output_bytes / 2**30, 3), "rss_trace_gib": sampler.samples[::4],
             "stdout": stdout.strip().splitlines()[-3:]}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import types
@@ -105,23 +106,20 @@ def main() -> None:
     settings = BenchSettings(batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
                              prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
     figures = run_benchmark(models, settings, lambda d, t: print(f"repeat {d}/{t}", file=sys.stderr, flush=True))
-    environment = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(), **versions()}
+    environment = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
+                   "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()], **versions()}
     data = summarise(figures, settings, environment)
-    dense = figures[0]
     bound = {f.name: matrix_bytes_per_token(models["dense"]) / matrix_bytes_per_token(models[f.name]) for f in figures}
-    data["vs_dense"] = {
-        f.name: {"decode": {b: f.decode_tok_s[b] / dense.decode_tok_s[b] for b in f.decode_tok_s},
-                 "prefill": {b: f.prefill_tok_s[b] / dense.prefill_tok_s[b] for b in f.prefill_tok_s},
-                 "params": f.params / dense.params, "bandwidth_bound": bound[f.name]}
-        for f in figures}
+    for name, ratios in data["vs_first"].items():
+        ratios["bandwidth_bound"] = bound[name]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=2) + "\n")
     print(format_table(data))
     batches = [str(b) for b in settings.batch_sizes]
-    print("\nrelative to dense:")
+    print("\nspeed-up over dense (paired medians) and the batch-1 decode bound from bytes read per token:")
     print(f"{'model':>10} " + " ".join(f"{'decode b' + b:>10}" for b in batches) + " "
           + " ".join(f"{'prefill b' + b:>10}" for b in batches) + f" {'params':>7} {'bw bound':>8}")
-    for name, r in data["vs_dense"].items():
+    for name, r in data["vs_first"].items():
         print(f"{name:>10} " + " ".join(f"{r['decode'][b]:>9.3f}x" for b in batches) + " "
               + " ".join(f"{r['prefill'][b]:>9.3f}x" for b in batches)
               + f" {r['params']:>6.3f}x {r['bandwidth_bound']:>7.3f}x")

@@ -34,7 +34,7 @@ def test_cached_decode_matches_full_forward(tmp_path):
 
 def test_prefill_and_decode_times_are_positive(tmp_path):
     model = load_sliced(_sliced_dir(tmp_path))
-    prefill, decode = prefill_and_decode(model, 2, BenchSettings(prompt_len=4, new_tokens=3), vocab=96)
+    prefill, decode = prefill_and_decode(model, 2, BenchSettings(prompt_len=4, new_tokens=3))
     assert prefill > 0 and decode > 0
 
 
@@ -53,7 +53,10 @@ def test_bench_command(tiny_model_dir, tmp_path, capsys):
         assert set(model["prefill_tok_s"]) == {"1", "2"} and all(v > 0 for v in model["decode_tok_s"].values())
         assert model["peak_memory_gib"] >= model["weights_gib"] > 0
         assert len(model["samples"]["1"]["decode_s"]) == 2
-    assert set(data["ratios"]) == {"prefill", "decode", "peak_memory", "params"}
+        assert [len(steps) for steps in model["samples"]["2"]["decode_steps_s"]] == [2, 2]
+    ratios = data["vs_first"][str(out)]
+    assert set(ratios) == {"prefill", "decode", "peak_memory", "params"}
+    assert all(r > 0 for r in ratios["decode"].values())
     assert main(args) == 0
     table = capsys.readouterr().out
     assert "decode b1" in table and "ratio" in table

@@ -37,6 +37,11 @@ def result_from_dict(data: dict) -> SliceResult:
     return SliceResult(points=points, **data)
 
 
+def _short(value, limit: int = 160) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class WorkDir:
     """The resume directory of one run, as seen by one rank."""
 
@@ -61,8 +66,8 @@ class WorkDir:
         for key in sorted(set(recorded) | set(settings)):
             if recorded.get(key) != settings.get(key):
                 raise SliceGPTError(
-                    f"cannot resume the interrupted run in {self.path.parent}: it used {key}={recorded.get(key)!r}, "
-                    f"this run has {key}={settings.get(key)!r}; rerun with the same settings to resume, "
+                    f"cannot resume the interrupted run in {self.path.parent}: it used {key}={_short(recorded.get(key))}, "
+                    f"this run has {key}={_short(settings.get(key))}; rerun with the same settings to resume, "
                     "or pass --fresh to discard it and start over")
         return state
 

@@ -64,12 +64,11 @@ class StreamingRun:
 
     def __init__(self, model_dir: str | Path, out: str | Path, config: SliceConfig, *,
                  dtype: torch.dtype = torch.float32, ctx: DistContext | None = None, spill: str = "auto",
-                 fresh: bool = False, overwrite: bool = False, progress: bool = True, model_name: str = ""):
+                 fresh: bool = False, overwrite: bool = False, progress: bool = True):
         self.model_dir, self.out, self.config = Path(model_dir), Path(out), config
         self.dtype, self.ctx = dtype, ctx or DistContext()
         self.device = torch.device(self.ctx.device)
         self.spill, self.fresh, self.overwrite, self.progress = spill, fresh, overwrite, progress
-        self.model_name = model_name or str(model_dir)
         check_output_dir(self.out, overwrite)
         self.checkpoint = SafetensorsCheckpoint(self.model_dir)
         self.model = empty_model(self.model_dir, dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -53,7 +54,8 @@ def run(args) -> int:
         raise SliceGPTError("--compare names the same model twice")
     progress = None if args.json else (lambda done, total: say(f"repeat {done}/{total}"))
     figures = run_benchmark(models, settings, progress)
-    environment = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(), **versions()}
+    environment = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
+                   "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()], **versions()}
     data = summarise(figures, settings, environment)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

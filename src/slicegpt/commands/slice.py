@@ -132,7 +132,7 @@ def run_streaming(args, config: SliceConfig, out: Path, ctx) -> int:
     source = resolve(args.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
     job = StreamingRun(source, out, config, dtype=DTYPES[args.dtype], ctx=ctx, spill=args.spill,
-                       fresh=args.fresh, overwrite=args.overwrite, model_name=args.model)
+                       fresh=args.fresh, overwrite=args.overwrite)
     batches = ctx.shard(calibration_data(tokenizer, config, cal_texts))
     plan = job.plan(batches)
     if ctx.is_main:
