@@ -37,12 +37,20 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 @torch.no_grad()
-def dense_body_forward_s(model, batches) -> float:
+def dense_body_forward_s(model, batches, device: str = "cpu") -> float:
     body = model.get_decoder()
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    _sync(device)
     start = time.perf_counter()
     for batch in batches:
         body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    _sync(device)
     return time.perf_counter() - start
 
 
@@ -55,7 +63,7 @@ def one_run(args) -> dict:
     from slicegpt.report import count_parameters, head_parameters, shortcut_parameters
 
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_model("smollm2-135m")
+    model, tokenizer = load_model("smollm2-135m", device=args.device)
     family = family_for(model)
     config = SliceConfig(sparsity=args.sparsity, cal_samples=args.cal_samples, cal_seqlen=args.cal_seqlen,
                          cal_batch_size=args.cal_batch_size, seed=42)
@@ -65,15 +73,19 @@ def one_run(args) -> dict:
     if args.dense:
         row["ppl_dense"] = perplexity(model, tokenizer, ppl_texts, chunks=args.ppl_chunks, progress=False)["ppl"]
     if args.baseline:
-        row["dense_forward_s"] = dense_body_forward_s(model, batches)
+        row["dense_forward_s"] = dense_body_forward_s(model, batches, args.device)
+    _sync(args.device)
     start = time.perf_counter()
     slice_model(model, tokenizer, config, batches, progress=False)
+    _sync(args.device)
     row["calibrate_and_slice_s"] = time.perf_counter() - start
     row["ppl_sliced"] = perplexity(model, tokenizer, ppl_texts, chunks=args.ppl_chunks, progress=False)["ppl"]
     row["params_sliced"] = count_parameters(model)
     row["params_shortcuts"] = shortcut_parameters(model)
     row["params_head"] = head_parameters(model, family)
     row["peak_rss_gib"] = peak_rss_gib()
+    if args.device.startswith("cuda"):
+        row["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return row
 
 
@@ -82,6 +94,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny settings, to check the script runs")
     parser.add_argument("--sparsities", default="0.2,0.25,0.3")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (results go to protocol_p_cuda.json)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: run one sparsity
     parser.add_argument("--sparsity", type=float, default=0.25, help=argparse.SUPPRESS)
     parser.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
@@ -100,6 +113,7 @@ def main() -> None:
     for sparsity in [float(s) for s in args.sparsities.split(",")]:
         flags = ["--dense", "--baseline"] if sparsity == 0.25 else []
         command = [sys.executable, __file__, "--one", "--sparsity", str(sparsity), "--threads", str(args.threads),
+                   "--device", args.device,
                    *flags, *sizes]
         print(f"running sparsity {sparsity} ...", file=sys.stderr, flush=True)
         done = subprocess.run(command, capture_output=True, text=True)
@@ -109,9 +123,10 @@ def main() -> None:
 
     summary = summarise(rows)
     print_table(rows, summary)
-    out = ROOT / "bench" / "results" / ("protocol_p_quick.json" if args.quick else "protocol_p.json")
+    suffix = ("_quick" if args.quick else "") + ("" if args.device == "cpu" else "_" + args.device.split(":")[0])
+    out = ROOT / "bench" / "results" / f"protocol_p{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"protocol": "P", "quick": args.quick, "threads": args.threads, "rows": rows,
+    out.write_text(json.dumps({"protocol": "P", "quick": args.quick, "threads": args.threads, "device": args.device, "rows": rows,
                                "summary": summary, "original": ORIGINAL,
                                "torch": torch.__version__}, indent=2) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .config import SliceConfig
+from .distributed import leading_share
 from .data import calibration_batches, load_texts
 from .budget import predicted_parameters, uniform_widths, width_for_budget
 from .families import Family, family_for, get_module
@@ -49,7 +50,7 @@ def survey(model: nn.Module, family: Family, config: SliceConfig, batches: list[
     joint_head = tied and config.tied_head_basis == "joint" and config.rotations in ("block", "layer")
     if config.widths != "variance" and not joint_head:
         return None
-    subset = batches[: max(1, round(len(batches) / 4))]
+    subset = leading_share(batches, 0.25)
     return collect_covariances(model, family, subset, progress, normalize=config.pca == "normalized")
 
 
@@ -62,6 +63,14 @@ def width_rule_for(model: nn.Module, family: Family, config: SliceConfig,
     if budget is None:
         return constant_width(config.kept_width(model.config.hidden_size))
     return constant_width(width_for_budget(model, family, config, budget))
+
+
+def build_slicer(model: nn.Module, family: Family, config: SliceConfig, width_rule: WidthRule,
+                 covariances: dict[str, CovarianceAccumulator] | None, progress: bool = True) -> Slicer:
+    """The layer-by-layer Slicer for these settings (shared by the in-memory and streaming runs)."""
+    head = covariances.get(HEAD_INPUT) if covariances and config.tied_head_basis == "joint" else None
+    return Slicer(model, family, width_rule, progress=progress, share_layer=config.rotations == "layer",
+                  normalize_pca=config.pca == "normalized", head_covariance=None if head is None else head.sum)
 
 
 @torch.no_grad()
@@ -85,11 +94,7 @@ def slice_model(model: nn.Module, tokenizer, config: SliceConfig, calibration: l
     covariances = survey(model, family, config, batches, progress)
     width_rule = width_rule_for(model, family, config, covariances, budget)
     if config.rotations in ("block", "layer"):
-        head = covariances.get(HEAD_INPUT) if covariances and config.tied_head_basis == "joint" else None
-        slicer = Slicer(model, family, width_rule, progress=progress, share_layer=config.rotations == "layer",
-                        normalize_pca=config.pca == "normalized",
-                        head_covariance=None if head is None else head.sum)
-        result = slicer.run(batches)
+        result = build_slicer(model, family, config, width_rule, covariances, progress).run(batches)
     else:
         result = rotate_shared(model, family, batches, width_rule, group_size=config.group_size, progress=progress,
                                normalize_pca=config.pca == "normalized",

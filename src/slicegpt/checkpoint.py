@@ -55,22 +55,30 @@ def atomic_directory(out: Path, overwrite: bool, write) -> None:
             shutil.rmtree(tmp)
 
 
+AUTO_MAP = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.SlicedForCausalLM"}
+
+
 def write_sliced(model: nn.Module, tokenizer, directory: Path, extra_files: dict[str, str | bytes] | None = None) -> None:
     """Write a sliced model into an existing directory, with its modeling file where it needs one.
 
     A plain export (see plain.py) has no `config.slicing` and needs no remote code.
     """
-    slicing = getattr(model.config, "slicing", None)
-    if slicing is None:
+    if getattr(model.config, "slicing", None) is None:
         model.save_pretrained(directory, safe_serialization=True)
     else:
-        model.config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.SlicedForCausalLM"}
+        model.config.auto_map = AUTO_MAP
         # Keys exactly as in memory: transformers' "original format" conversions (fused experts
         # split per expert, renamed heads) are skipped on load for remote-code classes, so
         # reverting them on save would leave keys that nothing maps back.
         model.save_pretrained(directory, safe_serialization=True, save_original_format=False)
+    write_companion_files(model.config, tokenizer, directory, extra_files)
+
+
+def write_companion_files(config, tokenizer, directory: Path, extra_files: dict[str, str | bytes] | None = None) -> None:
+    """Everything of a sliced directory but the weights and config: tokenizer, modeling file, extras."""
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+    slicing = getattr(config, "slicing", None)
     if slicing is not None:
         (directory / MODELING_FILE).write_text(modeling_source(slicing["base_architecture"]))
     for name, content in (extra_files or {}).items():

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import eval as eval_command, finetune, ppl, slice as slice_command, sweep
+from .commands import bench, eval as eval_command, finetune, ppl, slice as slice_command, sweep
 from .errors import SliceGPTError
 
-COMMANDS = [slice_command, sweep, ppl, eval_command, finetune]
+COMMANDS = [slice_command, sweep, ppl, eval_command, finetune, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,8 @@ from torch import nn
 
 from .errors import SliceGPTError
 from .families import Family, get_module, norm_module_eps, set_module
-from .modeling_sliced import NormThenMap, SlicedRMSNorm, StreamWeight, linearise_conv1d, stream_weight, wrap_layer
+from .modeling_sliced import (NormThenMap, SlicedDecoderLayer, SlicedRMSNorm, StreamWeight, linearise_conv1d,
+                              stream_weight, wrap_layer)
 
 
 def norm_scale_and_shift(norm: nn.Module, kind: str, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -114,10 +115,57 @@ def norm_eps(model: nn.Module, family: Family) -> float:
     return eps
 
 
-def prepare(model: nn.Module, family: Family) -> None:
-    """Bring the stream weights into the one layout the rest of slicegpt assumes (nn.Linear, not Conv1D)."""
-    for layer in get_module(model, family.layers):
-        linearise_conv1d(layer, family.to_dict())
+@torch.no_grad()
+def fuse_embeddings(model: nn.Module, family: Family, tied: bool) -> None:
+    """Untie the head unless `tied` (see `keep_head_tied`); centre LayerNorm models' embeddings."""
+    if not tied:
+        untie_head(model, family)
+    if family.norm_kind == "layer":
+        for path in family.embeddings:
+            centre_embedding(get_module(model, path))
+
+
+def _fold(root: nn.Module, family: Family, norm_path: str, reader_paths, dense: int, eps: float) -> list[str]:
+    """Fold one norm into the linears that read it; returns the readers that gained a bias."""
+    scale, shift = norm_scale_and_shift(get_module(root, norm_path), family.norm_kind, dense)
+    readers = [stream_weight(root, p) for p in reader_paths]
+    set_module(root, norm_path, SlicedRMSNorm(dense, eps))
+    return [reader_paths[i] for i in fold_into_linears(scale, shift, readers)]
+
+
+@torch.no_grad()
+def fuse_layer(layer: nn.Module, family: Family, dense: int, eps: float) -> tuple[SlicedDecoderLayer, list[str]]:
+    """Fold one decoder layer's norms into its linears; returns it wrapped for shortcuts,
+    and the paths (inside the layer) of the linears that gained a bias."""
+    linearise_conv1d(layer, family.to_dict())
+    if family.mlp_norm is None:  # one norm feeds both branches
+        gained = _fold(layer, family, family.attn_norm, (*family.attn_inputs, *family.mlp_inputs), dense, eps)
+    else:
+        gained = _fold(layer, family, family.attn_norm, family.attn_inputs, dense, eps)
+        gained += _fold(layer, family, family.mlp_norm, family.mlp_inputs, dense, eps)
+    if family.norm_kind == "layer":
+        for path in (*family.attn_outputs, *family.mlp_outputs):
+            centre_output(stream_weight(layer, path))
+    return wrap_layer(layer, family.to_dict()), gained
+
+
+@torch.no_grad()
+def fuse_head(model: nn.Module, family: Family, tied: bool, dense: int, eps: float,
+              like: torch.Tensor | None = None) -> list[str]:
+    """Fold the final norm into the head, or (tied head) into a map after the norm.
+
+    The map takes the dtype and device of `like` (default: the head's weight).
+    """
+    if not tied:
+        return _fold(model, family, family.final_norm, (family.head,), dense, eps)
+    like = get_module(model, family.head).weight if like is None else like
+    set_module(model, family.final_norm,
+               final_map(get_module(model, family.final_norm), family.norm_kind, dense, eps, like=like))
+    return []
+
+
+def keep_head_tied(model: nn.Module, family: Family, keep_tied: bool) -> bool:
+    return keep_tied and can_keep_tied(model, family)
 
 
 @torch.no_grad()
@@ -127,43 +175,14 @@ def fuse(model: nn.Module, family: Family, keep_tied: bool = True) -> list[str]:
     The model computes the same logits as before (up to float rounding). A tied head
     stays tied where `keep_tied` and the family allow it (see `NormThenMap`). Returns the
     paths of the linears that gained a bias (the sliced model must be rebuilt with one).
+    Streaming runs call the three steps themselves, one layer at a time.
     """
-    prepare(model, family)
-    tied = keep_tied and can_keep_tied(model, family)
-    if not tied:
-        untie_head(model, family)
-    dense = model.config.hidden_size
-    eps = norm_eps(model, family)
-    centre = family.norm_kind == "layer"
-    if centre:
-        for path in family.embeddings:
-            centre_embedding(get_module(model, path))
-
+    tied = keep_head_tied(model, family, keep_tied)
+    dense, eps = model.config.hidden_size, norm_eps(model, family)
+    fuse_embeddings(model, family, tied)
     gained: list[str] = []
-
-    def fold(root: nn.Module, norm_path: str, reader_paths, prefix: str) -> None:
-        scale, shift = norm_scale_and_shift(get_module(root, norm_path), family.norm_kind, dense)
-        readers = [stream_weight(root, p) for p in reader_paths]
-        gained.extend(prefix + reader_paths[i] for i in fold_into_linears(scale, shift, readers))
-        set_module(root, norm_path, SlicedRMSNorm(dense, eps))
-
     layers = get_module(model, family.layers)
     for index, layer in enumerate(layers):
-        prefix = f"{family.layers}.{index}."
-        if family.mlp_norm is None:  # one norm feeds both branches
-            fold(layer, family.attn_norm, (*family.attn_inputs, *family.mlp_inputs), prefix)
-        else:
-            fold(layer, family.attn_norm, family.attn_inputs, prefix)
-            fold(layer, family.mlp_norm, family.mlp_inputs, prefix)
-        if centre:
-            for path in (*family.attn_outputs, *family.mlp_outputs):
-                centre_output(stream_weight(layer, path))
-        layers[index] = wrap_layer(layer, family.to_dict())
-
-    if tied:
-        set_module(model, family.final_norm,
-                   final_map(get_module(model, family.final_norm), family.norm_kind, dense, eps,
-                             like=get_module(model, family.head).weight))
-    else:
-        fold(model, family.final_norm, (family.head,), "")
-    return gained
+        layers[index], added = fuse_layer(layer, family, dense, eps)
+        gained += [f"{family.layers}.{index}.{path}" for path in added]
+    return gained + fuse_head(model, family, tied, dense, eps)

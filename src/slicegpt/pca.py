@@ -33,17 +33,58 @@ class CovarianceAccumulator:
 
     def all_reduce(self) -> None:
         """Sum across torch.distributed ranks, where a process group is running."""
+        if not _distributed():
+            return
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.sum)
-            count = torch.tensor([self.tokens], dtype=torch.float64, device=self.sum.device)
-            dist.all_reduce(count)
-            self.tokens = int(count.item())
+        device = _comm_device(self.sum.device)
+        total = self.sum.to(device)
+        dist.all_reduce(total)
+        count = torch.tensor([self.tokens], dtype=torch.float64, device=device)
+        dist.all_reduce(count)
+        self.sum = total.to(self.sum.device)
+        self.tokens = int(count.item())
 
 
-def principal_basis(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (decreasing) and the matching eigenvectors as columns, in float64."""
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    """Where a collective can run: NCCL needs the current GPU, gloo takes any tensor."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _eigh(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
     order = torch.argsort(eigenvalues, descending=True)
     return eigenvalues[order], eigenvectors[:, order]
+
+
+def principal_basis(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (decreasing) and the matching eigenvectors as columns, in float64.
+
+    Under torch.distributed only rank 0 decomposes, and broadcasts the result: eigh may
+    pick different signs (or bases of repeated eigenvalues) on different ranks, and every
+    rank must rotate its weights identically. Call it with the all-reduced covariance.
+    """
+    if not _distributed():
+        return _eigh(covariance)
+    import torch.distributed as dist
+
+    device = _comm_device(covariance.device)
+    dim = covariance.shape[0]
+    if dist.get_rank() == 0:
+        eigenvalues, eigenvectors = (t.to(device).contiguous() for t in _eigh(covariance))
+    else:
+        eigenvalues = torch.empty(dim, dtype=torch.float64, device=device)
+        eigenvectors = torch.empty(dim, dim, dtype=torch.float64, device=device)
+    dist.broadcast(eigenvalues, src=0)
+    dist.broadcast(eigenvectors, src=0)
+    return eigenvalues.to(covariance.device), eigenvectors.to(covariance.device)

@@ -50,6 +50,15 @@ class Activations:
     hidden: list[torch.Tensor]
     masks: list[torch.Tensor | None]
 
+    def map(self, fn: Callable[..., torch.Tensor], *per_batch: list) -> None:
+        """Replace each batch by fn(batch, *its extras), one batch at a time.
+
+        Done in place, so each old batch is freed as its successor is made (at most one
+        batch is held twice); streaming runs swap in a subclass that keeps batches on disk.
+        """
+        for index, extras in enumerate(zip(*per_batch) if per_batch else [()] * len(self.hidden)):
+            self.hidden[index] = fn(self.hidden[index], *extras)
+
 
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, family: Family, batches: list[dict]) -> tuple[Activations, list[list[dict]]]:
@@ -108,7 +117,7 @@ def _principal(acts: Activations, where: str, normalize: bool = False,
                also: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """PCA of the activations; `also` is another covariance to serve equally (trace-normalised)."""
     dim = acts.hidden[0].shape[-1]
-    acc = CovarianceAccumulator(dim, where=where, normalize=normalize)
+    acc = CovarianceAccumulator(dim, where=where, device=acts.hidden[0].device, normalize=normalize)
     for x, mask in zip(acts.hidden, acts.masks):
         acc.add(x, mask)
     acc.all_reduce()
@@ -157,7 +166,7 @@ class Slicer:
         Q = self._basis(acts, "embeddings", also=self.head_covariance)
         for path in self.family.embeddings:
             rotate_input(stream_weight(self.model, path), Q)
-        acts.hidden = [change_basis(x, Q) for x in acts.hidden]
+        acts.map(lambda x: change_basis(x, Q))
         self.result.embedding_width = Q.shape[1]
         self.embedding_basis = Q
         return Q
@@ -186,7 +195,7 @@ class Slicer:
         path. That equals the rotated block exactly, and every module sees a stream as wide
         as it was built for (MoE experts allocate their output like their input).
         """
-        acts.hidden = [run(to_dense(x, Q_in), **kw) for x, kw in zip(acts.hidden, kwargs)]
+        acts.map(lambda x, kw: run(to_dense(x, Q_in), **kw), kwargs)
         if Q_out is None:  # else the caller fixed the output basis (a shared rotation)
             Q_out = self._basis(acts, name)
         if has_mlp and self.family.mlp_keeps_width and Q_out.shape[1] != Q_in.shape[1]:
@@ -198,7 +207,7 @@ class Slicer:
             rotate_output(stream_weight(layer, path), Q_out)
         if has_mlp:
             set_width_attrs(layer, self.family.mlp_width_attrs, Q_in.shape[1])
-        acts.hidden = [change_basis(x, Q_out) for x in acts.hidden]
+        acts.map(lambda x: change_basis(x, Q_out))
         return Q_out
 
     def _sequential_layer(self, index: int, layer: SlicedDecoderLayer, acts: Activations,

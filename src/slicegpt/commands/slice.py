@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 from pathlib import Path
 
+from .. import distributed
 from ..api import calibration_data, slice_model
-from ..checkpoint import check_output_dir, save_sliced
+from ..checkpoint import REPORT_FILE, check_output_dir, save_sliced
 from ..config import SliceConfig
 from ..data import load_texts
 from ..errors import SliceGPTError
 from ..families import family_for
-from ..models import base_model_id, load_model
+from ..models import DTYPES, base_model_id, is_sliced_dir, load_model, resolve
 from ..perplexity import perplexity
 from ..plain import to_plain_model
 from ..plots import report_plots
 from ..report import count_parameters, head_parameters, shortcut_parameters, versions
+from ..resources import activation_bytes, available_memory, check_disk, dtype_bytes, gib, in_memory_bytes
 from .common import (add_model_options, add_ppl_options, add_zeroshot_options, apply_threads, run_zeroshot, say,
                      timed, zeroshot_tasks)
 
@@ -33,7 +37,22 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
     add_slice_options(parser)
     parser.add_argument("--eval-ppl", action="store_true", help="measure perplexity before and after slicing")
+    add_scale_options(parser)
     parser.set_defaults(run=run)
+
+
+def add_scale_options(parser) -> None:
+    scale = parser.add_argument_group("large models, several processes, resuming")
+    scale.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
+                       help="slice one layer at a time from the safetensors shards, checkpointing after each "
+                            "(default: only when the model would not fit in available memory)")
+    scale.add_argument("--spill", choices=("auto", "always", "never"), default="auto",
+                       help="streaming: keep calibration activations in a file on disk (default: when they "
+                            "would not fit in memory)")
+    scale.add_argument("--fresh", action="store_true",
+                       help="streaming: discard an interrupted run's checkpoints instead of resuming them")
+    scale.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                       help="under torchrun: how long a rank waits for the others before giving up (default 1800)")
 
 
 def add_slice_options(parser) -> None:
@@ -92,27 +111,40 @@ def run(args) -> int:
     check_output_dir(out, args.overwrite)
     check_plain(args, config)
     tasks = zeroshot_tasks(args)
-    cal_texts = load_texts(config.cal_data, split="train")
-    ppl_texts = load_texts(args.ppl_data, split="test") if args.eval_ppl else None
-    report = slice_and_save(args, config, out, cal_texts, ppl_texts, tasks)
-    print_summary(args.model, out, report)
-    return 0
+    with distributed.session(args.device, args.dist_timeout) as ctx:
+        streaming, reason = choose_engine(args, config)
+        if streaming:
+            if ctx.is_main:
+                say(f"streaming mode: {reason}")
+            return run_streaming(args, config, out, ctx, tasks)
+        cal_texts = load_texts(config.cal_data, split="train")
+        ppl_texts = load_texts(args.ppl_data, split="test") if args.eval_ppl and ctx.is_main else None
+        report = slice_and_save(args, config, out, cal_texts, ppl_texts, tasks, ctx=ctx)
+        if ctx.is_main:
+            print_summary(args.model, out, report)
+        return 0
 
 
 def slice_and_save(args, config: SliceConfig, out: Path, cal_texts: list[str], ppl_texts: list[str] | None,
-                   tasks: list[str] | None, dense: dict | None = None) -> dict:
+                   tasks: list[str] | None, dense: dict | None = None,
+                   ctx: distributed.DistContext | None = None) -> dict | None:
     """Load, measure the dense model, slice, measure again, save checkpoint + report + plots + card.
 
     `dense` holds measurements of the dense model from an earlier run ("ppl", "zeroshot"),
-    so a sweep measures the dense model once.
+    so a sweep measures the dense model once. Under torchrun every rank calibrates on its
+    share of the batches; only rank 0 measures and writes (the others return None).
     """
+    ctx = ctx or distributed.DistContext(device=args.device)
     if dense is None:
         dense = {}
     timings: dict[str, float] = {}
     with timed(timings, "load"):
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=ctx.device)
     family = family_for(model)
-    batches = calibration_data(tokenizer, config, cal_texts)
+    if ctx.is_main:
+        check_disk(out.parent, {"output": output_size_bound(model, config)})
+    batches = ctx.shard(calibration_data(tokenizer, config, cal_texts))
+    tasks = tasks if ctx.is_main else None
 
     def measure_ppl() -> float:
         return perplexity(model, tokenizer, ppl_texts, seqlen=args.ppl_seqlen, chunks=args.ppl_chunks,
@@ -133,7 +165,9 @@ def slice_and_save(args, config: SliceConfig, out: Path, cal_texts: list[str], p
         zeroshot["dense"] = dense["zeroshot"]
         say(f"dense zero-shot average: {100 * zeroshot['dense']['average']:.2f}")
     with timed(timings, "calibrate_and_slice"):
-        result = slice_model(model, tokenizer, config, batches)
+        result = slice_model(model, tokenizer, config, batches, progress=ctx.is_main)
+    if not ctx.is_main:
+        return None  # rank 0 writes the output
     if ppl_texts is not None:
         with timed(timings, "ppl_sliced"):
             ppl["sliced"] = measure_ppl()
@@ -151,11 +185,22 @@ def slice_and_save(args, config: SliceConfig, out: Path, cal_texts: list[str], p
         "shortcuts": shortcut_parameters(model),
         "head": head_parameters(model, family),
     }
+    report = build_report(args, config, result, params, ppl, zeroshot, timings, ctx, tasks)
+    spectra = {p.name: p.eigenvalues for p in result.points}
+    files = {"spectra.json": json.dumps(spectra), **report_plots(report, spectra)}
+    with timed(timings, "save"):
+        save_sliced(model, tokenizer, out, report=report, overwrite=args.overwrite, extra_files=files)
+    return report
+
+
+def build_report(args, config: SliceConfig, result, params: dict, ppl: dict, zeroshot: dict, timings: dict,
+                 ctx: distributed.DistContext, tasks: list[str] | None = None) -> dict:
     run_config = {**config.to_dict(), "model": args.model, "base_model": base_model_id(args.model),
-                  "dtype": args.dtype, "device": args.device, "eval_ppl": ppl_texts is not None,
+                  "dtype": args.dtype, "device": ctx.device, "eval_ppl": bool(ppl),
                   "ppl_data": args.ppl_data, "ppl_chunks": args.ppl_chunks, "ppl_seqlen": args.ppl_seqlen,
-                  "eval_zeroshot": tasks, "zeroshot_limit": args.zeroshot_limit, "plain": args.plain}
-    report = {
+                  "eval_zeroshot": tasks, "zeroshot_limit": args.zeroshot_limit, "plain": args.plain,
+                  "world_size": ctx.world_size}
+    return {
         "config": run_config,
         "widths": {"embedding": result.embedding_width, "layers": result.layer_widths, "head_in": result.head_in},
         "params": params,
@@ -165,11 +210,80 @@ def slice_and_save(args, config: SliceConfig, out: Path, cal_texts: list[str], p
         "timings_s": timings,
         "versions": versions(),
     }
+
+
+def run_streaming(args, config: SliceConfig, out: Path, ctx: distributed.DistContext, tasks) -> int:
+    from transformers import AutoTokenizer
+
+    from ..streaming import StreamingRun, report_spill
+
+    for flag, asked in (("--eval-ppl", args.eval_ppl), ("--eval-zeroshot", bool(tasks)), ("--plain", args.plain)):
+        if asked:
+            raise SliceGPTError(f"{flag} needs the whole model in memory, which streaming mode avoids; "
+                                f"measure or convert the output afterwards (e.g. `slicegpt ppl {out}`)")
+    timings: dict[str, float] = {}
+    cal_texts = load_texts(config.cal_data, split="train")
+    source = resolve(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    job = StreamingRun(source, out, config, dtype=DTYPES[args.dtype], ctx=ctx, spill=args.spill,
+                       fresh=args.fresh, overwrite=args.overwrite)
+    batches = ctx.shard(calibration_data(tokenizer, config, cal_texts))
+    plan = job.plan(batches)
+    if ctx.is_main:
+        say(report_spill(plan) + f"; checkpoints in {job.directory}")
+    with timed(timings, "calibrate_and_slice"):
+        result = job.run(batches)
+    if not ctx.is_main:
+        return 0
+    params = job.parameter_counts()
+    report = build_report(args, config, result, params, {}, {}, timings, ctx)
+    report["streaming"] = {key: value for key, value in plan.items() if key != "available_memory"}
     spectra = {p.name: p.eigenvalues for p in result.points}
-    files = {"spectra.json": json.dumps(spectra), **report_plots(report, spectra)}
     with timed(timings, "save"):
-        save_sliced(model, tokenizer, out, report=report, overwrite=args.overwrite, extra_files=files)
-    return report
+        job.finish(tokenizer, {REPORT_FILE: json.dumps(report, indent=2) + "\n", "spectra.json": json.dumps(spectra)})
+    print_summary(args.model, out, report)
+    return 0
+
+
+def choose_engine(args, config: SliceConfig) -> tuple[bool, str]:
+    """Streaming when asked, or when slicing in memory would not fit; with the reason."""
+    from ..shards import SafetensorsCheckpoint
+
+    if args.streaming is False:
+        return False, "--no-streaming"
+    source = resolve(args.model)
+    local = Path(source).is_dir() and not is_sliced_dir(source)
+    if args.streaming:
+        if not local:
+            raise SliceGPTError(f"--streaming needs a local model directory with safetensors weights, not {args.model}")
+        return True, "--streaming"
+    if not local:
+        return False, "not a local directory"
+    try:
+        checkpoint = SafetensorsCheckpoint(source)
+        shapes = checkpoint.shapes()
+    except SliceGPTError:
+        return False, "no safetensors weights"
+    from transformers import AutoConfig
+
+    width = AutoConfig.from_pretrained(source).get_text_config().hidden_size
+    dtype = DTYPES[args.dtype]
+    parameters = sum(math.prod(s) for s in shapes.values())
+    acts = activation_bytes(config.cal_samples, config.cal_seqlen, width, dtype)
+    need = in_memory_bytes(parameters, dtype, acts, max(math.prod(s) for s in shapes.values()))
+    free = available_memory(args.device)
+    if need <= free:
+        return False, f"fits in memory ({gib(need)} of {gib(free)})"
+    return True, f"slicing in memory would need about {gib(need)}, and {gib(free)} is available"
+
+
+def output_size_bound(model, config: SliceConfig) -> int:
+    """Bytes the sliced checkpoint takes at most: dense weights, shortcuts, an untied head."""
+    text = model.config.get_text_config()
+    width = config.kept_width(text.hidden_size)
+    tied = bool(getattr(text, "tie_word_embeddings", False))
+    extra = 2 * text.num_hidden_layers * width**2 + (text.vocab_size * text.hidden_size if tied else 0)
+    return (count_parameters(model) + extra) * dtype_bytes(next(model.parameters()).dtype)
 
 
 def print_summary(name: str, out: Path, report: dict) -> None:

@@ -1,0 +1,130 @@
+"""Inference speed of SmolLM2-135M: dense against 20/25/30% sliced, prefill and decode tokens/s.
+
+The sliced models are made with a small calibration set (8 x 256 tokens of WikiText-2;
+speed does not depend on it) into a scratch directory. All models are loaded in one
+process and measured in turns within each repeat (`slicegpt.benchmark`), so machine
+noise hits them alike; figures are medians. An extra model, "25% plain", is the 25%
+model with the sliced layer's fast paths switched off (shortcut as a separate linear plus
+an add, the norm written out op by op): the before/after of those paths.
+
+The last column is the bandwidth bound: at batch 1 decoding reads every matrix once per
+token, so the best possible speed-up is the ratio of matrix bytes read per token (the
+embedding table is only indexed and not counted; a tied dense head is counted once).
+
+    python bench/speed.py                       # CPU, 2 threads
+    python bench/speed.py --device cuda --threads 0 --out bench/results/speed_cuda.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+CAL_DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "wikitext-2-v1.validation.jsonl"
+
+
+def make_sliced(sparsity: float, scratch: Path, device: str) -> Path:
+    out = scratch / f"smollm2-135m-sliced-{sparsity}"
+    if not (out / "config.json").exists():
+        print(f"slicing at {sparsity} ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "slicegpt.cli", "slice", "smollm2-135m", "--sparsity", str(sparsity),
+                        "--out", str(out), "--overwrite", "--cal-data", str(CAL_DATA), "--cal-samples", "8",
+                        "--cal-seqlen", "256", "--cal-batch-size", "4", "--device", device], check=True,
+                       stdout=subprocess.DEVNULL)
+    return out
+
+
+def matrix_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of every linear weight (what a batch-1 decode step must read), shared ones once."""
+    seen, total = set(), 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.weight.data_ptr() not in seen:
+            seen.add(module.weight.data_ptr())
+            total += module.weight.numel() * module.weight.element_size()
+    return total
+
+
+def _plain_residual(shortcut, x, out):
+    return (x if shortcut is None else shortcut(x)) + out
+
+
+def _plain_norm(self, x):
+    compute = torch.promote_types(x.dtype, torch.float32)
+    y = x.to(compute)
+    scale = torch.rsqrt(y.pow(2).sum(-1, keepdim=True) / self.dense_width + self.eps)
+    return (y * scale).to(x.dtype)
+
+
+def plain(model: nn.Module) -> nn.Module:
+    """Switch this model's sliced fast paths off (per instance, so other models are untouched)."""
+    for module in model.modules():
+        if type(module).__name__ == "SlicedDecoderLayer":
+            module._residual = _plain_residual
+        elif type(module).__name__ == "SlicedRMSNorm":
+            module.forward = types.MethodType(_plain_norm, module)
+    return model
+
+
+def main() -> None:
+    from slicegpt.benchmark import BenchSettings, format_table, run_benchmark, summarise
+    from slicegpt.models import load_model
+    from slicegpt.report import versions
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sparsities", default="0.2,0.25,0.3")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (0: leave torch's default)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-ablation", action="store_true", help="skip the '25%% plain' model")
+    parser.add_argument("--scratch", type=Path, default=Path("/work/scratch/speed"))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "speed.json")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    paths = {f"{int(s * 100)}%": make_sliced(s, args.scratch, args.device) for s in sparsities}
+    models = {"dense": load_model("smollm2-135m", dtype=args.dtype, device=args.device)[0]}
+    for name, path in paths.items():
+        models[name] = load_model(str(path), dtype=args.dtype, device=args.device)[0]
+    if not args.no_ablation and "25%" in paths:
+        models["25% plain"] = plain(load_model(str(paths["25%"]), dtype=args.dtype, device=args.device)[0])
+
+    settings = BenchSettings(batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
+                             prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
+    figures = run_benchmark(models, settings, lambda d, t: print(f"repeat {d}/{t}", file=sys.stderr, flush=True))
+    environment = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
+                   "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()], **versions()}
+    data = summarise(figures, settings, environment)
+    bound = {f.name: matrix_bytes_per_token(models["dense"]) / matrix_bytes_per_token(models[f.name]) for f in figures}
+    for name, ratios in data["vs_first"].items():
+        ratios["bandwidth_bound"] = bound[name]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=2) + "\n")
+    print(format_table(data))
+    batches = [str(b) for b in settings.batch_sizes]
+    print("\nspeed-up over dense (paired medians) and the batch-1 decode bound from bytes read per token:")
+    print(f"{'model':>10} " + " ".join(f"{'decode b' + b:>10}" for b in batches) + " "
+          + " ".join(f"{'prefill b' + b:>10}" for b in batches) + f" {'params':>7} {'bw bound':>8}")
+    for name, r in data["vs_first"].items():
+        print(f"{name:>10} " + " ".join(f"{r['decode'][b]:>9.3f}x" for b in batches) + " "
+              + " ".join(f"{r['prefill'][b]:>9.3f}x" for b in batches)
+              + f" {r['params']:>6.3f}x {r['bandwidth_bound']:>7.3f}x")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

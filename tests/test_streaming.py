@@ -1,0 +1,166 @@
+"""Streaming mode: layer-at-a-time slicing from sharded safetensors equals the in-memory run."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from slicegpt import SliceConfig, load_sliced, save_sliced, slice_model
+from slicegpt.cli import main
+from slicegpt.errors import SliceGPTError
+from slicegpt.families import get_module
+from slicegpt.shards import INDEX_FILE
+from slicegpt.streaming import StreamingRun, partial_dir
+
+from conftest import WIKITEXT_VALIDATION, make_tiny_model, random_batches
+
+CAL = ["--cal-data", str(WIKITEXT_VALIDATION), "--cal-samples", "4", "--cal-seqlen", "32", "--cal-batch-size", "2"]
+
+
+def _sharded(tmp_path, arch="LlamaForCausalLM", tied=False, name="dense"):
+    model = make_tiny_model(arch, tied=tied)
+    path = tmp_path / name
+    model.save_pretrained(path, max_shard_size="30KB")  # several shards, layers split across them
+    assert (path / INDEX_FILE).exists()
+    return path
+
+
+def _in_memory(path, config, batches, out):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    slice_model(model, None, config, batches, progress=False)
+    save_sliced(model, None, out)
+    return load_sliced(out)
+
+
+def _streamed(path, config, batches, out, **options):
+    job = StreamingRun(path, out, config, progress=False, **options)
+    job.plan(batches)
+    job.run(batches)
+    job.finish(None)
+    return load_sliced(out)
+
+
+def _assert_same(a, b, atol=0.0):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].shape == sb[key].shape, key
+        assert torch.allclose(sa[key], sb[key], rtol=0, atol=atol), (key, (sa[key] - sb[key]).abs().max())
+    ids = torch.randint(0, a.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(a(ids).logits, b(ids).logits, rtol=0, atol=max(atol, 1e-6))
+
+
+@pytest.mark.parametrize("arch,tied,spill", [("LlamaForCausalLM", False, "never"), ("LlamaForCausalLM", True, "never"),
+                                              ("LlamaForCausalLM", True, "always"), ("Qwen2ForCausalLM", False, "always")])
+def test_streamed_equals_in_memory(tmp_path, arch, tied, spill):
+    path = _sharded(tmp_path, arch, tied)
+    config = SliceConfig(sparsity=0.25)
+    batches = random_batches(96)
+    reference = _in_memory(path, config, batches, tmp_path / "memory")
+    streamed = _streamed(path, config, batches, tmp_path / "streamed", spill=spill)
+    _assert_same(reference, streamed)
+    assert not partial_dir(tmp_path / "streamed").exists()
+    assert not list((tmp_path / "streamed").glob("*.bin")), "spill files must not reach the output"
+    index = json.loads((tmp_path / "streamed" / INDEX_FILE).read_text())
+    assert index["metadata"]["total_parameters"] == sum(p.numel() for p in streamed.parameters())
+
+
+def test_loads_with_remote_code(tmp_path):
+    path = _sharded(tmp_path, tied=True)
+    config = SliceConfig(sparsity=0.25)
+    streamed = _streamed(path, config, random_batches(96), tmp_path / "out")
+    remote = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    _assert_same(streamed, remote)
+
+
+def test_one_layer_in_memory_at_a_time(tmp_path, monkeypatch):
+    """The memory bound: never more than one decoder layer holds real weights."""
+    path = _sharded(tmp_path)
+    job = StreamingRun(path, tmp_path / "out", SliceConfig(sparsity=0.25), progress=False)
+    seen = []
+    original = job._materialize
+
+    def watching(module_path, **kwargs):
+        original(module_path, **kwargs)
+        layers = get_module(job.model, job.family.layers)
+        real = [i for i, layer in enumerate(layers) if any(p.device.type != "meta" for p in layer.parameters())]
+        seen.append(real)
+
+    monkeypatch.setattr(job, "_materialize", watching)
+    batches = random_batches(96)
+    job.plan(batches)
+    job.run(batches)
+    assert seen == [[], [0], [1], []]  # globals, each layer alone, the head
+
+
+def test_spilled_activations_stay_on_disk(tmp_path):
+    from slicegpt.spill import DiskActivations
+
+    store = DiskActivations(tmp_path, masks=[None, None])
+    batches = [torch.randn(2, 5, 8), torch.randn(1, 5, 8)]
+    store.hidden = batches
+    assert torch.equal(store.hidden[1], batches[1])
+    first = store.file
+    store.map(lambda x: x[..., :4] * 2)
+    assert not first.exists() and store.file.exists()
+    assert [tuple(x.shape) for x in store.hidden] == [(2, 5, 4), (1, 5, 4)]
+    assert torch.equal(store.hidden[0], batches[0][..., :4] * 2)
+    pinned = store.pin()
+    store.map(lambda x: x + 1)
+    assert (tmp_path / pinned["file"]).exists(), "a checkpoint's file survives the next map"
+    store.release()
+    assert not (tmp_path / pinned["file"]).exists()
+    store.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_streaming_matches_in_memory(tiny_model_dir, tmp_path, capsys):
+    assert main(["slice", str(tiny_model_dir), "--sparsity", "0.25", "--out", str(tmp_path / "mem"), *CAL]) == 0
+    assert main(["slice", str(tiny_model_dir), "--sparsity", "0.25", "--out", str(tmp_path / "str"), *CAL,
+                 "--streaming"]) == 0
+    assert "streaming mode" in capsys.readouterr().err
+    _assert_same(load_sliced(tmp_path / "mem"), load_sliced(tmp_path / "str"))
+    report = json.loads((tmp_path / "str" / "slicing_report.json").read_text())
+    memory_report = json.loads((tmp_path / "mem" / "slicing_report.json").read_text())
+    assert report["params"] == memory_report["params"]
+    assert report["widths"] == memory_report["widths"]
+    assert (tmp_path / "str" / "tokenizer.json").exists()
+
+
+def test_streaming_is_chosen_when_memory_is_short(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from slicegpt.commands import slice as slice_command
+
+    monkeypatch.setattr(slice_command, "available_memory", lambda device="cpu": 1000)
+    assert main(["slice", str(tiny_model_dir), "--sparsity", "0.25", "--out", str(tmp_path / "o"), *CAL]) == 0
+    assert "streaming mode: slicing in memory would need about" in capsys.readouterr().err
+    assert (tmp_path / "o" / INDEX_FILE).exists()
+
+
+def test_streaming_refuses_eval_ppl(tiny_model_dir, tmp_path, capsys):
+    code = main(["slice", str(tiny_model_dir), "--sparsity", "0.25", "--out", str(tmp_path / "o"), *CAL,
+                 "--streaming", "--eval-ppl"])
+    assert code == 2 and "slicegpt ppl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("streaming", ["--streaming", "--no-streaming"])
+def test_not_enough_disk_is_refused_before_work(tiny_model_dir, tmp_path, capsys, monkeypatch, streaming):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("slicegpt.resources.shutil.disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    for name in ("slicegpt.slicing.Slicer.run", "slicegpt.streaming.StreamingRun.run"):
+        monkeypatch.setattr(name, lambda *a, **k: pytest.fail("work started"))
+    code = main(["slice", str(tiny_model_dir), "--sparsity", "0.25", "--out", str(tmp_path / "o"), *CAL, streaming])
+    err = capsys.readouterr().err
+    assert code == 2 and "not enough disk space" in err and "only 0.00 GiB is free" in err, err
+    assert not (tmp_path / "o").exists() and not partial_dir(tmp_path / "o").exists()
+    assert shutil.disk_usage  # the real one is untouched outside slicegpt.resources
+
+
+def test_missing_shard_is_reported(tmp_path):
+    path = _sharded(tmp_path)
+    next(path.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(SliceGPTError, match="missing"):
+        StreamingRun(path, tmp_path / "out", SliceConfig(sparsity=0.25))
