@@ -39,19 +39,26 @@ def parameter_budget(model: nn.Module, family: Family, config: SliceConfig) -> i
     return None
 
 
+# The share of the calibration batches (at least one) a survey reads: 8 of protocol P's 64
+# sequences, 16k tokens, is plenty for a 576-wide covariance; the survey costs that share of
+# a dense forward.
+SURVEY_SHARE = 0.125
+
+
 def survey(model: nn.Module, family: Family, config: SliceConfig, batches: list[dict],
            progress: bool) -> dict[str, CovarianceAccumulator] | None:
     """Covariances at every stream point of the fused dense model, where the config needs them.
 
-    A quarter of the calibration batches (at least one) is enough for what they decide:
+    An eighth of the calibration batches (at least one) is enough for what they decide:
     per-point widths, and the basis a tied head shares with the embeddings.
     """
     tied = isinstance(get_module(model, family.final_norm), NormThenMap)
     joint_head = tied and config.tied_head_basis == "joint" and config.rotations in ("block", "layer")
     if config.widths != "variance" and not joint_head:
         return None
-    subset = leading_share(batches, 0.25)
-    return collect_covariances(model, family, subset, progress, normalize=config.pca == "normalized")
+    subset = leading_share(batches, SURVEY_SHARE)
+    return collect_covariances(model, family, subset, progress, normalize=config.pca == "normalized",
+                               head_only=config.widths != "variance")
 
 
 def width_rule_for(model: nn.Module, family: Family, config: SliceConfig,

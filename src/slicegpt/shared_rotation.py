@@ -49,14 +49,15 @@ def _norm_hooks(model: nn.Module, family: Family) -> list[tuple[nn.Module, str]]
 
 @torch.no_grad()
 def collect_covariances(model: nn.Module, family: Family, batches: list[dict], progress: bool = True,
-                        normalize: bool = False) -> dict[str, CovarianceAccumulator]:
-    """Each stream point's covariance on the fused model, from one forward of the body."""
+                        normalize: bool = False, head_only: bool = False) -> dict[str, CovarianceAccumulator]:
+    """Each stream point's covariance on the fused model, from one forward of the body
+    (with `head_only`, just a tied head's input)."""
     dense = model.config.hidden_size
     device = next(model.parameters()).device
     accumulators: dict[str, CovarianceAccumulator] = {}
     current = {}
     handles = []
-    for module, name in _norm_hooks(model, family):
+    for module, name in ([] if head_only else _norm_hooks(model, family)):
         accumulators.setdefault(name, CovarianceAccumulator(dense, where=f"at {name}", device=device,
                                                                 normalize=normalize))
 

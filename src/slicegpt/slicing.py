@@ -187,22 +187,34 @@ class Slicer:
 
     def _block(self, name: str, layer: SlicedDecoderLayer, run: Callable, acts: Activations, kwargs: list[dict],
                Q_in: torch.Tensor, inputs: tuple[str, ...], outputs: tuple[str, ...], has_mlp: bool,
-               Q_out: torch.Tensor | None = None) -> torch.Tensor:
+               skip: str, Q_out: torch.Tensor | None = None) -> torch.Tensor:
         """One residual block: run it, find the basis of its output, rotate and slice its weights.
 
-        The block runs with its weights still in the dense basis, on the stream brought back to
-        dense coordinates (`x Q_in^T`; the sliced directions are zeros) and an identity skip
-        path. That equals the rotated block exactly, and every module sees a stream as wide
-        as it was built for (MoE experts allocate their output like their input).
+        Usually the block's readers are rotated first and it runs at the kept width, with a
+        skip path (`skip`, the layer's shortcut attribute) that returns the stream to dense
+        coordinates until the output basis is known. MoE blocks instead run with their weights
+        still in the dense basis, on the stream brought back to dense coordinates (`x Q_in^T`;
+        the sliced directions are zeros), because their experts allocate their output like
+        their input. Both equal the rotated block exactly; the first does less work.
         """
-        acts.map(lambda x, kw: run(to_dense(x, Q_in), **kw), kwargs)
+        dense_width_only = has_mlp and (self.family.mlp_width_attrs or self.family.mlp_keeps_width)
+        if dense_width_only:
+            acts.map(lambda x, kw: run(to_dense(x, Q_in), **kw), kwargs)
+        else:
+            for path in inputs:
+                rotate_input(stream_weight(layer, path), Q_in)
+            setattr(layer, skip, shortcut(Q_in, torch.eye(self.dense, dtype=Q_in.dtype, device=Q_in.device),
+                                          acts.hidden[0].dtype))
+            acts.map(lambda x, kw: run(x, **kw), kwargs)
+            setattr(layer, skip, None)
         if Q_out is None:  # else the caller fixed the output basis (a shared rotation)
             Q_out = self._basis(acts, name)
         if has_mlp and self.family.mlp_keeps_width and Q_out.shape[1] != Q_in.shape[1]:
             raise SliceGPTError(f"{self.family.name} needs the same width before and after its MLP "
                                 f"(got {Q_in.shape[1]} and {Q_out.shape[1]} at {name})")
-        for path in inputs:
-            rotate_input(stream_weight(layer, path), Q_in)
+        if dense_width_only:
+            for path in inputs:
+                rotate_input(stream_weight(layer, path), Q_in)
         for path in outputs:
             rotate_output(stream_weight(layer, path), Q_out)
         if has_mlp:
@@ -215,13 +227,13 @@ class Slicer:
         family, dtype = self.family, acts.hidden[0].dtype
         layer.attn_shortcut = layer.mlp_shortcut = None
         Q_mid = self._block(f"layer {index} mlp input", layer, layer.attention_half, acts, kwargs, Q_in,
-                            family.attn_inputs, family.attn_outputs, has_mlp=False,
+                            family.attn_inputs, family.attn_outputs, has_mlp=False, skip="attn_shortcut",
                             Q_out=Q_in if self.share_layer else None)
         if not self.share_layer:
             layer.attn_shortcut = shortcut(Q_in, Q_mid, dtype)
         no_kwargs = [{} for _ in kwargs]
         Q_out = self._block(f"layer {index} output", layer, layer.mlp_half, acts, no_kwargs, Q_mid,
-                            family.mlp_inputs, family.mlp_outputs, has_mlp=True)
+                            family.mlp_inputs, family.mlp_outputs, has_mlp=True, skip="mlp_shortcut")
         layer.mlp_shortcut = shortcut(Q_mid, Q_out, dtype)
         self.result.layer_widths.append(layer_record(layer, Q_in, Q_out, Q_mid))
         return Q_out
@@ -232,7 +244,7 @@ class Slicer:
         layer.attn_shortcut = None
         Q_out = self._block(f"layer {index} output", layer, layer.parallel_block, acts, kwargs, Q_in,
                             (*family.attn_inputs, *family.mlp_inputs), (*family.attn_outputs, *family.mlp_outputs),
-                            has_mlp=True)
+                            has_mlp=True, skip="attn_shortcut")
         layer.attn_shortcut = shortcut(Q_in, Q_out, dtype)
         self.result.layer_widths.append(layer_record(layer, Q_in, Q_out))
         return Q_out

@@ -290,13 +290,14 @@ class StreamingRun:
 
     def _survey(self, batches: list[dict], layer_kwargs: list[list[dict]], eps: float) -> dict | None:
         """The head-input covariance a tied head's joint basis needs (see api.survey): one extra
-        pass over the first quarter of the batches, reading every layer once more."""
+        pass over the first eighth of the batches, reading every layer once more."""
+        from .api import SURVEY_SHARE
         from .shared_rotation import HEAD_INPUT
 
         if not (self.tied and self.config.tied_head_basis == "joint"):
             return None
         family, layers = self.family, get_module(self.model, self.family.layers)
-        subset = leading_share(batches, 0.25)  # as api.survey
+        subset = leading_share(batches, SURVEY_SHARE)  # as api.survey
         hidden, _ = capture_layer_inputs(self.model, family, subset)
         masks = [b.get("attention_mask") for b in subset]
         for index in tqdm(range(self.layer_count), desc="Surveying the head input (streaming)", unit="layer",
