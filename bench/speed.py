@@ -3,7 +3,9 @@
 The sliced models are made with a small calibration set (8 x 256 tokens of WikiText-2;
 speed does not depend on it) into a scratch directory. All models are loaded in one
 process and measured in turns within each repeat (`slicegpt.benchmark`), so machine
-noise hits them alike; figures are medians. An extra model, "25% plain", is the 25%
+noise hits them alike; figures are medians. "25% layer" and "25% model" are sliced with
+`--rotations layer` (one shortcut per layer) and `--rotations model --plain` (none: a plain
+Llama). An extra model, "25% no fast paths", is the 25%
 model with the sliced layer's fast paths switched off (shortcut as a separate linear plus
 an add, the norm written out op by op): the before/after of those paths.
 
@@ -32,14 +34,21 @@ ROOT = Path(__file__).resolve().parents[1]
 CAL_DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "wikitext-2-v1.validation.jsonl"
 
 
-def make_sliced(sparsity: float, scratch: Path, device: str) -> Path:
-    out = scratch / f"smollm2-135m-sliced-{sparsity}"
+VARIANTS = {  # name suffix -> extra `slicegpt slice` flags (see docs/size-and-quality.md)
+    "": [],
+    " layer": ["--rotations", "layer"],
+    " model": ["--rotations", "model", "--plain"],
+}
+
+
+def make_sliced(sparsity: float, scratch: Path, device: str, variant: str = "") -> Path:
+    out = scratch / f"smollm2-135m-sliced-{sparsity}{variant.replace(' ', '-')}"
     if not (out / "config.json").exists():
-        print(f"slicing at {sparsity} ...", file=sys.stderr, flush=True)
+        print(f"slicing at {sparsity}{variant} ...", file=sys.stderr, flush=True)
         subprocess.run([sys.executable, "-m", "slicegpt.cli", "slice", "smollm2-135m", "--sparsity", str(sparsity),
                         "--out", str(out), "--overwrite", "--cal-data", str(CAL_DATA), "--cal-samples", "8",
-                        "--cal-seqlen", "256", "--cal-batch-size", "4", "--device", device], check=True,
-                       stdout=subprocess.DEVNULL)
+                        "--cal-seqlen", "256", "--cal-batch-size", "4", "--device", device, *VARIANTS[variant]],
+                       check=True, stdout=subprocess.DEVNULL)
     return out
 
 
@@ -64,7 +73,7 @@ def _plain_norm(self, x):
     return (y * scale).to(x.dtype)
 
 
-def plain(model: nn.Module) -> nn.Module:
+def without_fast_paths(model: nn.Module) -> nn.Module:
     """Switch this model's sliced fast paths off (per instance, so other models are untouched)."""
     for module in model.modules():
         if type(module).__name__ == "SlicedDecoderLayer":
@@ -88,7 +97,9 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no-ablation", action="store_true", help="skip the '25%% plain' model")
+    parser.add_argument("--no-ablation", action="store_true", help="skip the '25%% no fast paths' model")
+    parser.add_argument("--variants", default="layer,model",
+                        help="also 25%% with --rotations layer / model (comma-separated; empty for none)")
     parser.add_argument("--scratch", type=Path, default=Path("/work/scratch/speed"))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "speed.json")
     args = parser.parse_args()
@@ -97,11 +108,13 @@ def main() -> None:
 
     sparsities = [float(s) for s in args.sparsities.split(",")]
     paths = {f"{int(s * 100)}%": make_sliced(s, args.scratch, args.device) for s in sparsities}
+    for variant in [f" {v}" for v in args.variants.split(",") if v]:
+        paths[f"25%{variant}"] = make_sliced(0.25, args.scratch, args.device, variant)
     models = {"dense": load_model("smollm2-135m", dtype=args.dtype, device=args.device)[0]}
     for name, path in paths.items():
         models[name] = load_model(str(path), dtype=args.dtype, device=args.device)[0]
     if not args.no_ablation and "25%" in paths:
-        models["25% plain"] = plain(load_model(str(paths["25%"]), dtype=args.dtype, device=args.device)[0])
+        models["25% no fast paths"] = without_fast_paths(load_model(str(paths["25%"]), dtype=args.dtype, device=args.device)[0])
 
     settings = BenchSettings(batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
                              prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
@@ -117,10 +130,10 @@ def main() -> None:
     print(format_table(data))
     batches = [str(b) for b in settings.batch_sizes]
     print("\nspeed-up over dense (paired medians) and the batch-1 decode bound from bytes read per token:")
-    print(f"{'model':>10} " + " ".join(f"{'decode b' + b:>10}" for b in batches) + " "
+    print(f"{'model':>18} " + " ".join(f"{'decode b' + b:>10}" for b in batches) + " "
           + " ".join(f"{'prefill b' + b:>10}" for b in batches) + f" {'params':>7} {'bw bound':>8}")
     for name, r in data["vs_first"].items():
-        print(f"{name:>10} " + " ".join(f"{r['decode'][b]:>9.3f}x" for b in batches) + " "
+        print(f"{name:>18} " + " ".join(f"{r['decode'][b]:>9.3f}x" for b in batches) + " "
               + " ".join(f"{r['prefill'][b]:>9.3f}x" for b in batches)
               + f" {r['params']:>6.3f}x {r['bandwidth_bound']:>7.3f}x")
     print(f"wrote {args.out}")

@@ -152,6 +152,19 @@ def smollm2_tokenizer(smollm2_dir):
 
 
 @pytest.fixture(scope="session")
+def three_layer_dir(tmp_path_factory, smollm2_tokenizer):
+    """A tiny random three-layer Llama in several safetensors shards, for streaming and torchrun runs."""
+    config = transformers.LlamaConfig(
+        vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("three-layers")
+    transformers.LlamaForCausalLM(config).save_pretrained(path, max_shard_size="2MB")
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
     """A tiny random Llama with SmolLM2's tokenizer, saved as a normal model directory."""
     config = transformers.LlamaConfig(

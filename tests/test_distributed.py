@@ -8,7 +8,6 @@ import time
 
 import pytest
 import torch
-import transformers
 
 from slicegpt import load_sliced
 from slicegpt.cli import main
@@ -20,27 +19,15 @@ CAL = ["--cal-data", str(WIKITEXT_VALIDATION), "--cal-samples", "8", "--cal-seql
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, smollm2_tokenizer):
-    config = transformers.LlamaConfig(
-        vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=112, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("dist-model")
-    transformers.LlamaForCausalLM(config).save_pretrained(path, max_shard_size="2MB")
-    smollm2_tokenizer.save_pretrained(path)
-    return path
-
-
 def slice_args(model, out, *extra):
     return ["slice", str(model), "--sparsity", "0.25", "--out", str(out), *CAL, *extra]
 
 
 @pytest.mark.parametrize("mode", ["--no-streaming", "--streaming"])
-def test_two_ranks_match_one_process(model_dir, tmp_path, mode):
-    assert main(slice_args(model_dir, tmp_path / "single", mode)) == 0
+def test_two_ranks_match_one_process(three_layer_dir, tmp_path, mode):
+    assert main(slice_args(three_layer_dir, tmp_path / "single", mode)) == 0
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "slicegpt.cli", *slice_args(model_dir, tmp_path / "multi", mode, "--dist-timeout", "60")]
+               "-m", "slicegpt.cli", *slice_args(three_layer_dir, tmp_path / "multi", mode, "--dist-timeout", "60")]
     done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     single, multi = load_sliced(tmp_path / "single").state_dict(), load_sliced(tmp_path / "multi").state_dict()
@@ -56,14 +43,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_dead_rank_stops_the_others_with_a_message(model_dir, tmp_path):
+def test_a_dead_rank_stops_the_others_with_a_message(three_layer_dir, tmp_path):
     """Rank 1 is SIGKILLed after its first layer; rank 0 must not hang in the next collective."""
     port = str(_free_port())
     procs = []
     for rank in range(2):
         env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "RANK": str(rank),
                "LOCAL_RANK": str(rank), KILL_AFTER_LAYER_ENV: "0", KILL_RANK_ENV: "1"}
-        args = slice_args(model_dir, tmp_path / "out", "--streaming", "--dist-timeout", "30")
+        args = slice_args(three_layer_dir, tmp_path / "out", "--streaming", "--dist-timeout", "30")
         procs.append(subprocess.Popen([sys.executable, "-m", "slicegpt.cli", *args], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     start = time.monotonic()

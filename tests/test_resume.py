@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-import transformers
 
 from slicegpt import load_sliced
 from slicegpt.cli import main
@@ -17,18 +16,6 @@ from slicegpt.streaming import KILL_AFTER_LAYER_ENV, partial_dir
 from conftest import WIKITEXT_VALIDATION
 
 CAL = ["--cal-data", str(WIKITEXT_VALIDATION), "--cal-samples", "4", "--cal-seqlen", "32", "--cal-batch-size", "2"]
-
-
-@pytest.fixture(scope="module")
-def three_layer_dir(tmp_path_factory, smollm2_tokenizer):
-    config = transformers.LlamaConfig(
-        vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=112, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("three-layers")
-    transformers.LlamaForCausalLM(config).save_pretrained(path, max_shard_size="2MB")
-    smollm2_tokenizer.save_pretrained(path)
-    return path
 
 
 def slice_args(model, out, *extra):
