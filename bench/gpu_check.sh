@@ -31,7 +31,7 @@ PY
 # The embedded model must resolve (converted once into ~/.cache/slicegpt).
 step 45 "model" $PY -c "from slicegpt.models import resolve; print(resolve('smollm2-135m'))"
 # Speed: dense vs 20/25/30% sliced (+ the 25% model with fast paths off), batch 1 and 8, KV cache.
-step 110 "speed" $PY bench/speed.py --device cuda --threads 0 --repeats 5 --scratch "$SCRATCH/speed" \
+step 150 "speed" $PY bench/speed.py --device cuda --threads 0 --repeats 5 --scratch "$SCRATCH/speed" \
     --out bench/results/speed_cuda.json
 # Cost: protocol P (calibrate-and-slice time / one dense forward over the same tokens); target <= 1.3.
 step 140 "protocol P" $PY bench/protocol_p.py --device cuda

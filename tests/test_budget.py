@@ -53,8 +53,9 @@ def test_variance_schedule_keeps_the_uniform_size(rotations):
                          batches, progress=False)
     assert count_parameters(varied) <= count_parameters(uniform)
     assert all(point.width % 8 == 0 for point in result.points)
-    if rotations == "layer":
-        assert all("mid" not in w or w["in"] == w["mid"] for w in result.layer_widths)
+    if rotations == "layer":  # a shortcut on each later layer's attention skip path; layer 0 shares the embeddings'
+        assert result.layer_widths[0].get("no_shortcut") == ["attn", "mlp"]
+        assert all(w.get("no_shortcut") == ["mlp"] for w in result.layer_widths[1:])
 
 
 def test_variance_widths_follow_the_spectrum():

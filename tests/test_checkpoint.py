@@ -101,15 +101,18 @@ def test_untie_head_option():
     assert not model.config.slicing["tied_head"]
 
 
-@pytest.mark.parametrize("rotations,shortcuts_per_layer", [("block", 2), ("layer", 1), ("group:2", 0), ("model", 0)])
-def test_rotation_sharing_drops_shortcuts_and_round_trips(tmp_path, rotations, shortcuts_per_layer):
+# Shortcut matrices for L layers: two per layer; one per layer after the first (which shares
+# the embeddings' basis); none within a group (the tiny model's 2 layers are one group:2).
+@pytest.mark.parametrize("rotations,shortcuts", [("block", lambda L: 2 * L), ("layer", lambda L: L - 1),
+                                                 ("group:2", lambda L: 0), ("model", lambda L: 0)])
+def test_rotation_sharing_drops_shortcuts_and_round_trips(tmp_path, rotations, shortcuts):
     from slicegpt.report import shortcut_parameters
 
     model = make_tiny_model("LlamaForCausalLM", tied=True)
     config = SliceConfig(sparsity=0.25, rotations=rotations)
     slice_model(model, None, config, random_batches(model.config.vocab_size), progress=False)
     width = config.kept_width(64)
-    assert shortcut_parameters(model) == model.config.num_hidden_layers * shortcuts_per_layer * width * width
+    assert shortcut_parameters(model) == shortcuts(model.config.num_hidden_layers) * width * width
     ids = torch.randint(0, model.config.vocab_size, (1, 12))
     save_sliced(model, None, tmp_path / "out")
     assert torch.equal(load_sliced(tmp_path / "out", attn_implementation="eager")(ids).logits, model(ids).logits)

@@ -66,7 +66,7 @@ def test_streamed_equals_in_memory(tmp_path, arch, tied, spill):
     assert index["metadata"]["total_parameters"] == sum(p.numel() for p in streamed.parameters())
 
 
-@pytest.mark.parametrize("settings", [dict(target_ratio=0.8), dict(sparsity=0.25, rotations="layer"),
+@pytest.mark.parametrize("settings", [dict(target_ratio=0.8),
                                       dict(sparsity=0.25, tied_head_basis="input"), dict(sparsity=0.25, tied_head=False)])
 def test_streamed_equals_in_memory_with_options(tmp_path, settings):
     path = _sharded(tmp_path, tied=True)
@@ -76,7 +76,8 @@ def test_streamed_equals_in_memory_with_options(tmp_path, settings):
     _assert_same(reference, _streamed(path, config, batches, tmp_path / "streamed"))
 
 
-@pytest.mark.parametrize("settings", [dict(rotations="model"), dict(rotations="group:2"), dict(widths="variance")])
+@pytest.mark.parametrize("settings", [dict(rotations="layer"), dict(rotations="model"), dict(rotations="group:2"),
+                                      dict(widths="variance")])
 def test_streaming_refuses_options_that_need_every_layer_first(tmp_path, settings):
     path = _sharded(tmp_path)
     with pytest.raises(SliceGPTError, match="streaming supports"):

@@ -53,7 +53,7 @@ def survey(model: nn.Module, family: Family, config: SliceConfig, batches: list[
     per-point widths, and the basis a tied head shares with the embeddings.
     """
     tied = isinstance(get_module(model, family.final_norm), NormThenMap)
-    joint_head = tied and config.tied_head_basis == "joint" and config.rotations in ("block", "layer")
+    joint_head = tied and config.tied_head_basis == "joint" and config.rotations == "block"
     if config.widths != "variance" and not joint_head:
         return None
     subset = leading_share(batches, SURVEY_SHARE)
@@ -76,7 +76,7 @@ def build_slicer(model: nn.Module, family: Family, config: SliceConfig, width_ru
                  covariances: dict[str, CovarianceAccumulator] | None, progress: bool = True) -> Slicer:
     """The layer-by-layer Slicer for these settings (shared by the in-memory and streaming runs)."""
     head = covariances.get(HEAD_INPUT) if covariances and config.tied_head_basis == "joint" else None
-    return Slicer(model, family, width_rule, progress=progress, share_layer=config.rotations == "layer",
+    return Slicer(model, family, width_rule, progress=progress,
                   normalize_pca=config.pca == "normalized", head_covariance=None if head is None else head.sum)
 
 
@@ -100,7 +100,7 @@ def slice_model(model: nn.Module, tokenizer, config: SliceConfig, calibration: l
     added_biases = fuse(model, family, keep_tied=config.tied_head)
     covariances = survey(model, family, config, batches, progress)
     width_rule = width_rule_for(model, family, config, covariances, budget)
-    if config.rotations in ("block", "layer"):
+    if config.rotations == "block":
         result = build_slicer(model, family, config, width_rule, covariances, progress).run(batches)
     else:
         result = rotate_shared(model, family, batches, width_rule, group_size=config.group_size, progress=progress,

@@ -24,16 +24,6 @@ def basis_owner(config: SliceConfig, names: list[str], layers: int) -> dict[str,
     """For each stream point, the point whose basis it uses (equal owners: no shortcut between)."""
     if config.rotations == "block":
         return {name: name for name in names}
-    if config.rotations == "layer":
-        owner = {}
-        for name in names:
-            words = name.split()
-            if name.endswith("mlp input"):
-                index = int(words[1])
-                owner[name] = "embeddings" if index == 0 else f"layer {index - 1} output"
-            else:
-                owner[name] = name
-        return owner
     return {name: group[0] for group in group_points(names, layers, config.group_size) for name in group}
 
 

@@ -74,6 +74,8 @@ class SliceConfig:
         """Layers per shared rotation, for the shared modes ("model" is one group of all)."""
         if self.rotations.startswith("group:"):
             return int(self.rotations.split(":", 1)[1])
+        if self.rotations == "layer":
+            return 1
         return None
 
     def kept_width(self, dense_width: int) -> int:

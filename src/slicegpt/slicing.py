@@ -129,15 +129,15 @@ def _principal(acts: Activations, where: str, normalize: bool = False,
 class Slicer:
     """Runs the layer-by-layer rotation; `width_rule` picks each point's kept width.
 
-    With `share_layer`, attention and MLP of a layer read the same basis, which drops
-    the attention shortcut (its width must then equal the layer's input width).
+    Every block gets its own output basis (two shortcuts per sequential layer); bases
+    shared across blocks are shared_rotation.py's work.
     """
 
     def __init__(self, model: nn.Module, family: Family, width_rule: WidthRule, progress: bool = True,
-                 share_layer: bool = False, normalize_pca: bool = False,
+                 normalize_pca: bool = False,
                  head_covariance: torch.Tensor | None = None):
         self.model, self.family, self.width_rule, self.progress = model, family, width_rule, progress
-        self.share_layer, self.normalize_pca = share_layer, normalize_pca
+        self.normalize_pca = normalize_pca
         # A tied head reads the embedding basis too: its input covariance shapes that basis.
         self.head_covariance = head_covariance
         self.dense = model.config.hidden_size
@@ -187,7 +187,7 @@ class Slicer:
 
     def _block(self, name: str, layer: SlicedDecoderLayer, run: Callable, acts: Activations, kwargs: list[dict],
                Q_in: torch.Tensor, inputs: tuple[str, ...], outputs: tuple[str, ...], has_mlp: bool,
-               skip: str, Q_out: torch.Tensor | None = None) -> torch.Tensor:
+               skip: str) -> torch.Tensor:
         """One residual block: run it, find the basis of its output, rotate and slice its weights.
 
         Usually the block's readers are rotated first and it runs at the kept width, with a
@@ -207,8 +207,7 @@ class Slicer:
                                           acts.hidden[0].dtype))
             acts.map(lambda x, kw: run(x, **kw), kwargs)
             setattr(layer, skip, None)
-        if Q_out is None:  # else the caller fixed the output basis (a shared rotation)
-            Q_out = self._basis(acts, name)
+        Q_out = self._basis(acts, name)
         if has_mlp and self.family.mlp_keeps_width and Q_out.shape[1] != Q_in.shape[1]:
             raise SliceGPTError(f"{self.family.name} needs the same width before and after its MLP "
                                 f"(got {Q_in.shape[1]} and {Q_out.shape[1]} at {name})")
@@ -227,10 +226,8 @@ class Slicer:
         family, dtype = self.family, acts.hidden[0].dtype
         layer.attn_shortcut = layer.mlp_shortcut = None
         Q_mid = self._block(f"layer {index} mlp input", layer, layer.attention_half, acts, kwargs, Q_in,
-                            family.attn_inputs, family.attn_outputs, has_mlp=False, skip="attn_shortcut",
-                            Q_out=Q_in if self.share_layer else None)
-        if not self.share_layer:
-            layer.attn_shortcut = shortcut(Q_in, Q_mid, dtype)
+                            family.attn_inputs, family.attn_outputs, has_mlp=False, skip="attn_shortcut")
+        layer.attn_shortcut = shortcut(Q_in, Q_mid, dtype)
         no_kwargs = [{} for _ in kwargs]
         Q_out = self._block(f"layer {index} output", layer, layer.mlp_half, acts, no_kwargs, Q_mid,
                             family.mlp_inputs, family.mlp_outputs, has_mlp=True, skip="mlp_shortcut")

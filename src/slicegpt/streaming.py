@@ -64,9 +64,9 @@ def empty_model(model_dir: str | Path, dtype: torch.dtype) -> nn.Module:
 
 def check_streamable(config: SliceConfig) -> None:
     """Streaming reads each layer once, so it needs options that decide a layer from what came before."""
-    if config.rotations not in ("block", "layer"):
-        raise SliceGPTError(f"--rotations {config.rotations} shares bases across layers, which needs every "
-                            "layer's covariance first; streaming supports block and layer (or use --no-streaming)")
+    if config.rotations != "block":
+        raise SliceGPTError(f"--rotations {config.rotations} shares bases across blocks, which needs every "
+                            "layer's covariance first; streaming supports block (or use --no-streaming)")
     if config.widths != "uniform":
         raise SliceGPTError(f"--widths {config.widths} needs every layer's spectrum before slicing; streaming "
                             "supports uniform widths (or use --no-streaming)")
