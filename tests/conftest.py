@@ -151,31 +151,28 @@ def smollm2_tokenizer(smollm2_dir):
     return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
-@pytest.fixture(scope="session")
-def three_layer_dir(tmp_path_factory, smollm2_tokenizer):
-    """A tiny random three-layer Llama in several safetensors shards, for streaming and torchrun runs."""
+def _save_tiny_llama(tmp_path_factory, tokenizer, name: str, layers: int, **save_options):
+    """A tiny random tied Llama with SmolLM2's tokenizer, saved as a model directory."""
     config = transformers.LlamaConfig(
-        vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=112, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("three-layers")
-    transformers.LlamaForCausalLM(config).save_pretrained(path, max_shard_size="2MB")
-    smollm2_tokenizer.save_pretrained(path)
+    path = tmp_path_factory.mktemp(name)
+    transformers.LlamaForCausalLM(config).save_pretrained(path, **save_options)
+    tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def three_layer_dir(tmp_path_factory, smollm2_tokenizer):
+    """Three layers in several safetensors shards, for streaming and torchrun runs."""
+    return _save_tiny_llama(tmp_path_factory, smollm2_tokenizer, "three-layers", 3, max_shard_size="2MB")
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
-    """A tiny random Llama with SmolLM2's tokenizer, saved as a normal model directory."""
-    config = transformers.LlamaConfig(
-        vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    smollm2_tokenizer.save_pretrained(path)
-    return path
+    """Two layers, saved as a normal model directory."""
+    return _save_tiny_llama(tmp_path_factory, smollm2_tokenizer, "tiny-llama", 2)
 
 
 # Small calibration and perplexity settings for tiny models, as CLI options.

@@ -42,13 +42,15 @@ def rotate_output(writer: StreamWeight, Q: torch.Tensor) -> None:
     writer.replace(Q.T @ writer.weight.to(wide), None if bias is None else bias.to(wide) @ Q)
 
 
-def shortcut(Q_from: torch.Tensor, Q_to: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
-    """The skip path between two bases: x_to = x_from @ (Q_from^T Q_to)."""
+def shortcut(Q_from: torch.Tensor, Q_to: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
+    """The skip path between two bases: x_to = x_from @ (Q_from^T Q_to); to dense coordinates
+    (the weight is Q_from itself) where Q_to is None."""
     wide = exact_dtype(dtype)
-    Q_from, Q_to = Q_from.to(wide), Q_to.to(Q_from.device, wide)
-    linear = nn.Linear(Q_from.shape[1], Q_to.shape[1], bias=False, device=Q_from.device, dtype=dtype)
+    Q_from = Q_from.to(wide)
+    weight = Q_from if Q_to is None else Q_to.to(Q_from.device, wide).T @ Q_from
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=Q_from.device, dtype=dtype)
     with torch.no_grad():
-        linear.weight.copy_((Q_to.T @ Q_from).to(dtype))
+        linear.weight.copy_(weight.to(dtype))
     return linear
 
 

@@ -203,8 +203,7 @@ class Slicer:
         else:
             for path in inputs:
                 rotate_input(stream_weight(layer, path), Q_in)
-            setattr(layer, skip, shortcut(Q_in, torch.eye(self.dense, dtype=Q_in.dtype, device=Q_in.device),
-                                          acts.hidden[0].dtype))
+            setattr(layer, skip, shortcut(Q_in, None, acts.hidden[0].dtype))
             acts.map(lambda x, kw: run(x, **kw), kwargs)
             setattr(layer, skip, None)
         Q_out = self._basis(acts, name)
