@@ -41,6 +41,7 @@ VARIANTS = {
                        dict(target_ratio=BUDGET, rotations="layer", widths="variance")),
     "group5": ("groups of 5 layers, 0.85x", dict(target_ratio=BUDGET, rotations="group:5")),
     "model": ("one rotation (no shortcuts), 0.85x", dict(target_ratio=BUDGET, rotations="model")),
+    "model25": ("one rotation (no shortcuts), 25%", dict(sparsity=0.25, rotations="model")),
 }
 
 
