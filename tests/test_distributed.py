@@ -23,11 +23,12 @@ def slice_args(model, out, *extra):
     return ["slice", str(model), "--sparsity", "0.25", "--out", str(out), *CAL, *extra]
 
 
-@pytest.mark.parametrize("mode", ["--no-streaming", "--streaming"])
+@pytest.mark.parametrize("mode", ["--no-streaming", "--streaming", "--streaming --rotations model"])
 def test_two_ranks_match_one_process(three_layer_dir, tmp_path, mode):
-    assert main(slice_args(three_layer_dir, tmp_path / "single", mode)) == 0
+    mode = mode.split()
+    assert main(slice_args(three_layer_dir, tmp_path / "single", *mode)) == 0
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "slicegpt.cli", *slice_args(three_layer_dir, tmp_path / "multi", mode, "--dist-timeout", "60")]
+               "-m", "slicegpt.cli", *slice_args(three_layer_dir, tmp_path / "multi", *mode, "--dist-timeout", "60")]
     done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     single, multi = load_sliced(tmp_path / "single").state_dict(), load_sliced(tmp_path / "multi").state_dict()

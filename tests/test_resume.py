@@ -36,18 +36,18 @@ def assert_same_weights(a, b):
         assert torch.equal(sa[key], sb[key]), key
 
 
-@pytest.mark.parametrize("spill", ["never", "always"])
-def test_kill_then_resume_gives_the_same_weights(three_layer_dir, tmp_path, capsys, spill):
-    assert main(slice_args(three_layer_dir, tmp_path / "reference", "--spill", spill)) == 0
+@pytest.mark.parametrize("options", [["--spill", "never"], ["--spill", "always"], ["--rotations", "model"]])
+def test_kill_then_resume_gives_the_same_weights(three_layer_dir, tmp_path, capsys, options):
+    assert main(slice_args(three_layer_dir, tmp_path / "reference", *options)) == 0
     out = tmp_path / "out"
-    run_killed(slice_args(three_layer_dir, out, "--spill", spill), after_layer=1)
+    run_killed(slice_args(three_layer_dir, out, *options), after_layer=1)
     assert not out.exists()
     state = json.loads((partial_dir(out) / "resume" / STATE_FILE).read_text())
     assert state["next_layer"] == 2
     assert sorted(p.name for p in partial_dir(out).glob("model-*.safetensors")) == [
         "model-00001-of-00005.safetensors", "model-00002-of-00005.safetensors", "model-00003-of-00005.safetensors"]
     capsys.readouterr()
-    assert main(slice_args(three_layer_dir, out, "--spill", spill)) == 0
+    assert main(slice_args(three_layer_dir, out, *options)) == 0
     assert "resuming" in capsys.readouterr().err
     assert_same_weights(tmp_path / "reference", out)
     assert not partial_dir(out).exists()

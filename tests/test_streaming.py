@@ -76,12 +76,28 @@ def test_streamed_equals_in_memory_with_options(tmp_path, settings):
     _assert_same(reference, _streamed(path, config, batches, tmp_path / "streamed"))
 
 
-@pytest.mark.parametrize("settings", [dict(rotations="layer"), dict(rotations="model"), dict(rotations="group:2"),
-                                      dict(widths="variance")])
-def test_streaming_refuses_options_that_need_every_layer_first(tmp_path, settings):
+@pytest.mark.parametrize("arch,tied,settings,spill", [
+    ("LlamaForCausalLM", True, dict(rotations="model"), "never"),
+    ("LlamaForCausalLM", True, dict(rotations="model", target_ratio=0.8), "always"),
+    ("LlamaForCausalLM", False, dict(rotations="layer"), "never"),
+    ("LlamaForCausalLM", True, dict(rotations="group:2", tied_head_basis="input"), "never"),
+    ("Qwen2ForCausalLM", False, dict(rotations="model", pca="normalized"), "always"),
+])
+def test_streamed_shared_rotations_equal_in_memory(tmp_path, arch, tied, settings, spill):
+    path = _sharded(tmp_path, arch, tied)
+    config = SliceConfig(**{"sparsity": 0.25, **settings})
+    batches = random_batches(96)
+    reference = _in_memory(path, config, batches, tmp_path / "memory")
+    streamed = _streamed(path, config, batches, tmp_path / "streamed", spill=spill)
+    _assert_same(reference, streamed)
+    assert streamed.config.slicing == reference.config.slicing
+    assert not partial_dir(tmp_path / "streamed").exists()
+
+
+def test_streaming_refuses_widths_that_need_every_spectrum_first(tmp_path):
     path = _sharded(tmp_path)
     with pytest.raises(SliceGPTError, match="streaming supports"):
-        StreamingRun(path, tmp_path / "out", SliceConfig(sparsity=0.25, **settings), progress=False)
+        StreamingRun(path, tmp_path / "out", SliceConfig(sparsity=0.25, widths="variance"), progress=False)
 
 
 def test_loads_with_remote_code(tmp_path):
@@ -92,10 +108,12 @@ def test_loads_with_remote_code(tmp_path):
     _assert_same(streamed, remote)
 
 
-def test_one_layer_in_memory_at_a_time(tmp_path, monkeypatch):
+@pytest.mark.parametrize("rotations,reads", [("block", [[], [0], [1], []]),
+                                             ("model", [[], [0], [1], [0], [1], []])])  # two passes
+def test_one_layer_in_memory_at_a_time(tmp_path, monkeypatch, rotations, reads):
     """The memory bound: never more than one decoder layer holds real weights."""
     path = _sharded(tmp_path)
-    job = StreamingRun(path, tmp_path / "out", SliceConfig(sparsity=0.25), progress=False)
+    job = StreamingRun(path, tmp_path / "out", SliceConfig(sparsity=0.25, rotations=rotations), progress=False)
     seen = []
     original = job._materialize
 
@@ -109,7 +127,7 @@ def test_one_layer_in_memory_at_a_time(tmp_path, monkeypatch):
     batches = random_batches(96)
     job.plan(batches)
     job.run(batches)
-    assert seen == [[], [0], [1], []]  # globals, each layer alone, the head
+    assert seen == reads  # globals, each layer alone, the head
 
 
 def test_spilled_activations_stay_on_disk(tmp_path):

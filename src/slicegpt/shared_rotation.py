@@ -97,6 +97,82 @@ def group_points(names: list[str], layers: int, group_size: int | None) -> list[
     return list(groups.values())
 
 
+class GroupBases:
+    """One basis per group of stream points, from covariances handed over point by point.
+
+    A group's basis is the PCA of its points' covariances, each normalised by its trace so
+    the late layers' larger stream does not dominate, then summed. A tied head reads the
+    embedding basis, so with `joint_head` its input counts in the embeddings' group. Each
+    group is decided as soon as its last point arrives, so a streaming run holds only the
+    groups still open.
+    """
+
+    def __init__(self, names: list[str], layers: int, group_size: int | None, width_rule: WidthRule,
+                 joint_head: bool):
+        self.names, self.width_rule = names, width_rule
+        self.groups = group_points(names, layers, group_size)
+        self.group_of = {name: g for g, group in enumerate(self.groups) for name in group}
+        self.waiting = [len(group) for group in self.groups]
+        if joint_head:
+            self.group_of[HEAD_INPUT] = self.group_of["embeddings"]
+            self.waiting[self.group_of["embeddings"]] += 1
+        self.totals: dict[int, torch.Tensor] = {}
+        self.points: dict[str, StreamPoint] = {}
+
+    def add(self, name: str, covariance: torch.Tensor) -> tuple[list[str], torch.Tensor] | None:
+        """Count one point's covariance; returns (the group's points, its basis) once the group is complete."""
+        if name not in self.group_of:
+            return None
+        g = self.group_of[name]
+        term = covariance / covariance.trace()
+        self.totals[g] = term if g not in self.totals else self.totals[g] + term
+        self.waiting[g] -= 1
+        if self.waiting[g]:
+            return None
+        eigenvalues, vectors = principal_basis(self.totals.pop(g))
+        group = self.groups[g]
+        width = self.width_rule(group[0], eigenvalues)
+        for member in group:
+            self.points[member] = StreamPoint(member, eigenvalues.tolist(), width)
+        return group, vectors[:, :width]
+
+    def stream_points(self) -> list[StreamPoint]:
+        return [self.points[name] for name in self.names]
+
+
+def basis_before(index: int) -> str:
+    """The stream point a layer reads first."""
+    return "embeddings" if index == 0 else f"layer {index - 1} output"
+
+
+@torch.no_grad()
+def rotate_layer(layer: nn.Module, family: Family, index: int, bases: dict[str, torch.Tensor]) -> dict:
+    """Rotate and slice one fused layer into the bases of its points; returns its width record.
+
+    Points of one group share the same tensor, and no shortcut is made between them.
+    """
+    dtype = stream_weight(layer, family.attn_outputs[0]).weight.dtype
+    Q_in = bases[basis_before(index)]
+    Q_out = bases[f"layer {index} output"]
+    Q_mid = Q_in if layer.parallel else bases[f"layer {index} mlp input"]
+    attn_to = Q_out if layer.parallel else Q_mid
+    if family.mlp_keeps_width and Q_mid.shape[1] != Q_out.shape[1]:
+        raise SliceGPTError(f"{family.name} needs the same width before and after its MLP")
+    for path in family.attn_inputs:
+        rotate_input(stream_weight(layer, path), Q_in)
+    for path in family.mlp_inputs:
+        rotate_input(stream_weight(layer, path), Q_mid)
+    for path in family.attn_outputs:
+        rotate_output(stream_weight(layer, path), attn_to)
+    for path in family.mlp_outputs:
+        rotate_output(stream_weight(layer, path), Q_out)
+    set_width_attrs(layer, family.mlp_width_attrs, Q_mid.shape[1])
+    layer.attn_shortcut = None if attn_to is Q_in else shortcut(Q_in, attn_to, dtype)
+    if not layer.parallel:
+        layer.mlp_shortcut = None if Q_out is Q_mid else shortcut(Q_mid, Q_out, dtype)
+    return layer_record(layer, Q_in, Q_out, None if layer.parallel else Q_mid)
+
+
 @torch.no_grad()
 def rotate_shared(model: nn.Module, family: Family, batches: list[dict], width_rule: WidthRule,
                   group_size: int | None = None, progress: bool = True, normalize_pca: bool = False,
@@ -105,46 +181,20 @@ def rotate_shared(model: nn.Module, family: Family, batches: list[dict], width_r
     layers = get_module(model, family.layers)
     names = stream_points(family, len(layers))
     covariances = collect_covariances(model, family, batches, progress, normalize=normalize_pca)
-    result = SliceResult()
+    grouping = GroupBases(names, len(layers), group_size, width_rule, joint_head and HEAD_INPUT in covariances)
     bases: dict[str, torch.Tensor] = {}
-    for group in group_points(names, len(layers), group_size):
-        # Normalise each point by its trace, so the late layers' larger stream does not dominate.
-        # A tied head reads the embedding basis, so its input counts where the embeddings do.
-        joint = "embeddings" in group and HEAD_INPUT in covariances and joint_head
-        members = group + ([HEAD_INPUT] if joint else [])
-        total = sum(covariances[n].sum / covariances[n].sum.trace() for n in members)
-        eigenvalues, vectors = principal_basis(total)
-        width = width_rule(group[0], eigenvalues)
-        basis = vectors[:, :width]
-        for name in group:
-            bases[name] = basis
-            result.points.append(StreamPoint(name, eigenvalues.tolist(), width))
-
+    for name in [*names, HEAD_INPUT]:
+        done = grouping.add(name, covariances[name].sum) if name in covariances else None
+        if done:
+            group, basis = done
+            bases.update(dict.fromkeys(group, basis))
+    result = SliceResult(points=grouping.stream_points())
     for path in family.embeddings:
         rotate_input(stream_weight(model, path), bases["embeddings"])
     result.embedding_width = bases["embeddings"].shape[1]
-    Q_in = bases["embeddings"]
     for index, layer in enumerate(layers):
-        dtype = stream_weight(layer, family.attn_outputs[0]).weight.dtype
-        Q_out = bases[f"layer {index} output"]
-        Q_mid = Q_in if layer.parallel else bases[f"layer {index} mlp input"]
-        attn_to = Q_out if layer.parallel else Q_mid
-        if family.mlp_keeps_width and Q_mid.shape[1] != Q_out.shape[1]:
-            raise SliceGPTError(f"{family.name} needs the same width before and after its MLP")
-        for path in family.attn_inputs:
-            rotate_input(stream_weight(layer, path), Q_in)
-        for path in family.mlp_inputs:
-            rotate_input(stream_weight(layer, path), Q_mid)
-        for path in family.attn_outputs:
-            rotate_output(stream_weight(layer, path), attn_to)
-        for path in family.mlp_outputs:
-            rotate_output(stream_weight(layer, path), Q_out)
-        set_width_attrs(layer, family.mlp_width_attrs, Q_mid.shape[1])
-        layer.attn_shortcut = None if attn_to is Q_in else shortcut(Q_in, attn_to, dtype)
-        if not layer.parallel:
-            layer.mlp_shortcut = None if Q_out is Q_mid else shortcut(Q_mid, Q_out, dtype)
-        result.layer_widths.append(layer_record(layer, Q_in, Q_out, None if layer.parallel else Q_mid))
-        Q_in = Q_out
-    rotate_head(model, family, Q_in, bases["embeddings"])
-    result.head_in = Q_in.shape[1]
+        result.layer_widths.append(rotate_layer(layer, family, index, bases))
+    Q_last = bases[f"layer {len(layers) - 1} output"]
+    rotate_head(model, family, Q_last, bases["embeddings"])
+    result.head_in = Q_last.shape[1]
     return result

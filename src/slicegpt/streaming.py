@@ -37,7 +37,9 @@ from .pca import CovarianceAccumulator
 from .resources import available_memory, check_disk, dtype_bytes, gib, release_memory
 from .resume import WorkDir, result_from_dict, result_to_dict
 from .shards import SafetensorsCheckpoint, shard_name, write_index, write_shard
-from .slicing import Activations, SliceResult, capture_layer_inputs, slicing_metadata
+from .modeling_sliced import stream_weight
+from .rotation import rotate_input
+from .slicing import Activations, SliceResult, capture_layer_inputs, rotate_head, slicing_metadata
 from .spill import DiskActivations
 
 # Test hook: SIGKILL this process right after the checkpoint that follows layer N
@@ -63,10 +65,7 @@ def empty_model(model_dir: str | Path, dtype: torch.dtype) -> nn.Module:
 
 
 def check_streamable(config: SliceConfig) -> None:
-    """Streaming reads each layer once, so it needs options that decide a layer from what came before."""
-    if config.rotations != "block":
-        raise SliceGPTError(f"--rotations {config.rotations} shares bases across blocks, which needs every "
-                            "layer's covariance first; streaming supports block (or use --no-streaming)")
+    """Streaming decides widths before reading any layer, so it needs widths that do not depend on spectra."""
     if config.widths != "uniform":
         raise SliceGPTError(f"--widths {config.widths} needs every layer's spectrum before slicing; streaming "
                             "supports uniform widths (or use --no-streaming)")
@@ -184,8 +183,6 @@ class StreamingRun:
     @torch.no_grad()
     def run(self, batches: list[dict]) -> SliceResult:
         """Slice layer by layer, checkpointing after each; resumes a matching interrupted run."""
-        from .api import build_slicer
-
         ctx, family, model = self.ctx, self.family, self.model
         settings = self.settings()
         if self.fresh and ctx.is_main and self.directory.exists():
@@ -197,11 +194,28 @@ class StreamingRun:
         ctx.barrier()
         batches = [{k: v.to(self.device) for k, v in b.items()} for b in batches]
 
-        layers_path = family.layers
-        self._materialize("", skip=(layers_path, family.head))
+        self._materialize("", skip=(family.layers, family.head))
         fuse_embeddings(model, family, self.tied)
-        eps, layers = norm_eps(model, family), get_module(model, layers_path)
+        eps = norm_eps(model, family)
         acts, layer_kwargs = self._capture(batches, keep_hidden=state is None)
+        if self.config.rotations == "block":
+            result = self._run_block(batches, state, settings, acts, layer_kwargs, eps)
+        else:
+            result = self._run_shared(state, settings, acts, layer_kwargs, eps)
+        if isinstance(acts, DiskActivations):
+            acts.discard()
+        ctx.barrier()
+        model.config.slicing = slicing_metadata(model, family, result, eps, self.added_biases)
+        model.config.slicing["config"] = self.config.to_dict()
+        self.result = result
+        return result
+
+    def _run_block(self, batches, state, settings, acts, layer_kwargs, eps) -> SliceResult:
+        """Two bases per layer, each found on the activations as they leave the block before."""
+        from .api import build_slicer
+
+        ctx, family, model = self.ctx, self.family, self.model
+        layers_path, layers = family.layers, get_module(model, family.layers)
         if state is None:
             covariances = self._survey(batches, layer_kwargs, eps)
             slicer = build_slicer(model, family, self.config, self.width_rule, covariances, progress=False)
@@ -221,39 +235,181 @@ class StreamingRun:
             acts = self.work.load_activations(state["activations"][ctx.rank], acts.masks, self.device,
                                               self.work.path)
             slicer.result = result_from_dict(state["result"])
-            if self.progress and ctx.is_main:
-                print(f"slicegpt: resuming {self.directory} at layer {start}/{self.layer_count}", file=sys.stderr,
-                      flush=True)
-        for path in family.embeddings:
-            get_module(model, path).to("meta")
-        release_memory()
+            self._say_resuming(start)
+        self._free_embeddings()
 
-        progress = tqdm(range(start, self.layer_count), desc="Slicing layers (streaming)", unit="layer",
-                        disable=not (self.progress and ctx.is_main), initial=start, total=self.layer_count)
-        for index in progress:
-            self._materialize(f"{layers_path}.{index}")
-            layer, gained = fuse_layer(layers[index], family, self.dense, eps)
-            self.added_biases += [f"{layers_path}.{index}.{path}" for path in gained]
-            layers[index] = layer
+        for index in self._layer_progress(start):
+            layer = self._fused_layer(index, eps)
             Q = slicer.slice_layer(index, layer, acts, layer_kwargs[index], Q)
-            if ctx.is_main:
-                state_dict = {f"{layers_path}.{index}.{k}": v for k, v in layer.state_dict().items()}
-                write_shard(self.directory, shard_name(index + 2, self.shard_count), state_dict)
-            layers[index] = layer.to("meta")
+            self._write_layer(index, layer)
             layer_kwargs[index] = None
-            del layer
-            release_memory()
             self._checkpoint(index + 1, Q, acts, slicer.result, settings)
             _fault_injection(index, ctx.rank)
-
-        self._slice_head(slicer, Q, eps)
-        if isinstance(acts, DiskActivations):
-            acts.discard()
-        ctx.barrier()
-        model.config.slicing = slicing_metadata(model, family, slicer.result, eps, self.added_biases)
-        model.config.slicing["config"] = self.config.to_dict()
-        self.result = slicer.result
+        self._slice_head(lambda: slicer.slice_head(Q), eps)
         return slicer.result
+
+    def _run_shared(self, state, settings, acts, layer_kwargs, eps) -> SliceResult:
+        """Bases shared across layers (--rotations layer|group:K|model): a first pass over the
+        layers collects every stream point's covariance, a second rotates each layer; the
+        second needs no activations, and checkpoints after each layer."""
+        from .shared_rotation import basis_before, rotate_layer
+
+        ctx, family, model = self.ctx, self.family, self.model
+        if state is None:
+            files, points = self._collect_bases(acts, layer_kwargs, eps)
+            ctx.barrier()  # rank 0 wrote the bases
+            result = SliceResult(points=points)
+            Q_embedding = self.work.load_basis(files["embeddings"], self.device)
+            for path in family.embeddings:
+                rotate_input(stream_weight(model, path), Q_embedding)
+            result.embedding_width = Q_embedding.shape[1]
+            if ctx.is_main:
+                write_shard(self.directory, shard_name(1, self.shard_count), self._tensors_of(family.embeddings))
+            start, self.added_biases = 0, []
+            self._checkpoint_shared(0, files, result, settings)
+        else:
+            start, files = state["next_layer"], state["bases"]
+            result, self.added_biases = result_from_dict(state["result"]), state["added_biases"]
+            self._say_resuming(start)
+        if not isinstance(acts, DiskActivations):  # (spilled ones are discarded at the end of `run`)
+            acts.hidden.clear()
+        layer_kwargs.clear()
+        self._free_embeddings()
+
+        loaded: dict[str, torch.Tensor] = {}  # file -> basis: points of one group share one tensor
+
+        def bases_for(names) -> dict[str, torch.Tensor]:
+            wanted = {name: files[name] for name in names if name in files}
+            for file in set(loaded) - set(wanted.values()):
+                del loaded[file]
+            for file in wanted.values():
+                if file not in loaded:
+                    loaded[file] = self.work.load_basis(file, self.device)
+            return {name: loaded[file] for name, file in wanted.items()}
+
+        for index in self._layer_progress(start):
+            layer = self._fused_layer(index, eps)
+            bases = bases_for([basis_before(index), f"layer {index} mlp input", f"layer {index} output"])
+            result.layer_widths.append(rotate_layer(layer, family, index, bases))
+            self._write_layer(index, layer)
+            self._checkpoint_shared(index + 1, files, result, settings)
+            _fault_injection(index, ctx.rank)
+        bases = bases_for([f"layer {self.layer_count - 1} output", "embeddings"])
+        Q_last = bases[f"layer {self.layer_count - 1} output"]
+        self._slice_head(lambda: rotate_head(model, family, Q_last, bases["embeddings"]), eps)
+        result.head_in = Q_last.shape[1]
+        return result
+
+    def _collect_bases(self, acts, layer_kwargs, eps) -> tuple[dict[str, str], list]:
+        """The first pass of `_run_shared`: each stream point's covariance over every batch,
+        layer by layer (each layer read and fused as a copy; the second pass fuses it again).
+        A group's basis goes to the resume folder once the group is complete, so memory holds
+        only the open groups. Returns each point's basis file, and the points' records."""
+        from .shared_rotation import HEAD_INPUT, GroupBases, stream_points
+
+        family, layers, ctx = self.family, get_module(self.model, self.family.layers), self.ctx
+        joint = self.tied and self.config.tied_head_basis == "joint"
+        grouping = GroupBases(stream_points(family, self.layer_count), self.layer_count, self.config.group_size,
+                              self.width_rule, joint)
+        normalize = self.config.pca == "normalized"
+        files: dict[str, str] = {}
+
+        def accumulator(name: str) -> CovarianceAccumulator:
+            return CovarianceAccumulator(self.dense, where=f"at {name}", device=self.device, normalize=normalize)
+
+        def count(name: str, found: CovarianceAccumulator) -> None:
+            found.all_reduce()
+            done = grouping.add(name, found.sum)
+            if done:
+                group, basis = done
+                tag = f"group{grouping.group_of[group[0]]:05d}"
+                file = self.work.save_basis(basis, tag) if ctx.is_main else f"basis-{tag}.safetensors"
+                files.update(dict.fromkeys(group, file))
+
+        first = accumulator("embeddings")
+        for x, mask in zip(acts.hidden, acts.masks):
+            first.add(x, mask)
+        count("embeddings", first)
+        for index in tqdm(range(self.layer_count), desc="Collecting covariances (streaming)", unit="layer",
+                          disable=not (self.progress and ctx.is_main)):
+            untouched = layers[index]  # fusing works in place: the second pass needs the original
+            layers[index] = copy.deepcopy(untouched)
+            self._materialize(f"{family.layers}.{index}")
+            layer, _ = fuse_layer(layers[index], family, self.dense, eps)
+            mid, out = f"layer {index} mlp input", f"layer {index} output"
+            found, current, handles = {out: accumulator(out)}, {}, []
+            if mid in grouping.group_of:
+                found[mid] = accumulator(mid)
+                handles.append(get_module(layer, family.mlp_norm).register_forward_pre_hook(
+                    lambda module, args: found[mid].add(args[0], current["mask"])))
+
+            def run(x, kwargs, mask):
+                current["mask"] = mask
+                y = layer(x, **kwargs)
+                found[out].add(y, mask)
+                return y
+
+            try:
+                acts.map(run, layer_kwargs[index], acts.masks)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for name in (mid, out):
+                if name in found:
+                    count(name, found[name])
+            layers[index] = untouched
+            del layer
+            release_memory()
+        if joint:
+            head_map = final_map(get_module(self.model, family.final_norm), family.norm_kind, self.dense, eps,
+                                 like=get_module(self.model, family.embeddings[0]).weight)
+            head = CovarianceAccumulator(self.dense, where="at the head", device=self.device)
+            for x, mask in zip(acts.hidden, acts.masks):
+                head.add(head_map(x), mask)
+            count(HEAD_INPUT, head)
+        return files, grouping.stream_points()
+
+    def _checkpoint_shared(self, next_layer: int, files: dict[str, str], result: SliceResult,
+                           settings: dict) -> None:
+        """Record the rotation pass's progress (rank 0): the bases are already in the resume folder."""
+        if self.ctx.is_main:
+            self.work.write_state({"settings": settings, "next_layer": next_layer, "layers": self.layer_count,
+                                   "bases": files, "added_biases": self.added_biases,
+                                   "result": result_to_dict(result)})
+        self.ctx.barrier()
+
+    # -- steps both kinds of run share ----------------------------------------------------------
+
+    def _say_resuming(self, start: int) -> None:
+        if self.progress and self.ctx.is_main:
+            print(f"slicegpt: resuming {self.directory} at layer {start}/{self.layer_count}", file=sys.stderr,
+                  flush=True)
+
+    def _free_embeddings(self) -> None:
+        for path in self.family.embeddings:
+            get_module(self.model, path).to("meta")
+        release_memory()
+
+    def _layer_progress(self, start: int):
+        return tqdm(range(start, self.layer_count), desc="Slicing layers (streaming)", unit="layer",
+                    disable=not (self.progress and self.ctx.is_main), initial=start, total=self.layer_count)
+
+    def _fused_layer(self, index: int, eps: float) -> nn.Module:
+        """Layer `index` read from the checkpoint and fused, in place in the model."""
+        layers = get_module(self.model, self.family.layers)
+        self._materialize(f"{self.family.layers}.{index}")
+        layer, gained = fuse_layer(layers[index], self.family, self.dense, eps)
+        self.added_biases += [f"{self.family.layers}.{index}.{path}" for path in gained]
+        layers[index] = layer
+        return layer
+
+    def _write_layer(self, index: int, layer: nn.Module) -> None:
+        """Write a sliced layer to its shard and free it."""
+        if self.ctx.is_main:
+            state_dict = {f"{self.family.layers}.{index}.{k}": v for k, v in layer.state_dict().items()}
+            write_shard(self.directory, shard_name(index + 2, self.shard_count), state_dict)
+        get_module(self.model, self.family.layers)[index] = layer.to("meta")
+        release_memory()
 
     def _capture(self, batches: list[dict], keep_hidden: bool):
         """Layer-0 inputs (in memory, or written to disk batch by batch) and every layer's kwargs."""
@@ -318,12 +474,13 @@ class StreamingRun:
         accumulator.all_reduce()
         return {HEAD_INPUT: accumulator}
 
-    def _slice_head(self, slicer, Q: torch.Tensor, eps: float) -> None:
+    def _slice_head(self, rotate, eps: float) -> None:
+        """Fuse the head (or a tied head's final map), `rotate()` it, write the last shard."""
         family, model = self.family, self.model
         if self.tied:  # reads the embedding through the final map: nothing to read or write for the head
             like = torch.empty(0, dtype=self.dtype, device=self.device)  # the embedding is on meta by now
             self.added_biases += fuse_head(model, family, True, self.dense, eps, like=like)
-            slicer.slice_head(Q)
+            rotate()
             written: tuple[str, ...] = ()
         else:
             rename = {}
@@ -331,7 +488,7 @@ class StreamingRun:
                 rename[f"{family.head}.weight"] = self._key(f"{family.embeddings[0]}.weight")
             self._materialize(family.head, rename=rename)
             self.added_biases += fuse_head(model, family, False, self.dense, eps)
-            slicer.slice_head(Q)
+            rotate()
             written = (family.head,)
         if self.ctx.is_main:
             tensors = self._tensors_of(written)
