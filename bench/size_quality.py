@@ -42,6 +42,9 @@ VARIANTS = {
     "group5": ("groups of 5 layers, 0.85x", dict(target_ratio=BUDGET, rotations="group:5")),
     "model": ("one rotation (no shortcuts), 0.85x", dict(target_ratio=BUDGET, rotations="model")),
     "model25": ("one rotation (no shortcuts), 25%", dict(sparsity=0.25, rotations="model")),
+    "model-refit": ("one rotation + least-squares refit, 0.85x", dict(target_ratio=BUDGET, rotations="model",
+                                                                       refit=True)),
+    "model25-refit": ("one rotation + least-squares refit, 25%", dict(sparsity=0.25, rotations="model", refit=True)),
 }
 
 

@@ -105,7 +105,7 @@ def slice_model(model: nn.Module, tokenizer, config: SliceConfig, calibration: l
     else:
         result = rotate_shared(model, family, batches, width_rule, group_size=config.group_size, progress=progress,
                                normalize_pca=config.pca == "normalized",
-                               joint_head=config.tied_head_basis == "joint")
+                               joint_head=config.tied_head_basis == "joint", refit=config.refit)
     model.config.slicing = slicing_metadata(model, family, result, norm_eps(model, family), added_biases)
     model.config.slicing["config"] = config.to_dict()
     return result

@@ -40,6 +40,9 @@ class SliceConfig:
     # "raw": PCA of the stream as it is (the paper); "normalized": every token weighed
     # equally, as the RMS norms that read the stream see it.
     pca: str = "raw"
+    # Refit each layer's output projections by least squares after slicing, so the sliced
+    # model follows the dense one on the calibration text (see refit.py). Shared rotations only.
+    refit: bool = False
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -68,6 +71,9 @@ class SliceConfig:
             group[0] == "group" and len(group) == 2 and group[1].isdigit() and int(group[1]) >= 1)
         if not valid:
             raise SliceGPTError(f"rotations must be block, layer, model or group:K, got {self.rotations!r}")
+        if self.refit and self.rotations == "block":
+            raise SliceGPTError("--refit works with shared rotations (--rotations layer, group:K or model), "
+                                "not block")
 
     @property
     def group_size(self) -> int | None:

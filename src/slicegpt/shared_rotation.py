@@ -17,8 +17,10 @@ from .errors import SliceGPTError
 from .families import Family, get_module
 from .modeling_sliced import NormThenMap, set_width_attrs, stream_weight
 from .pca import CovarianceAccumulator, principal_basis
-from .rotation import rotate_input, rotate_output, shortcut
-from .slicing import SliceResult, StreamPoint, WidthRule, layer_record, rotate_head
+from .refit import dense_copy, refit_layer
+from .rotation import change_basis, rotate_input, rotate_output, shortcut
+from .slicing import (Activations, SliceResult, StreamPoint, WidthRule, capture_layer_inputs, layer_record,
+                      rotate_head)
 
 
 def stream_points(family: Family, layers: int) -> list[str]:
@@ -176,8 +178,9 @@ def rotate_layer(layer: nn.Module, family: Family, index: int, bases: dict[str, 
 @torch.no_grad()
 def rotate_shared(model: nn.Module, family: Family, batches: list[dict], width_rule: WidthRule,
                   group_size: int | None = None, progress: bool = True, normalize_pca: bool = False,
-                  joint_head: bool = True) -> SliceResult:
-    """Rotate and slice a fused model with one basis per group of layers."""
+                  joint_head: bool = True, refit: bool = False) -> SliceResult:
+    """Rotate and slice a fused model with one basis per group of layers; with `refit`, refit
+    each layer's output projections on the calibration batches as it is sliced (refit.py)."""
     layers = get_module(model, family.layers)
     names = stream_points(family, len(layers))
     covariances = collect_covariances(model, family, batches, progress, normalize=normalize_pca)
@@ -189,11 +192,21 @@ def rotate_shared(model: nn.Module, family: Family, batches: list[dict], width_r
             group, basis = done
             bases.update(dict.fromkeys(group, basis))
     result = SliceResult(points=grouping.stream_points())
+    if refit:  # the dense stream (before the embeddings rotate) and the sliced one
+        dense_acts, kwargs = capture_layer_inputs(model, family, batches)
+        sliced_acts = Activations([change_basis(x, bases["embeddings"]) for x in dense_acts.hidden],
+                                  dense_acts.masks)
     for path in family.embeddings:
         rotate_input(stream_weight(model, path), bases["embeddings"])
     result.embedding_width = bases["embeddings"].shape[1]
-    for index, layer in enumerate(layers):
+    for index, layer in enumerate(tqdm(layers, desc="Rotating and refitting layers", unit="layer",
+                                       disable=not (progress and refit))):
+        reference = dense_copy(layer) if refit else None
         result.layer_widths.append(rotate_layer(layer, family, index, bases))
+        if refit:
+            refit_layer(reference, layer, family, dense_acts, sliced_acts, kwargs[index],
+                        bases.get(f"layer {index} mlp input"), bases[f"layer {index} output"])
+            del reference
     Q_last = bases[f"layer {len(layers) - 1} output"]
     rotate_head(model, family, Q_last, bases["embeddings"])
     result.head_in = Q_last.shape[1]

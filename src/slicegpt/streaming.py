@@ -66,6 +66,9 @@ def empty_model(model_dir: str | Path, dtype: torch.dtype) -> nn.Module:
 
 def check_streamable(config: SliceConfig) -> None:
     """Streaming decides widths before reading any layer, so it needs widths that do not depend on spectra."""
+    if config.refit:
+        raise SliceGPTError("--refit needs the dense and the sliced calibration streams side by side through "
+                            "every layer, which streaming mode does not keep yet (use --no-streaming)")
     if config.widths != "uniform":
         raise SliceGPTError(f"--widths {config.widths} needs every layer's spectrum before slicing; streaming "
                             "supports uniform widths (or use --no-streaming)")

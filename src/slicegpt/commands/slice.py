@@ -80,6 +80,9 @@ def add_slice_options(parser) -> None:
                              "eigenvalue spectra, at the same real size")
     parser.add_argument("--pca", default=defaults.pca, choices=["raw", "normalized"],
                         help="raw: PCA of the stream as it is; normalized: every token weighed equally")
+    parser.add_argument("--refit", action=argparse.BooleanOptionalAction, default=defaults.refit,
+                        help="refit each layer's output projections by least squares on the calibration text "
+                             "(shared rotations only; about two more forward passes)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"sampling seed (default {defaults.seed})")
     add_ppl_options(parser, prefix="ppl-")
     add_zeroshot_options(parser)
@@ -96,7 +99,7 @@ def slice_config(args, sparsity: float | None, target_params: int | None = None,
                        round_to=args.round_to, cal_data=args.cal_data, cal_samples=args.cal_samples,
                        cal_seqlen=args.cal_seqlen, cal_batch_size=args.cal_batch_size, seed=args.seed,
                        tied_head=not args.untie_head, rotations=args.rotations, widths=args.widths,
-                       pca=args.pca, tied_head_basis=args.tied_head_basis)
+                       pca=args.pca, tied_head_basis=args.tied_head_basis, refit=args.refit)
 
 
 def check_plain(args, config: SliceConfig) -> None:
