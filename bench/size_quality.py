@@ -44,6 +44,8 @@ VARIANTS = {
     "model25": ("one rotation (no shortcuts), 25%", dict(sparsity=0.25, rotations="model")),
     "model-refit": ("one rotation + least-squares refit, 0.85x", dict(target_ratio=BUDGET, rotations="model",
                                                                        refit=True)),
+    "block25-refit": ("two rotations per layer + least-squares refit, 25%", dict(sparsity=0.25, rotations="block",
+                                                                             refit=True)),
     "model25-refit": ("one rotation + least-squares refit, 25%", dict(sparsity=0.25, rotations="model", refit=True)),
 }
 

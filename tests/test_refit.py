@@ -40,6 +40,7 @@ def test_refit_without_slicing_is_exact(arch):
 
 
 @pytest.mark.parametrize("arch,rotations", [("LlamaForCausalLM", "model"), ("LlamaForCausalLM", "layer"),
+                                            ("LlamaForCausalLM", "block"), ("PhiForCausalLM", "block"),
                                             ("GPTNeoXForCausalLM", "model"), ("OPTForCausalLM", "group:1"),
                                             ("Qwen2MoeForCausalLM", "model")])
 def test_refit_brings_the_sliced_model_closer_to_the_dense_one(arch, rotations):
@@ -56,6 +57,19 @@ def test_refit_brings_the_sliced_model_closer_to_the_dense_one(arch, rotations):
     assert errors[True] < 0.95 * errors[False], errors
 
 
-def test_refit_needs_shared_rotations():
-    with pytest.raises(SliceGPTError, match="--refit works with shared rotations"):
-        SliceConfig(refit=True, rotations="block")
+@pytest.mark.parametrize("rotations", ["block", "model"])
+def test_refit_without_slicing_is_exact_for_every_rotation_mode(rotations):
+    model = make_tiny_model("Qwen2ForCausalLM", dtype=torch.float64)
+    full_precision_norms(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(7))
+    reference = model(ids).logits
+    slice_model(model, None, SliceConfig(sparsity=0.0, rotations=rotations, refit=True),
+                random_batches(model.config.vocab_size), progress=False)
+    assert (model(ids).logits - reference).abs().max().item() <= 1e-9
+
+
+def test_streaming_refuses_refit(tmp_path):
+    from slicegpt.streaming import check_streamable
+
+    with pytest.raises(SliceGPTError, match="--refit"):
+        check_streamable(SliceConfig(refit=True))

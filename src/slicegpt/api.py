@@ -77,7 +77,8 @@ def build_slicer(model: nn.Module, family: Family, config: SliceConfig, width_ru
     """The layer-by-layer Slicer for these settings (shared by the in-memory and streaming runs)."""
     head = covariances.get(HEAD_INPUT) if covariances and config.tied_head_basis == "joint" else None
     return Slicer(model, family, width_rule, progress=progress,
-                  normalize_pca=config.pca == "normalized", head_covariance=None if head is None else head.sum)
+                  normalize_pca=config.pca == "normalized", head_covariance=None if head is None else head.sum,
+                  refit=config.refit)
 
 
 @torch.no_grad()

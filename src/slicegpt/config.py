@@ -41,7 +41,7 @@ class SliceConfig:
     # equally, as the RMS norms that read the stream see it.
     pca: str = "raw"
     # Refit each layer's output projections by least squares after slicing, so the sliced
-    # model follows the dense one on the calibration text (see refit.py). Shared rotations only.
+    # model follows the dense one on the calibration text (see refit.py).
     refit: bool = False
     version: int = CONFIG_VERSION
 
@@ -71,9 +71,6 @@ class SliceConfig:
             group[0] == "group" and len(group) == 2 and group[1].isdigit() and int(group[1]) >= 1)
         if not valid:
             raise SliceGPTError(f"rotations must be block, layer, model or group:K, got {self.rotations!r}")
-        if self.refit and self.rotations == "block":
-            raise SliceGPTError("--refit works with shared rotations (--rotations layer, group:K or model), "
-                                "not block")
 
     @property
     def group_size(self) -> int | None:

@@ -135,8 +135,12 @@ class Slicer:
 
     def __init__(self, model: nn.Module, family: Family, width_rule: WidthRule, progress: bool = True,
                  normalize_pca: bool = False,
-                 head_covariance: torch.Tensor | None = None):
+                 head_covariance: torch.Tensor | None = None, refit: bool = False):
         self.model, self.family, self.width_rule, self.progress = model, family, width_rule, progress
+        # Refit each sliced layer's output projections against the dense stream (refit.py).
+        self.refit = refit
+        self.dense_acts: Activations | None = None
+        self._mid_basis: torch.Tensor | None = None
         self.normalize_pca = normalize_pca
         # A tied head reads the embedding basis too: its input covariance shapes that basis.
         self.head_covariance = head_covariance
@@ -153,6 +157,8 @@ class Slicer:
     @torch.no_grad()
     def run(self, batches: list[dict]) -> SliceResult:
         acts, layer_kwargs = capture_layer_inputs(self.model, self.family, batches)
+        if self.refit:  # the dense stream, kept beside the sliced one (map replaces, never edits, batches)
+            self.dense_acts = Activations(list(acts.hidden), acts.masks)
         Q = self.slice_embeddings(acts)
         layers = get_module(self.model, self.family.layers)
         for index in tqdm(range(len(layers)), desc="Slicing layers", unit="layer", disable=not self.progress):
@@ -178,7 +184,15 @@ class Slicer:
         if not isinstance(layer, SlicedDecoderLayer):
             raise TypeError("fuse the model before slicing it")
         slice_one = self._parallel_layer if layer.parallel else self._sequential_layer
-        return slice_one(index, layer, acts, kwargs, Q_in)
+        if not self.refit:
+            return slice_one(index, layer, acts, kwargs, Q_in)
+        from .refit import dense_copy, refit_layer
+
+        reference, inputs = dense_copy(layer), Activations(list(acts.hidden), acts.masks)
+        Q_out = slice_one(index, layer, acts, kwargs, Q_in)
+        refit_layer(reference, layer, self.family, self.dense_acts, inputs, kwargs, self._mid_basis, Q_out)
+        acts.hidden[:] = inputs.hidden  # the refit layer's outputs replace the ones the bases came from
+        return Q_out
 
     @torch.no_grad()
     def slice_head(self, Q: torch.Tensor) -> None:
@@ -231,6 +245,7 @@ class Slicer:
         Q_out = self._block(f"layer {index} output", layer, layer.mlp_half, acts, no_kwargs, Q_mid,
                             family.mlp_inputs, family.mlp_outputs, has_mlp=True, skip="mlp_shortcut")
         layer.mlp_shortcut = shortcut(Q_mid, Q_out, dtype)
+        self._mid_basis = Q_mid
         self.result.layer_widths.append(layer_record(layer, Q_in, Q_out, Q_mid))
         return Q_out
 
@@ -242,6 +257,7 @@ class Slicer:
                             (*family.attn_inputs, *family.mlp_inputs), (*family.attn_outputs, *family.mlp_outputs),
                             has_mlp=True, skip="attn_shortcut")
         layer.attn_shortcut = shortcut(Q_in, Q_out, dtype)
+        self._mid_basis = None
         self.result.layer_widths.append(layer_record(layer, Q_in, Q_out))
         return Q_out
 

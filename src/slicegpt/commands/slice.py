@@ -82,7 +82,7 @@ def add_slice_options(parser) -> None:
                         help="raw: PCA of the stream as it is; normalized: every token weighed equally")
     parser.add_argument("--refit", action=argparse.BooleanOptionalAction, default=defaults.refit,
                         help="refit each layer's output projections by least squares on the calibration text "
-                             "(shared rotations only; about two more forward passes)")
+                             "(about three more forward passes; not in streaming mode yet)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"sampling seed (default {defaults.seed})")
     add_ppl_options(parser, prefix="ppl-")
     add_zeroshot_options(parser)
