@@ -30,16 +30,29 @@ def sliced(tmp_path_factory):
     """arch -> (sliced model, its logits on _ids(), result, checkpoint dir); built once per module."""
 
     @functools.cache
-    def build(arch):
+    def build(arch, rotations="block"):
         model = make_tiny_model(arch)
-        result = slice_model(model, None, SliceConfig(sparsity=0.25), random_batches(96), progress=False)
-        out = tmp_path_factory.mktemp(arch.replace(":", "-")) / "sliced"
+        result = slice_model(model, None, SliceConfig(sparsity=0.25, rotations=rotations), random_batches(96),
+                             progress=False)
+        out = tmp_path_factory.mktemp(f"{arch.replace(':', '-')}-{rotations}") / "sliced"
         save_sliced(model, None, out)
         with torch.no_grad():
             logits = model(_ids()).logits
         return model, logits, result, out
 
     return build
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_basis_leaves_no_shortcuts(arch, sliced):
+    model, _, result, out = sliced(arch, "model")
+    assert result.embedding_width == result.head_in == KEPT
+    for layer in model.get_submodule(family_for(make_tiny_model(arch)).layers):
+        assert layer.attn_shortcut is None and layer.mlp_shortcut is None
+    assert json.loads((out / "config.json").read_text())["slicing"]["config"]["rotations"] == "model"
+    loaded = load_sliced(out)  # equal weights; the logits may differ in the last float bit
+    with torch.no_grad():
+        assert torch.allclose(loaded(_ids()).logits, model(_ids()).logits, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -82,10 +95,11 @@ def test_load_sliced_round_trip_is_identical(arch, sliced):
         assert torch.equal(loaded(_ids()).logits, logits)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_generation_with_cache_matches_full_forwards(arch, sliced):
+@pytest.mark.parametrize("arch,rotations", [(arch, rotations) for arch in ARCHS for rotations in ("block", "model")])
+def test_generation_with_cache_matches_full_forwards(arch, rotations, sliced):
     """The sliced layers pass the cache through (GPT-2 passes it positionally)."""
-    model = sliced(arch)[0]
+    model = sliced(arch, rotations)[0]
+    model.generation_config.eos_token_id = None  # compare all four tokens, even past an end-of-text
     ids = _ids()[:1, :6]
     with torch.no_grad():
         generated = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)

@@ -16,7 +16,7 @@ from conftest import make_tiny_model, random_batches
 
 def _sliced_tiny(arch="LlamaForCausalLM", tied=True, sparsity=0.25):
     model = make_tiny_model(arch, tied=tied)
-    config = SliceConfig(sparsity=sparsity, round_to=8)
+    config = SliceConfig(sparsity=sparsity, round_to=8, rotations="block")
     result = slice_model(model, None, config, random_batches(model.config.vocab_size), progress=False)
     return model, result
 

@@ -153,5 +153,9 @@ def test_plain_export_from_the_cli(tiny_model_dir, tmp_path, capsys):
     assert not (out / "modeling_sliced.py").exists()
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert model.config.hidden_size == 48
-    code = main(slice_args(tiny_model_dir, tmp_path / "o2", "--plain"))
-    assert_clean_error(capsys, code, "--plain needs --rotations model")
+    code = main(slice_args(tiny_model_dir, tmp_path / "o2", "--plain", "--rotations", "block"))
+    assert_clean_error(capsys, code, "--plain needs one basis for the whole model")
+    # auto picks per-block bases for a deep cut, and --plain says so before any work
+    aggressive = slice_args(tiny_model_dir, tmp_path / "o3", "--plain")
+    aggressive[aggressive.index("--sparsity") + 1] = "0.5"
+    assert_clean_error(capsys, main(aggressive), "auto picks a basis per block")

@@ -31,6 +31,6 @@ def test_plain_export_computes_the_same(tmp_path, arch, tied):
 def test_plain_export_needs_one_rotation():
     model = make_tiny_model("LlamaForCausalLM")
     family = family_for(model)
-    slice_model(model, None, SliceConfig(sparsity=0.25), random_batches(96), progress=False)
+    slice_model(model, None, SliceConfig(sparsity=0.25, rotations="block"), random_batches(96), progress=False)
     with pytest.raises(SliceGPTError, match="--rotations model"):
         to_plain_model(model, family)

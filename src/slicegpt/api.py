@@ -11,6 +11,7 @@ from .data import calibration_batches, load_texts
 from .budget import predicted_parameters, uniform_widths, width_for_budget
 from .families import Family, family_for, get_module
 from .fusion import fuse, norm_eps
+from .layout import resolve_layout
 from .modeling_sliced import NormThenMap
 from .pca import CovarianceAccumulator
 from .shared_rotation import HEAD_INPUT, collect_covariances, rotate_shared
@@ -90,6 +91,7 @@ def slice_model(model: nn.Module, tokenizer, config: SliceConfig, calibration: l
     or None to load `config.cal_data`.
     """
     family = family_for(model)  # fails here, before any work, on an unknown architecture
+    config = resolve_layout(model, family, config)
     if calibration and isinstance(calibration[0], dict):
         batches = calibration
     else:

@@ -28,8 +28,9 @@ class SliceConfig:
     tied_head_basis: str = "joint"
     # Where rotations change: "block" (attention and MLP inputs each get their own,
     # two shortcuts per layer), "layer" (one per layer, one shortcut), "group:K" (K
-    # consecutive layers share one), "model" (one for all: no shortcuts at all).
-    rotations: str = "block"
+    # consecutive layers share one), "model" (one for all: no shortcuts at all), or
+    # "auto": the layout measured best at the size asked for (see layout.py).
+    rotations: str = "auto"
     # A real parameter budget (every parameter counted) instead of a sparsity: the
     # widest width that fits is used. At most one of the two.
     target_params: int | None = None
@@ -67,10 +68,10 @@ class SliceConfig:
         if self.pca not in ("raw", "normalized"):
             raise SliceGPTError(f"pca must be raw or normalized, got {self.pca!r}")
         group = self.rotations.split(":", 1)
-        valid = self.rotations in ("block", "layer", "model") or (
+        valid = self.rotations in ("auto", "block", "layer", "model") or (
             group[0] == "group" and len(group) == 2 and group[1].isdigit() and int(group[1]) >= 1)
         if not valid:
-            raise SliceGPTError(f"rotations must be block, layer, model or group:K, got {self.rotations!r}")
+            raise SliceGPTError(f"rotations must be auto, block, layer, model or group:K, got {self.rotations!r}")
 
     @property
     def group_size(self) -> int | None:

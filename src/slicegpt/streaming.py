@@ -33,12 +33,13 @@ from .distributed import DistContext, leading_share
 from .errors import SliceGPTError
 from .families import family_for, get_module
 from .fusion import final_map, fuse_embeddings, fuse_head, fuse_layer, keep_head_tied, norm_eps
+from .layout import resolve_layout
+from .modeling_sliced import stream_weight
 from .pca import CovarianceAccumulator
 from .resources import available_memory, check_disk, dtype_bytes, gib, release_memory
 from .resume import WorkDir, result_from_dict, result_to_dict
-from .shards import SafetensorsCheckpoint, shard_name, write_index, write_shard
-from .modeling_sliced import stream_weight
 from .rotation import rotate_input
+from .shards import SafetensorsCheckpoint, shard_name, write_index, write_shard
 from .slicing import Activations, SliceResult, capture_layer_inputs, rotate_head, slicing_metadata
 from .spill import DiskActivations
 
@@ -88,6 +89,7 @@ class StreamingRun:
         self.checkpoint = SafetensorsCheckpoint(self.model_dir)
         self.model = empty_model(self.model_dir, dtype)
         self.family = family_for(self.model)
+        self.config = config = resolve_layout(self.model, self.family, config)
         check_streamable(config)
         text_config = self.model.config.get_text_config()
         # Tied in the source checkpoint (the head is read from the embedding's tensor) ...

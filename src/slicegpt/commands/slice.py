@@ -16,6 +16,7 @@ from ..errors import SliceGPTError
 from ..families import family_for
 from ..models import DTYPES, base_model_id, is_sliced_dir, load_model, resolve
 from ..perplexity import perplexity
+from ..layout import SHARED_FROM, resolve_layout
 from ..plain import to_plain_model
 from ..plots import report_plots
 from ..report import count_parameters, head_parameters, shortcut_parameters, versions
@@ -29,7 +30,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("model", metavar="MODEL", help="smollm2-135m, a model directory, a .gguf file or a hub id")
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--sparsity", type=float,
-                      help="fraction of the residual width to remove, in [0, 1); 0 rotates without slicing")
+                      help="the paper's knob, in [0, 1): remove this fraction of the residual width with a basis "
+                           "per block; --rotations auto keeps that real size and may spend it on another layout "
+                           "(0 rotates without slicing)")
     size.add_argument("--target-params", type=int, metavar="N",
                       help="slice to at most N parameters, every parameter counted (instead of --sparsity)")
     size.add_argument("--target-ratio", type=float, metavar="R",
@@ -73,8 +76,9 @@ def add_slice_options(parser) -> None:
     parser.add_argument("--tied-head-basis", default=defaults.tied_head_basis, choices=["joint", "input"],
                         help="basis a tied head shares with the embeddings: joint (default; PCA of both) or input")
     parser.add_argument("--rotations", default=defaults.rotations, metavar="MODE",
-                        help="where the basis changes: block (default; two shortcuts per layer), layer (one), "
-                             "group:K (K layers share one), model (one basis, no shortcuts)")
+                        help="where the basis changes: auto (default: model from 0.8 x dense up, else block), "
+                             "block (two shortcuts per layer), layer (one), group:K (K layers share one), "
+                             "model (one basis, no shortcuts)")
     parser.add_argument("--widths", default=defaults.widths, choices=["uniform", "variance"],
                         help="uniform (default): one width everywhere; variance: per-layer widths from the "
                              "eigenvalue spectra, at the same real size")
@@ -87,7 +91,8 @@ def add_slice_options(parser) -> None:
     add_ppl_options(parser, prefix="ppl-")
     add_zeroshot_options(parser)
     parser.add_argument("--plain", action="store_true",
-                        help="with --rotations model: save a plain model of the original class "
+                        help="with one basis for the whole model (--rotations model, or auto from 0.8 x dense): "
+                             "save a plain model of the original class "
                              "(smaller hidden size, no remote code needed)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     add_model_options(parser)
@@ -103,8 +108,24 @@ def slice_config(args, sparsity: float | None, target_params: int | None = None,
 
 
 def check_plain(args, config: SliceConfig) -> None:
-    if args.plain and config.rotations != "model":
-        raise SliceGPTError("--plain needs --rotations model (a model without shortcuts)")
+    if args.plain and config.rotations not in ("model", "auto"):
+        raise SliceGPTError("--plain needs one basis for the whole model: --rotations model (or auto, which "
+                            f"picks it from {SHARED_FROM} x dense up), not {config.rotations}")
+
+
+def resolve_for_cli(args, model, family, config: SliceConfig) -> SliceConfig:
+    """Settle `--rotations auto` on the loaded model, say what it chose, and check --plain against it."""
+    resolved = resolve_layout(model, family, config)
+    if config.rotations == "auto":
+        size = resolved.target_params or (resolved.target_ratio and int(resolved.target_ratio * count_parameters(model)))
+        what = ("one basis for the whole model (no shortcuts)" if resolved.rotations == "model"
+                else f"a basis per block (below {SHARED_FROM} x dense)")
+        say(f"rotations auto: {what}" + (f", at most {size:,} parameters" if size else ""))
+    if args.plain and resolved.rotations != "model":
+        raise SliceGPTError(f"--plain needs one basis for the whole model, and at this size --rotations auto picks "
+                            f"a basis per block (it shares one from {SHARED_FROM} x dense up); "
+                            "pass --rotations model")
+    return resolved
 
 
 def run(args) -> int:
@@ -144,6 +165,7 @@ def slice_and_save(args, config: SliceConfig, out: Path, cal_texts: list[str], p
     with timed(timings, "load"):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=ctx.device)
     family = family_for(model)
+    config = resolve_for_cli(args, model, family, config) if ctx.is_main else resolve_layout(model, family, config)
     if ctx.is_main:
         check_disk(out.parent, {"output": output_size_bound(model, config)})
     batches = ctx.shard(calibration_data(tokenizer, config, cal_texts))

@@ -1,0 +1,53 @@
+"""`--rotations auto` (the default): the layout measured best for the size asked for.
+
+The size comes first. `--sparsity S` keeps the paper's meaning: the real size of slicing
+S of the width with a basis per block (two shortcuts per layer); `--target-params` and
+`--target-ratio` give it directly. Then auto spends that size on the layout that measured
+best there (protocol P on SmolLM2-135M, bench/README.md):
+
+- at 0.83-0.85 x dense, one basis for the whole model: no shortcuts, so the same size buys
+  a wider stream (39.51 at 0.849 x, against 47.80 for per-block bases at 0.834 x);
+- at 0.75-0.77 x, per-block bases: one basis cannot follow the stream through every layer
+  once this much is cut (71.14 at 0.751 x, against 57.34 at 0.767 x).
+
+The switch sits between the two, at 0.8 x dense.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from .budget import predicted_parameters, uniform_widths
+from .config import SliceConfig
+from .families import Family
+from .report import count_parameters
+
+SHARED_FROM = 0.8  # real size / dense size from which one shared basis is used
+
+
+def requested_size(model: nn.Module, family: Family, config: SliceConfig) -> int:
+    """The real parameter count asked for: the budget, or the per-block layout's size at the sparsity."""
+    if config.target_params is not None:
+        return config.target_params
+    if config.target_ratio is not None:
+        return int(config.target_ratio * count_parameters(model))
+    block = dataclasses.replace(config, rotations="block")
+    width = block.kept_width(model.config.hidden_size)
+    return predicted_parameters(model, family, block, uniform_widths(model, family, width))
+
+
+def resolve_layout(model: nn.Module, family: Family, config: SliceConfig) -> SliceConfig:
+    """`config` with `rotations="auto"` replaced by a concrete layout (on the dense, unfused model)."""
+    if config.rotations != "auto":
+        return config
+    block = dataclasses.replace(config, rotations="block")
+    if config.widths != "uniform":  # per-point widths need per-point bases
+        return block
+    size = requested_size(model, family, config)
+    if size < SHARED_FROM * count_parameters(model):
+        return block
+    if config.target_params is None and config.target_ratio is None:  # the same size, spent on width
+        return dataclasses.replace(config, rotations="model", target_params=size)
+    return dataclasses.replace(config, rotations="model")

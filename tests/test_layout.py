@@ -1,0 +1,53 @@
+"""--rotations auto: the size first (the paper's layout at --sparsity, or a budget), then the layout."""
+
+import pytest
+
+from slicegpt import SliceConfig, slice_model
+from slicegpt.budget import predicted_parameters, uniform_widths
+from slicegpt.families import family_for
+from slicegpt.layout import SHARED_FROM, resolve_layout
+from slicegpt.report import count_parameters
+
+from conftest import make_tiny_model, random_batches
+
+
+def _resolve(**settings):
+    model = make_tiny_model("LlamaForCausalLM", tied=True)
+    return model, resolve_layout(model, family_for(model), SliceConfig(**settings))
+
+
+def _block_size(model, sparsity, round_to=8):
+    family = family_for(model)
+    config = SliceConfig(sparsity=sparsity, rotations="block", round_to=round_to)
+    return predicted_parameters(model, family, config, uniform_widths(model, family, config.kept_width(64)))
+
+
+def test_a_mild_cut_spends_the_per_block_size_on_one_wider_basis():
+    model, config = _resolve(sparsity=0.25, round_to=1)  # (steps of 8 are too coarse at width 64)
+    size = _block_size(model, 0.25, round_to=1)
+    assert size >= SHARED_FROM * count_parameters(model)
+    assert (config.rotations, config.target_params) == ("model", size)
+    slice_model(model, None, config, random_batches(96), progress=False)
+    assert count_parameters(model) <= size
+    assert model.config.slicing["embedding_width"] > 48  # wider than a 25% cut of the width
+
+
+def test_a_deep_cut_keeps_a_basis_per_block():
+    model, config = _resolve(sparsity=0.5)
+    assert _block_size(model, 0.5) < SHARED_FROM * count_parameters(model)
+    assert config.rotations == "block" and config.target_params is None and config.sparsity == 0.5
+
+
+@pytest.mark.parametrize("settings,expected", [(dict(target_ratio=0.85), "model"), (dict(target_ratio=0.6), "block"),
+                                               (dict(sparsity=0.25, widths="variance"), "block"),
+                                               (dict(sparsity=0.25, rotations="layer"), "layer")])
+def test_budgets_and_explicit_layouts(settings, expected):
+    _, config = _resolve(**settings)
+    assert config.rotations == expected
+    assert config.target_ratio == settings.get("target_ratio")
+
+
+def test_no_cut_rotates_at_full_width():
+    model, config = _resolve(sparsity=0.0)
+    slice_model(model, None, config, random_batches(96), progress=False)
+    assert model.config.slicing["embedding_width"] == 64
