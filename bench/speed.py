@@ -3,9 +3,12 @@
 The sliced models are made with a small calibration set (8 x 256 tokens of WikiText-2;
 speed does not depend on it) into a scratch directory. All models are loaded in one
 process and measured in turns within each repeat (`slicegpt.benchmark`), so machine
-noise hits them alike; figures are medians. "25% layer" and "25% model" are sliced with
-`--rotations layer` (one shortcut per layer) and `--rotations model --plain` (none: a plain
-Llama). An extra model, "25% no fast paths", is the 25%
+noise hits them alike; figures are medians. "20%", "25%", "30%" use the default layout
+(`--rotations auto`: one basis, no shortcuts, at 20% and 25%; a basis per block at 30%).
+"25% block", "25% layer" and "25% model" are sliced with `--rotations block` (the paper's
+two shortcuts per layer), `--rotations layer` (one shortcut per layer) and `--rotations
+model --plain` (none: a plain Llama, 25% of the width). An extra model, "25% no fast
+paths", is the 25%
 model with the sliced layer's fast paths switched off (shortcut as a separate linear plus
 an add, the norm written out op by op): the before/after of those paths.
 
@@ -35,7 +38,8 @@ CAL_DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "wikitext-2-v1.valid
 
 
 VARIANTS = {  # name suffix -> extra `slicegpt slice` flags (see docs/size-and-quality.md)
-    "": [],
+    "": [],  # the default layout (--rotations auto)
+    " block": ["--rotations", "block"],
     " layer": ["--rotations", "layer"],
     " model": ["--rotations", "model", "--plain"],
 }
@@ -98,8 +102,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-ablation", action="store_true", help="skip the '25%% no fast paths' model")
-    parser.add_argument("--variants", default="layer,model",
-                        help="also 25%% with --rotations layer / model (comma-separated; empty for none)")
+    parser.add_argument("--variants", default="block,layer,model",
+                        help="also 25%% with --rotations block / layer / model (comma-separated; empty for none)")
     parser.add_argument("--scratch", type=Path, default=Path("/work/scratch/speed"))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "speed.json")
     args = parser.parse_args()
