@@ -39,19 +39,7 @@ DEADLINE=${DEADLINE:-300}
 export SLICEGPT_CACHE=$WORK/cache PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 status=0
 
-step() {  # step SECONDS NAME COMMAND...  (capped further by what is left of DEADLINE)
-    local limit=$1 name=$2
-    shift 2
-    local left=$((DEADLINE - SECONDS - 5))
-    [ "$left" -lt "$limit" ] && limit=$left
-    if [ "$limit" -le 0 ]; then echo "== $name: SKIPPED, deadline reached"; status=1; return; fi
-    echo "== $name (limit ${limit}s, at ${SECONDS}s)"
-    local start=$SECONDS
-    timeout --kill-after=5 "$limit" "$@"
-    local rc=$?
-    echo "== $name: exit $rc after $((SECONDS - start)) s"
-    [ $rc -eq 0 ] || status=1
-}
+source bench/gpu_common.sh
 
 echo "== snapshot $(cat "$SNAP/COMMIT" 2>/dev/null); $(uname -m); $(nproc) CPUs; python $PY"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem,clocks.max.sm --format=csv
