@@ -5,8 +5,9 @@ S of the width with a basis per block (two shortcuts per layer); `--target-param
 `--target-ratio` give it directly. Then auto spends that size on the layout that measured
 best there (protocol P on SmolLM2-135M, bench/README.md):
 
-- at 0.83-0.85 x dense, one basis for the whole model: no shortcuts, so the same size buys
-  a wider stream (39.51 at 0.849 x, against 47.80 for per-block bases at 0.834 x);
+- at 0.82-0.85 x dense, one basis for the whole model: no shortcuts, so the same size buys
+  a wider stream (45.78 at 0.821 x and 39.51 at 0.849 x, against 47.80 for per-block bases
+  at 0.834 x);
 - at 0.75-0.77 x, per-block bases: one basis cannot follow the stream through every layer
   once this much is cut (71.14 at 0.751 x, against 57.34 at 0.767 x).
 

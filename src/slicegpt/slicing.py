@@ -186,7 +186,7 @@ class Slicer:
         slice_one = self._parallel_layer if layer.parallel else self._sequential_layer
         if not self.refit:
             return slice_one(index, layer, acts, kwargs, Q_in)
-        from .refit import dense_copy, refit_layer
+        from .refit import dense_copy, refit_layer  # (refit.py imports this module)
 
         reference, inputs = dense_copy(layer), Activations(list(acts.hidden), acts.masks)
         Q_out = slice_one(index, layer, acts, kwargs, Q_in)
