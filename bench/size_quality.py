@@ -44,6 +44,8 @@ VARIANTS = {
     "model25": ("one rotation (no shortcuts), 25%", dict(sparsity=0.25, rotations="model")),
     # The real size of the two-rotation layout at 25% (112,243,968), spent on one rotation.
     "model-b25": ("one rotation, at the size of 25% block", dict(target_params=112_243_968, rotations="model")),
+    "model-b25-normalized": ("one rotation, 25% block's size, normalized PCA",
+                             dict(target_params=112_243_968, rotations="model", pca="normalized")),
     "model-refit": ("one rotation + least-squares refit, 0.85x", dict(target_ratio=BUDGET, rotations="model",
                                                                        refit=True)),
     "block25-refit": ("two rotations per layer + least-squares refit, 25%", dict(sparsity=0.25, rotations="block",
