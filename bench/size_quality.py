@@ -50,10 +50,11 @@ VARIANTS = {
     "model-b25-normalized": ("one rotation, 25% block's size, normalized PCA",
                              dict(target_params=112_243_968, rotations="model", pca="normalized")),
     "model-refit": ("one rotation + least-squares refit, 0.85x", dict(target_ratio=BUDGET, rotations="model",
-                                                                       refit=True)),
+                                                                       refit=True, pca="raw")),
     "block25-refit": ("two rotations per layer + least-squares refit, 25%", dict(sparsity=0.25, rotations="block",
                                                                              refit=True)),
-    "model25-refit": ("one rotation + least-squares refit, 25%", dict(sparsity=0.25, rotations="model", refit=True)),
+    "model25-refit": ("one rotation + least-squares refit, 25%", dict(sparsity=0.25, rotations="model", refit=True,
+                                                                                         pca="raw")),
 }
 
 
