@@ -53,8 +53,8 @@ VARIANTS = {
                                                                        refit=True, pca="raw")),
     "block25-refit": ("two rotations per layer + least-squares refit, 25%", dict(sparsity=0.25, rotations="block",
                                                                              refit=True)),
-    "model25-refit": ("one rotation + least-squares refit, 25%", dict(sparsity=0.25, rotations="model", refit=True,
-                                                                                         pca="raw")),
+    "model25-refit": ("one rotation + least-squares refit, 25%",
+                      dict(sparsity=0.25, rotations="model", refit=True, pca="raw")),
 }
 
 
