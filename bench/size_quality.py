@@ -49,6 +49,8 @@ VARIANTS = {
                                                                        pca="normalized")),
     "model-b25-normalized": ("one rotation, 25% block's size, normalized PCA",
                              dict(target_params=112_243_968, rotations="model", pca="normalized")),
+    "default25": ("default, 25% (auto: one rotation, normalized PCA)", dict(sparsity=0.25)),
+    "default25-refit": ("default + least-squares refit, 25%", dict(sparsity=0.25, refit=True)),
     "model-refit": ("one rotation + least-squares refit, 0.85x", dict(target_ratio=BUDGET, rotations="model",
                                                                        refit=True, pca="raw")),
     "block25-refit": ("two rotations per layer + least-squares refit, 25%", dict(sparsity=0.25, rotations="block",

@@ -51,3 +51,13 @@ def test_no_cut_rotates_at_full_width():
     model, config = _resolve(sparsity=0.0)
     slice_model(model, None, config, random_batches(96), progress=False)
     assert model.config.slicing["embedding_width"] == 64
+
+
+@pytest.mark.parametrize("settings,expected", [(dict(sparsity=0.25), "normalized"), (dict(sparsity=0.5), "raw"),
+                                               (dict(sparsity=0.25, rotations="group:2"), "raw"),
+                                               (dict(sparsity=0.5, rotations="model"), "normalized"),
+                                               (dict(sparsity=0.25, pca="raw"), "raw"),
+                                               (dict(sparsity=0.5, pca="normalized"), "normalized")])
+def test_pca_weighting_follows_the_layout_unless_given(settings, expected):
+    assert _resolve(**settings)[1].pca == expected
+

@@ -39,8 +39,9 @@ class SliceConfig:
     # fraction of each point's variance, at the same real size as the uniform width.
     widths: str = "uniform"
     # "raw": PCA of the stream as it is (the paper); "normalized": every token weighed
-    # equally, as the RMS norms that read the stream see it.
-    pca: str = "raw"
+    # equally, as the RMS norms that read the stream see it; "auto": normalized for one
+    # basis for the whole model, raw otherwise (what measured best for each; layout.py).
+    pca: str = "auto"
     # Refit each layer's output projections by least squares after slicing, so the sliced
     # model follows the dense one on the calibration text (see refit.py).
     refit: bool = False
@@ -65,8 +66,8 @@ class SliceConfig:
             raise SliceGPTError(f"widths must be uniform or variance, got {self.widths!r}")
         if self.tied_head_basis not in ("joint", "input"):
             raise SliceGPTError(f"tied-head-basis must be joint or input, got {self.tied_head_basis!r}")
-        if self.pca not in ("raw", "normalized"):
-            raise SliceGPTError(f"pca must be raw or normalized, got {self.pca!r}")
+        if self.pca not in ("auto", "raw", "normalized"):
+            raise SliceGPTError(f"pca must be auto, raw or normalized, got {self.pca!r}")
         group = self.rotations.split(":", 1)
         valid = self.rotations in ("auto", "block", "layer", "model") or (
             group[0] == "group" and len(group) == 2 and group[1].isdigit() and int(group[1]) >= 1)

@@ -82,8 +82,9 @@ def add_slice_options(parser) -> None:
     parser.add_argument("--widths", default=defaults.widths, choices=["uniform", "variance"],
                         help="uniform (default): one width everywhere; variance: per-layer widths from the "
                              "eigenvalue spectra, at the same real size")
-    parser.add_argument("--pca", default=defaults.pca, choices=["raw", "normalized"],
-                        help="raw: PCA of the stream as it is; normalized: every token weighed equally")
+    parser.add_argument("--pca", default=defaults.pca, choices=["auto", "raw", "normalized"],
+                        help="raw: PCA of the stream as it is; normalized: every token weighed equally; "
+                             "auto (default): normalized with one basis for the whole model, else raw")
     parser.add_argument("--refit", action=argparse.BooleanOptionalAction, default=defaults.refit,
                         help="refit each layer's output projections by least squares on the calibration text "
                              "(about three more forward passes; not in streaming mode yet)")
