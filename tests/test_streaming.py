@@ -161,6 +161,8 @@ def test_cli_streaming_matches_in_memory(tiny_model_dir, tmp_path, capsys):
     memory_report = json.loads((tmp_path / "mem" / "slicing_report.json").read_text())
     assert report["params"] == memory_report["params"]
     assert report["widths"] == memory_report["widths"]
+    for key in ("rotations", "pca", "target_params"):  # the settings auto chose, the same in both
+        assert report["config"][key] == memory_report["config"][key] != "auto", key
     assert (tmp_path / "str" / "tokenizer.json").exists()
 
 

@@ -262,7 +262,7 @@ def run_streaming(args, config: SliceConfig, out: Path, ctx: distributed.DistCon
     if not ctx.is_main:
         return 0
     params = job.parameter_counts()
-    report = build_report(args, config, result, params, {}, {}, timings, ctx)
+    report = build_report(args, job.config, result, params, {}, {}, timings, ctx)  # auto settled
     report["streaming"] = {key: value for key, value in plan.items() if key != "available_memory"}
     spectra = {p.name: p.eigenvalues for p in result.points}
     with timed(timings, "save"):
