@@ -8,14 +8,13 @@ from torch import nn
 from .config import SliceConfig
 from .distributed import leading_share
 from .data import calibration_batches, load_texts
-from .budget import predicted_parameters, uniform_widths, width_for_budget
+from .budget import parameter_budget, width_for_budget
 from .families import Family, family_for, get_module
 from .fusion import fuse, norm_eps
 from .layout import resolve_layout
 from .modeling_sliced import NormThenMap
 from .pca import CovarianceAccumulator
 from .shared_rotation import HEAD_INPUT, collect_covariances, rotate_shared
-from .report import count_parameters
 from .schedule import spectra_of, variance_schedule
 from .slicing import SliceResult, Slicer, WidthRule, constant_width, slicing_metadata
 
@@ -26,18 +25,6 @@ def calibration_data(tokenizer, config: SliceConfig, texts: list[str] | None = N
         texts = load_texts(config.cal_data, split="train")
     return calibration_batches(tokenizer, texts, config.cal_samples, config.cal_seqlen,
                                config.cal_batch_size, config.seed)
-
-
-def parameter_budget(model: nn.Module, family: Family, config: SliceConfig) -> int | None:
-    """The real parameter count to meet, where the config asks for one (before fusion)."""
-    if config.target_params is not None:
-        return config.target_params
-    if config.target_ratio is not None:
-        return int(config.target_ratio * count_parameters(model))
-    if config.widths == "variance":  # the same size as the uniform width at this sparsity
-        width = config.kept_width(model.config.hidden_size)
-        return predicted_parameters(model, family, config, uniform_widths(model, family, width))
-    return None
 
 
 # The share of the calibration batches (at least one) a survey reads: 8 of protocol P's 64

@@ -87,3 +87,21 @@ def width_for_budget(model: nn.Module, family: Family, config: SliceConfig, targ
         middle = (low + high + 1) // 2
         low, high = (middle, high) if fits(middle) else (low, middle - 1)
     return low * step
+
+
+def parameter_budget(model: nn.Module, family: Family, config: SliceConfig) -> int | None:
+    """The real parameter count to meet, where the config asks for one (before fusion)."""
+    if config.target_params is not None:
+        return config.target_params
+    if config.target_ratio is not None:
+        return int(config.target_ratio * count_parameters(model))
+    if config.widths == "variance":  # the same size as the uniform width at this sparsity
+        return uniform_size(model, family, config)
+    return None
+
+
+def uniform_size(model: nn.Module, family: Family, config: SliceConfig) -> int:
+    """The real size of one uniform width at the config's sparsity, in the config's layout."""
+    width = config.kept_width(model.config.hidden_size)
+    return predicted_parameters(model, family, config, uniform_widths(model, family, width))
+

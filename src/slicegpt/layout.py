@@ -26,7 +26,7 @@ import dataclasses
 
 from torch import nn
 
-from .budget import predicted_parameters, uniform_widths
+from .budget import parameter_budget, uniform_size
 from .config import SliceConfig
 from .families import Family
 from .report import count_parameters
@@ -36,13 +36,9 @@ SHARED_FROM = 0.8  # real size / dense size from which one shared basis is used
 
 def requested_size(model: nn.Module, family: Family, config: SliceConfig) -> int:
     """The real parameter count asked for: the budget, or the per-block layout's size at the sparsity."""
-    if config.target_params is not None:
-        return config.target_params
-    if config.target_ratio is not None:
-        return int(config.target_ratio * count_parameters(model))
     block = dataclasses.replace(config, rotations="block")
-    width = block.kept_width(model.config.hidden_size)
-    return predicted_parameters(model, family, block, uniform_widths(model, family, width))
+    budget = parameter_budget(model, family, block)
+    return uniform_size(model, family, block) if budget is None else budget
 
 
 def resolve_layout(model: nn.Module, family: Family, config: SliceConfig) -> SliceConfig:

@@ -66,7 +66,8 @@ def empty_model(model_dir: str | Path, dtype: torch.dtype) -> nn.Module:
 
 
 def check_streamable(config: SliceConfig) -> None:
-    """Streaming decides widths before reading any layer, so it needs widths that do not depend on spectra."""
+    """Refuse what streaming cannot do: the refit (it needs the dense and sliced streams side by side)
+    and widths from spectra (streaming decides widths before it reads any layer)."""
     if config.refit:
         raise SliceGPTError("--refit needs the dense and the sliced calibration streams side by side through "
                             "every layer, which streaming mode does not keep yet (use --no-streaming)")
@@ -106,7 +107,8 @@ class StreamingRun:
 
     def _width_rule(self):
         """Decided on the weightless model, before any layer is read (as the in-memory run does)."""
-        from .api import parameter_budget, width_rule_for
+        from .api import width_rule_for
+        from .budget import parameter_budget
 
         return width_rule_for(self.model, self.family, self.config, None,
                               parameter_budget(self.model, self.family, self.config))
@@ -312,7 +314,7 @@ class StreamingRun:
         only the open groups. Returns each point's basis file, and the points' records."""
         from .shared_rotation import HEAD_INPUT, GroupBases, stream_points
 
-        family, layers, ctx = self.family, get_module(self.model, self.family.layers), self.ctx
+        family, ctx = self.family, self.ctx
         joint = self.tied and self.config.tied_head_basis == "joint"
         grouping = GroupBases(stream_points(family, self.layer_count), self.layer_count, self.config.group_size,
                               self.width_rule, joint)
@@ -335,12 +337,7 @@ class StreamingRun:
         for x, mask in zip(acts.hidden, acts.masks):
             first.add(x, mask)
         count("embeddings", first)
-        for index in tqdm(range(self.layer_count), desc="Collecting covariances (streaming)", unit="layer",
-                          disable=not (self.progress and ctx.is_main)):
-            untouched = layers[index]  # fusing works in place: the second pass needs the original
-            layers[index] = copy.deepcopy(untouched)
-            self._materialize(f"{family.layers}.{index}")
-            layer, _ = fuse_layer(layers[index], family, self.dense, eps)
+        for index, layer in self._fused_copies(eps, "Collecting covariances (streaming)"):
             mid, out = f"layer {index} mlp input", f"layer {index} output"
             found, current, handles = {out: accumulator(out)}, {}, []
             if mid in grouping.group_of:
@@ -362,16 +359,8 @@ class StreamingRun:
             for name in (mid, out):
                 if name in found:
                     count(name, found[name])
-            layers[index] = untouched
-            del layer
-            release_memory()
         if joint:
-            head_map = final_map(get_module(self.model, family.final_norm), family.norm_kind, self.dense, eps,
-                                 like=get_module(self.model, family.embeddings[0]).weight)
-            head = CovarianceAccumulator(self.dense, where="at the head", device=self.device)
-            for x, mask in zip(acts.hidden, acts.masks):
-                head.add(head_map(x), mask)
-            count(HEAD_INPUT, head)
+            count(HEAD_INPUT, self._head_covariance(acts, eps))
         return files, grouping.stream_points()
 
     def _checkpoint_shared(self, next_layer: int, files: dict[str, str], result: SliceResult,
@@ -457,27 +446,38 @@ class StreamingRun:
 
         if not (self.tied and self.config.tied_head_basis == "joint"):
             return None
-        family, layers = self.family, get_module(self.model, self.family.layers)
         subset = leading_share(batches, SURVEY_SHARE)  # as api.survey
-        hidden, _ = capture_layer_inputs(self.model, family, subset)
-        masks = [b.get("attention_mask") for b in subset]
-        for index in tqdm(range(self.layer_count), desc="Surveying the head input (streaming)", unit="layer",
-                          disable=not (self.progress and self.ctx.is_main)):
-            untouched = layers[index]  # fusing works in place: the slicing pass needs the original
-            layers[index] = copy.deepcopy(untouched)
-            self._materialize(f"{family.layers}.{index}")
-            layer, _ = fuse_layer(layers[index], family, self.dense, eps)
+        hidden, _ = capture_layer_inputs(self.model, self.family, subset)
+        for index, layer in self._fused_copies(eps, "Surveying the head input (streaming)"):
             hidden.map(lambda x, kw: layer(x, **kw), layer_kwargs[index][:len(subset)])
+        return {HEAD_INPUT: self._head_covariance(hidden, eps)}
+
+    def _fused_copies(self, eps: float, description: str):
+        """Each layer in turn, read and fused as a copy (fusing works in place, and the slicing
+        pass needs the original); yields (index, fused copy) and frees it afterwards."""
+        layers = get_module(self.model, self.family.layers)
+        for index in tqdm(range(self.layer_count), desc=description, unit="layer",
+                          disable=not (self.progress and self.ctx.is_main)):
+            untouched = layers[index]
+            layers[index] = copy.deepcopy(untouched)
+            self._materialize(f"{self.family.layers}.{index}")
+            layer, _ = fuse_layer(layers[index], self.family, self.dense, eps)
+            yield index, layer
             layers[index] = untouched
+            layer.to("meta")  # frees the weights even while the caller still names the copy
             del layer
             release_memory()
+
+    def _head_covariance(self, acts, eps: float) -> CovarianceAccumulator:
+        """The covariance a tied head reads (the final map's output), all-reduced."""
+        family = self.family
         head_map = final_map(get_module(self.model, family.final_norm), family.norm_kind, self.dense, eps,
                              like=get_module(self.model, family.embeddings[0]).weight)
         accumulator = CovarianceAccumulator(self.dense, where="at the head", device=self.device)
-        for x, mask in zip(hidden.hidden, masks):
+        for x, mask in zip(acts.hidden, acts.masks):
             accumulator.add(head_map(x), mask)
         accumulator.all_reduce()
-        return {HEAD_INPUT: accumulator}
+        return accumulator
 
     def _slice_head(self, rotate, eps: float) -> None:
         """Fuse the head (or a tied head's final map), `rotate()` it, write the last shard."""
