@@ -33,7 +33,7 @@ else
     git archive HEAD src bench | tar -x -C "$GPU/snapshot"
     git rev-parse HEAD > "$GPU/snapshot/COMMIT"
 fi
-[ -f "$MODEL_CACHE/config.json" ] || $PY -c "from slicegpt.models import resolve; resolve('smollm2-135m')"
+[ -f "$MODEL_CACHE/config.json" ] || $PY -c "from slicegpt.io.models import resolve; resolve('smollm2-135m')"
 for f in config.json generation_config.json tokenizer.json tokenizer_config.json chat_template.jinja; do
     [ -f "$MODEL_CACHE/$f" ] && cp "$MODEL_CACHE/$f" "$GPU/model/"
 done

@@ -10,7 +10,7 @@ TinyLlama-1.1B's shape: hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 K
 untied head. Speed does not depend on the weight values.
 
 `bench` loads every model into one process and times them in lock step with
-slicegpt.benchmark (the code behind `slicegpt bench`), then adds what a batch-1 decode step
+slicegpt.evaluation.benchmark (the code behind `slicegpt bench`), then adds what a batch-1 decode step
 must read (bytes of every linear weight) and the speed-up bound that implies, the achieved
 bandwidth, and each sliced model's slicing report (parameters, widths, slice time).
 """
@@ -67,9 +67,9 @@ def bench(args) -> None:
     sys.path.insert(0, str(Path(args.snapshot_bench)))
     from speed import matrix_bytes_per_token  # the snapshot's bench/speed.py
 
-    from slicegpt.benchmark import BenchSettings, format_table, run_benchmark, summarise
-    from slicegpt.models import load_model
-    from slicegpt.report import versions
+    from slicegpt.evaluation.benchmark import BenchSettings, format_table, run_benchmark, summarise
+    from slicegpt.io.models import load_model
+    from slicegpt.io.report import versions
 
     paths = {"dense": args.dense}
     for item in args.sliced:

@@ -9,7 +9,7 @@
 # reported and the next still runs): install wheels, build the random model (bench/gpu_speed_1b.py
 # build), slice it one at a time (clean slice times) at 25% with the default block rotations,
 # with `--rotations model --plain`, and with `--rotations model --target-ratio 0.85`, then time all
-# four in one process in lock step (slicegpt.benchmark; bench/gpu_speed_1b.py bench).
+# four in one process in lock step (slicegpt.evaluation.benchmark; bench/gpu_speed_1b.py bench).
 # Writes $OUT/{gpu_speed_1b.log,speed_cuda_1b.json,slice_*.log}.
 # CPU rehearsal (tiny shape and settings):
 #     PY=.venv/bin/python DEVICE=cpu WHEELS= SHAPE="--hidden 256 --intermediate 512 --layers 2 --heads 8 --kv-heads 2" \

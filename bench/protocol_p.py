@@ -57,10 +57,10 @@ def dense_body_forward_s(model, batches, device: str = "cpu") -> float:
 def one_run(args) -> dict:
     """Everything measured for one sparsity, in this process."""
     from slicegpt import SliceConfig, load_model, perplexity, slice_model
-    from slicegpt.api import calibration_data
-    from slicegpt.data import load_texts
-    from slicegpt.families import family_for
-    from slicegpt.report import count_parameters, head_parameters, shortcut_parameters
+    from slicegpt.running.in_memory import calibration_data
+    from slicegpt.io.data import load_texts
+    from slicegpt.architectures.families import family_for
+    from slicegpt.sizing.counts import count_parameters, head_parameters, shortcut_parameters
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model("smollm2-135m", device=args.device)

@@ -44,8 +44,8 @@ def generate(directory: Path, layers: int = 32, seed: int = 0) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from slicegpt.models import resolve
-    from slicegpt.shards import shard_name, write_index
+    from slicegpt.io.models import resolve
+    from slicegpt.io.shards import shard_name, write_index
 
     directory.mkdir(parents=True, exist_ok=True)
     config = transformers.LlamaConfig(**{**SHAPE, "num_hidden_layers": layers}, dtype="float16")
@@ -89,7 +89,7 @@ def generate(directory: Path, layers: int = 32, seed: int = 0) -> Path:
 
 def cut(full: Path, layers: int, target: Path) -> Path:
     """A model directory with the first `layers` layers of `full`, sharing its shard files."""
-    from slicegpt.shards import INDEX_FILE
+    from slicegpt.io.shards import INDEX_FILE
 
     if target.exists():
         shutil.rmtree(target)

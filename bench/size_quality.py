@@ -62,8 +62,8 @@ VARIANTS = {
 
 def run_variant(key: str, args, batches, ppl_texts) -> dict:
     from slicegpt import SliceConfig, load_model, perplexity, slice_model
-    from slicegpt.families import family_for
-    from slicegpt.report import count_parameters, head_parameters, shortcut_parameters
+    from slicegpt.architectures.families import family_for
+    from slicegpt.sizing.counts import count_parameters, head_parameters, shortcut_parameters
 
     label, settings = VARIANTS[key]
     model, tokenizer = load_model("smollm2-135m")
@@ -91,8 +91,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from slicegpt import SliceConfig, load_model, perplexity
-    from slicegpt.api import calibration_data
-    from slicegpt.data import load_texts
+    from slicegpt.running.in_memory import calibration_data
+    from slicegpt.io.data import load_texts
 
     model, tokenizer = load_model("smollm2-135m")
     ppl_texts = load_texts(str(DATA / "wikitext-2-raw-v1.test.jsonl"))

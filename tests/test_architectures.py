@@ -12,8 +12,8 @@ import torch
 import transformers
 
 from slicegpt import SliceConfig, load_sliced, save_sliced, slice_model
-from slicegpt.families import FAMILIES, family_for
-from slicegpt.modeling_sliced import SlicedDecoderLayer, SlicedRMSNorm, stream_weight
+from slicegpt.architectures.families import FAMILIES, family_for
+from slicegpt.architectures.modeling_sliced import SlicedDecoderLayer, SlicedRMSNorm, stream_weight
 
 from conftest import TINY_CONFIGS, make_tiny_model, random_batches
 

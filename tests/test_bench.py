@@ -6,7 +6,7 @@ import torch
 from transformers import DynamicCache
 
 from slicegpt import SliceConfig, load_sliced, save_sliced, slice_model
-from slicegpt.benchmark import BenchSettings, prefill_and_decode
+from slicegpt.evaluation.benchmark import BenchSettings, prefill_and_decode
 from slicegpt.cli import main
 
 from conftest import WIKITEXT_VALIDATION, make_tiny_model, random_batches

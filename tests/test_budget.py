@@ -3,9 +3,9 @@
 import pytest
 
 from slicegpt import SliceConfig, SliceGPTError, slice_model
-from slicegpt.budget import predicted_parameters, uniform_widths, width_for_budget
-from slicegpt.families import family_for
-from slicegpt.report import count_parameters
+from slicegpt.sizing.budget import predicted_parameters, uniform_widths, width_for_budget
+from slicegpt.architectures.families import family_for
+from slicegpt.sizing.counts import count_parameters
 
 from conftest import make_tiny_model, random_batches
 
@@ -61,7 +61,7 @@ def test_variance_schedule_keeps_the_uniform_size(rotations):
 def test_variance_widths_follow_the_spectrum():
     import torch
 
-    from slicegpt.schedule import width_for_fraction
+    from slicegpt.sizing.schedule import width_for_fraction
 
     steep = torch.tensor([100.0, 10.0, 1.0, 0.1] + [0.01] * 60)
     flat = torch.ones(64)

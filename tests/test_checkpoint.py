@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from slicegpt import SliceConfig, load_sliced, save_sliced, slice_model
-from slicegpt.checkpoint import REPORT_FILE
+from slicegpt.io.checkpoint import REPORT_FILE
 
 from conftest import make_tiny_model, random_batches
 
@@ -106,7 +106,7 @@ def test_untie_head_option():
 @pytest.mark.parametrize("rotations,shortcuts", [("block", lambda L: 2 * L), ("layer", lambda L: L - 1),
                                                  ("group:2", lambda L: 0), ("model", lambda L: 0)])
 def test_rotation_sharing_drops_shortcuts_and_round_trips(tmp_path, rotations, shortcuts):
-    from slicegpt.report import shortcut_parameters
+    from slicegpt.sizing.counts import shortcut_parameters
 
     model = make_tiny_model("LlamaForCausalLM", tied=True)
     config = SliceConfig(sparsity=0.25, rotations=rotations)

@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from slicegpt.cli import main
-from slicegpt.checkpoint import REPORT_FILE
+from slicegpt.io.checkpoint import REPORT_FILE
 
 from conftest import WIKITEXT_TEST, WIKITEXT_VALIDATION
 

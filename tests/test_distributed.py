@@ -11,7 +11,7 @@ import torch
 
 from slicegpt import load_sliced
 from slicegpt.cli import main
-from slicegpt.streaming import KILL_AFTER_LAYER_ENV, KILL_RANK_ENV
+from slicegpt.running.streaming import KILL_AFTER_LAYER_ENV, KILL_RANK_ENV
 
 from conftest import WIKITEXT_VALIDATION
 

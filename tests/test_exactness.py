@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from slicegpt.families import family_for
-from slicegpt.fusion import fuse
-from slicegpt.slicing import Slicer, constant_width
+from slicegpt.architectures.families import family_for
+from slicegpt.method.fusion import fuse
+from slicegpt.method.slicing import Slicer, constant_width
 
 from conftest import TINY_CONFIGS, full_precision_norms, make_tiny_model, random_batches
 

@@ -6,7 +6,7 @@ import transformers
 from torch import nn
 
 from slicegpt import SliceConfig, SliceGPTError, slice_model
-from slicegpt.families import family_for
+from slicegpt.architectures.families import family_for
 
 from conftest import TINY_CONFIGS, architecture_class, make_tiny_model, random_batches
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from slicegpt.modeling_sliced import SlicedDecoderLayer, SlicedRMSNorm
+from slicegpt.architectures.modeling_sliced import SlicedDecoderLayer, SlicedRMSNorm
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from slicegpt.checkpoint import load_sliced
+from slicegpt.io.checkpoint import load_sliced
 from slicegpt.cli import main
 from slicegpt.errors import SliceGPTError
 
@@ -100,7 +100,7 @@ def test_bad_settings_are_refused():
 
 def test_plain_export_can_be_finetuned(tiny_model_dir, tmp_path):
     """A plain export has no config.slicing; the adapters find their linears through the family registry."""
-    from slicegpt.models import load_model
+    from slicegpt.io.models import load_model
 
     plain = tmp_path / "plain"
     assert main(["slice", str(tiny_model_dir), "--sparsity", "0.25", "--rotations", "model", "--plain",

@@ -3,10 +3,10 @@
 import pytest
 
 from slicegpt import SliceConfig, slice_model
-from slicegpt.budget import predicted_parameters, uniform_widths
-from slicegpt.families import family_for
-from slicegpt.layout import SHARED_FROM, resolve_layout
-from slicegpt.report import count_parameters
+from slicegpt.sizing.budget import predicted_parameters, uniform_widths
+from slicegpt.architectures.families import family_for
+from slicegpt.sizing.layout import SHARED_FROM, resolve_layout
+from slicegpt.sizing.counts import count_parameters
 
 from conftest import make_tiny_model, random_batches
 

@@ -5,8 +5,8 @@ import json
 import pytest
 import yaml
 
-from slicegpt.model_card import fmt_acc, fmt_ppl, model_card
-from slicegpt.models import base_model_id
+from slicegpt.io.model_card import fmt_acc, fmt_ppl, model_card
+from slicegpt.io.models import base_model_id
 
 
 def _front_matter(card: str) -> dict:

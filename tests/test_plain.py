@@ -5,8 +5,8 @@ import torch
 import transformers
 
 from slicegpt import SliceConfig, SliceGPTError, slice_model
-from slicegpt.families import family_for
-from slicegpt.plain import to_plain_model
+from slicegpt.architectures.families import family_for
+from slicegpt.architectures.plain import to_plain_model
 
 from conftest import make_tiny_model, random_batches
 

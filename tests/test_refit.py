@@ -5,7 +5,7 @@ import torch
 
 from slicegpt import SliceConfig, slice_model
 from slicegpt.errors import SliceGPTError
-from slicegpt.refit import LeastSquares
+from slicegpt.method.refit import LeastSquares
 
 from conftest import TINY_CONFIGS, full_precision_norms, make_tiny_model, random_batches
 
@@ -69,7 +69,7 @@ def test_refit_without_slicing_is_exact_for_every_rotation_mode(rotations):
 
 
 def test_streaming_refuses_refit(tmp_path):
-    from slicegpt.streaming import check_streamable
+    from slicegpt.running.streaming import check_streamable
 
     with pytest.raises(SliceGPTError, match="--refit"):
         check_streamable(SliceConfig(refit=True))

@@ -10,8 +10,8 @@ import torch
 
 from slicegpt import load_sliced
 from slicegpt.cli import main
-from slicegpt.resume import STATE_FILE
-from slicegpt.streaming import KILL_AFTER_LAYER_ENV, partial_dir
+from slicegpt.running.resume import STATE_FILE
+from slicegpt.running.streaming import KILL_AFTER_LAYER_ENV, partial_dir
 
 from conftest import WIKITEXT_VALIDATION
 

@@ -5,10 +5,10 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
-from slicegpt.families import LLAMA
-from slicegpt.fusion import centre_output, fold_into_linears
-from slicegpt.modeling_sliced import conv1d_as_linear, family_fields, stream_weight
-from slicegpt.rotation import rotate_input, rotate_output
+from slicegpt.architectures.families import LLAMA
+from slicegpt.method.fusion import centre_output, fold_into_linears
+from slicegpt.architectures.modeling_sliced import conv1d_as_linear, family_fields, stream_weight
+from slicegpt.method.rotation import rotate_input, rotate_output
 
 D, E, INNER = 8, 3, 5
 

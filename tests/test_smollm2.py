@@ -5,9 +5,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from slicegpt import SliceConfig, perplexity, slice_model
-from slicegpt.data import load_texts
-from slicegpt.families import family_for
-from slicegpt.fusion import fuse
+from slicegpt.io.data import load_texts
+from slicegpt.architectures.families import family_for
+from slicegpt.method.fusion import fuse
 
 from conftest import WIKITEXT_TEST, WIKITEXT_VALIDATION
 

@@ -9,9 +9,9 @@ import transformers
 from slicegpt import SliceConfig, load_sliced, save_sliced, slice_model
 from slicegpt.cli import main
 from slicegpt.errors import SliceGPTError
-from slicegpt.families import get_module
-from slicegpt.shards import INDEX_FILE
-from slicegpt.streaming import StreamingRun, partial_dir
+from slicegpt.architectures.families import get_module
+from slicegpt.io.shards import INDEX_FILE
+from slicegpt.running.streaming import StreamingRun, partial_dir
 
 from conftest import WIKITEXT_VALIDATION, make_tiny_model, random_batches
 
@@ -131,7 +131,7 @@ def test_one_layer_in_memory_at_a_time(tmp_path, monkeypatch, rotations, reads):
 
 
 def test_spilled_activations_stay_on_disk(tmp_path):
-    from slicegpt.spill import DiskActivations
+    from slicegpt.running.spill import DiskActivations
 
     store = DiskActivations(tmp_path, masks=[None, None])
     batches = [torch.randn(2, 5, 8), torch.randn(1, 5, 8)]
@@ -187,14 +187,14 @@ def test_not_enough_disk_is_refused_before_work(tiny_model_dir, tmp_path, capsys
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("slicegpt.resources.shutil.disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
-    for name in ("slicegpt.slicing.Slicer.run", "slicegpt.streaming.StreamingRun.run"):
+    monkeypatch.setattr("slicegpt.running.resources.shutil.disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    for name in ("slicegpt.method.slicing.Slicer.run", "slicegpt.running.streaming.StreamingRun.run"):
         monkeypatch.setattr(name, lambda *a, **k: pytest.fail("work started"))
     code = main(["slice", str(tiny_model_dir), "--sparsity", "0.25", "--out", str(tmp_path / "o"), *CAL, streaming])
     err = capsys.readouterr().err
     assert code == 2 and "not enough disk space" in err and "only 0.00 GiB is free" in err, err
     assert not (tmp_path / "o").exists() and not partial_dir(tmp_path / "o").exists()
-    assert shutil.disk_usage  # the real one is untouched outside slicegpt.resources
+    assert shutil.disk_usage  # the real one is untouched outside slicegpt.running.resources
 
 
 def test_missing_shard_is_reported(tmp_path):

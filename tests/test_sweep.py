@@ -2,7 +2,7 @@
 
 import json
 
-from slicegpt.checkpoint import load_sliced
+from slicegpt.io.checkpoint import load_sliced
 from slicegpt.cli import main
 
 from conftest import TINY_CAL_PPL

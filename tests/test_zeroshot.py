@@ -139,7 +139,7 @@ def test_bad_task_lists_and_limits():
 @pytest.mark.slow
 def test_smollm2_is_far_above_chance_on_lambada(smollm2_dir):
     """The real model, through the same path: a language model predicts LAMBADA's last words."""
-    from slicegpt.models import load_model
+    from slicegpt.io.models import load_model
 
     model, tokenizer = load_model(smollm2_dir)
     result = zeroshot.evaluate_zeroshot(model, tokenizer, "lambada_openai,piqa", limit=20, batch_size=8)

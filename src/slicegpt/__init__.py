@@ -1,12 +1,12 @@
 """slicegpt: compress causal language models with SliceGPT."""
 
-from .api import calibration_data, slice_model
-from .checkpoint import load_sliced, save_sliced
-from .config import SliceConfig
-from .errors import SliceGPTError
-from .families import supported_architectures
-from .models import load_model
-from .perplexity import perplexity
+from slicegpt.running.in_memory import calibration_data, slice_model
+from slicegpt.io.checkpoint import load_sliced, save_sliced
+from slicegpt.config import SliceConfig
+from slicegpt.errors import SliceGPTError
+from slicegpt.architectures.families import supported_architectures
+from slicegpt.io.models import load_model
+from slicegpt.evaluation.perplexity import perplexity
 
 __all__ = [
     "SliceConfig",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import bench, eval as eval_command, finetune, ppl, slice as slice_command, sweep
-from .errors import SliceGPTError
+from slicegpt.commands import bench, eval as eval_command, finetune, ppl, slice as slice_command, sweep
+from slicegpt.errors import SliceGPTError
 
 COMMANDS = [slice_command, sweep, ppl, eval_command, finetune, bench]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .errors import SliceGPTError
+from slicegpt.errors import SliceGPTError
 
 CONFIG_VERSION = 1
 

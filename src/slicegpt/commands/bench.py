@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from ..benchmark import BenchSettings, format_table, run_benchmark, summarise
-from ..errors import SliceGPTError
-from ..models import load_model
-from ..report import versions
-from .common import add_model_options, apply_threads, print_json, say
+from slicegpt.evaluation.benchmark import BenchSettings, format_table, run_benchmark, summarise
+from slicegpt.errors import SliceGPTError
+from slicegpt.io.models import load_model
+from slicegpt.io.report import versions
+from slicegpt.commands.common import add_model_options, apply_threads, print_json, say
 
 
 def add_parser(subparsers) -> None:

@@ -8,8 +8,8 @@ import sys
 import time
 from contextlib import contextmanager
 
-from ..errors import SliceGPTError
-from ..models import DTYPES
+from slicegpt.errors import SliceGPTError
+from slicegpt.io.models import DTYPES
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +44,7 @@ def zeroshot_tasks(args) -> list[str] | None:
     """The requested tasks, checked before any slow work; None when none were asked for."""
     if not getattr(args, "eval_zeroshot", None):
         return None
-    from ..evaluation.zeroshot import check_task_data, parse_tasks
+    from slicegpt.evaluation.zeroshot import check_task_data, parse_tasks
 
     if args.zeroshot_limit is not None and args.zeroshot_limit < 1:
         raise SliceGPTError(f"--zeroshot-limit must be at least 1, got {args.zeroshot_limit}")
@@ -54,7 +54,7 @@ def zeroshot_tasks(args) -> list[str] | None:
 
 
 def run_zeroshot(model, tokenizer, tasks: list[str], args) -> dict:
-    from ..evaluation.zeroshot import evaluate_zeroshot
+    from slicegpt.evaluation.zeroshot import evaluate_zeroshot
 
     return evaluate_zeroshot(model, tokenizer, tasks, limit=args.zeroshot_limit, batch_size=args.zeroshot_batch_size,
                              data_dir=args.data_dir)

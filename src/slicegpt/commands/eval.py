@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..checkpoint import atomic_directory, check_output_dir
-from ..evaluation.zeroshot import check_task_data, evaluate_zeroshot, format_table, parse_tasks
-from ..errors import SliceGPTError
-from ..models import load_model
-from ..plots import png_bytes, zeroshot_figure
-from ..report import count_parameters, versions
-from .common import add_model_options, apply_threads, print_json, timed
+from slicegpt.io.checkpoint import atomic_directory, check_output_dir
+from slicegpt.evaluation.zeroshot import check_task_data, evaluate_zeroshot, format_table, parse_tasks
+from slicegpt.errors import SliceGPTError
+from slicegpt.io.models import load_model
+from slicegpt.evaluation.plots import png_bytes, zeroshot_figure
+from slicegpt.sizing.counts import count_parameters
+from slicegpt.io.report import versions
+from slicegpt.commands.common import add_model_options, apply_threads, print_json, timed
 
 DEFAULT_TASKS = "piqa,arc_easy,arc_challenge,hellaswag,winogrande,lambada_openai"
 

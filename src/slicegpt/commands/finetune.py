@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..checkpoint import REPORT_FILE, check_output_dir, save_sliced
-from ..data import load_texts
-from ..errors import SliceGPTError
-from ..finetune import FinetuneConfig, check_usable_text, finetune
-from ..models import is_sliced_dir, load_model
-from ..perplexity import perplexity
-from ..plots import report_plots
-from ..report import count_parameters, versions
-from .common import (add_model_options, add_ppl_options, add_zeroshot_options, apply_threads, run_zeroshot, say,
+from slicegpt.io.checkpoint import REPORT_FILE, check_output_dir, save_sliced
+from slicegpt.io.data import load_texts
+from slicegpt.errors import SliceGPTError
+from slicegpt.running.finetune import FinetuneConfig, check_usable_text, finetune
+from slicegpt.io.models import is_sliced_dir, load_model
+from slicegpt.evaluation.perplexity import perplexity
+from slicegpt.evaluation.plots import report_plots
+from slicegpt.sizing.counts import count_parameters
+from slicegpt.io.report import versions
+from slicegpt.commands.common import (add_model_options, add_ppl_options, add_zeroshot_options, apply_threads, run_zeroshot, say,
                      timed, zeroshot_tasks)
 
 
@@ -122,7 +123,7 @@ def print_summary(source: Path, out: Path, finetune: dict) -> None:
     if finetune["ppl"]:
         print("  perplexity  " + "  ".join(f"{k} {v:.3f}" for k, v in finetune["ppl"].items()))
     if finetune["zeroshot"]:
-        from ..evaluation.zeroshot import format_table
+        from slicegpt.evaluation.zeroshot import format_table
 
         print("  zero-shot accuracy (%)")
         print("\n".join("    " + line for line in format_table(finetune["zeroshot"]).splitlines()))

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from ..data import load_texts
-from ..models import load_model
-from ..perplexity import perplexity
-from ..report import count_parameters
-from .common import add_model_options, add_ppl_options, apply_threads, print_json
+from slicegpt.io.data import load_texts
+from slicegpt.io.models import load_model
+from slicegpt.evaluation.perplexity import perplexity
+from slicegpt.sizing.counts import count_parameters
+from slicegpt.commands.common import add_model_options, add_ppl_options, apply_threads, print_json
 
 
 def add_parser(subparsers) -> None:

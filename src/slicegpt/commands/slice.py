@@ -7,21 +7,22 @@ import json
 import math
 from pathlib import Path
 
-from .. import distributed
-from ..api import calibration_data, slice_model
-from ..checkpoint import REPORT_FILE, check_output_dir, save_sliced
-from ..config import SliceConfig
-from ..data import load_texts
-from ..errors import SliceGPTError
-from ..families import family_for
-from ..models import DTYPES, base_model_id, is_sliced_dir, load_model, resolve
-from ..perplexity import perplexity
-from ..layout import SHARED_FROM, resolve_layout
-from ..plain import to_plain_model
-from ..plots import report_plots
-from ..report import count_parameters, head_parameters, shortcut_parameters, versions
-from ..resources import activation_bytes, available_memory, check_disk, dtype_bytes, gib, in_memory_bytes
-from .common import (add_model_options, add_ppl_options, add_zeroshot_options, apply_threads, run_zeroshot, say,
+from slicegpt.running import distributed
+from slicegpt.running.in_memory import calibration_data, slice_model
+from slicegpt.io.checkpoint import REPORT_FILE, check_output_dir, save_sliced
+from slicegpt.config import SliceConfig
+from slicegpt.io.data import load_texts
+from slicegpt.errors import SliceGPTError
+from slicegpt.architectures.families import family_for
+from slicegpt.io.models import DTYPES, base_model_id, is_sliced_dir, load_model, resolve
+from slicegpt.evaluation.perplexity import perplexity
+from slicegpt.sizing.layout import SHARED_FROM, resolve_layout
+from slicegpt.architectures.plain import to_plain_model
+from slicegpt.evaluation.plots import report_plots
+from slicegpt.sizing.counts import count_parameters, head_parameters, shortcut_parameters
+from slicegpt.io.report import versions
+from slicegpt.running.resources import activation_bytes, available_memory, check_disk, dtype_bytes, gib, in_memory_bytes
+from slicegpt.commands.common import (add_model_options, add_ppl_options, add_zeroshot_options, apply_threads, run_zeroshot, say,
                      timed, zeroshot_tasks)
 
 
@@ -241,7 +242,7 @@ def build_report(args, config: SliceConfig, result, params: dict, ppl: dict, zer
 def run_streaming(args, config: SliceConfig, out: Path, ctx: distributed.DistContext, tasks) -> int:
     from transformers import AutoTokenizer
 
-    from ..streaming import StreamingRun, report_spill
+    from slicegpt.running.streaming import StreamingRun, report_spill
 
     for flag, asked in (("--eval-ppl", args.eval_ppl), ("--eval-zeroshot", bool(tasks)), ("--plain", args.plain)):
         if asked:
@@ -273,7 +274,7 @@ def run_streaming(args, config: SliceConfig, out: Path, ctx: distributed.DistCon
 
 def choose_engine(args, config: SliceConfig) -> tuple[bool, str]:
     """Streaming when asked, or when slicing in memory would not fit; with the reason."""
-    from ..shards import SafetensorsCheckpoint
+    from slicegpt.io.shards import SafetensorsCheckpoint
 
     if args.streaming is False:
         return False, "--no-streaming"
@@ -324,7 +325,7 @@ def print_summary(name: str, out: Path, report: dict) -> None:
             line += f"  ({ppl['sliced'] / ppl['dense']:.3f}x)"
         print(line)
     if report.get("zeroshot"):
-        from ..evaluation.zeroshot import format_table
+        from slicegpt.evaluation.zeroshot import format_table
 
         print("  zero-shot accuracy (%)")
         print("\n".join("    " + line for line in format_table(report["zeroshot"]).splitlines()))

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..checkpoint import check_output_dir
-from ..data import load_texts
-from ..errors import SliceGPTError
-from ..plots import png_bytes, ppl_figure, zeroshot_figure
-from ..report import versions
-from .common import apply_threads, say, zeroshot_tasks
-from .slice import add_slice_options, check_plain, slice_and_save, slice_config
+from slicegpt.io.checkpoint import check_output_dir
+from slicegpt.io.data import load_texts
+from slicegpt.errors import SliceGPTError
+from slicegpt.evaluation.plots import png_bytes, ppl_figure, zeroshot_figure
+from slicegpt.io.report import versions
+from slicegpt.commands.common import apply_threads, say, zeroshot_tasks
+from slicegpt.commands.slice import add_slice_options, check_plain, slice_and_save, slice_config
 
 
 def add_parser(subparsers) -> None:

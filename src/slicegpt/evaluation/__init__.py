@@ -1,5 +1,5 @@
 """Evaluation beyond perplexity: zero-shot tasks through lm-evaluation-harness."""
 
-from .zeroshot import available_tasks, evaluate_zeroshot, parse_tasks
+from slicegpt.evaluation.zeroshot import available_tasks, evaluate_zeroshot, parse_tasks
 
 __all__ = ["available_tasks", "evaluate_zeroshot", "parse_tasks"]

@@ -22,23 +22,17 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import SliceGPTError
+from slicegpt.errors import SliceGPTError
+from slicegpt.tasks import paper_metric
 
 TASK_DIR = Path(__file__).parent / "tasks"
 DATA_DIR_ENV = "SLICEGPT_DATA_DIR"
-# The paper averages length-normalised accuracy, except where lm-eval reports only plain
-# accuracy (WinoGrande, LAMBADA).
-PLAIN_ACC_TASKS = {"winogrande", "lambada_openai"}
 # Closed-form stderrs serve acc and acc_norm; only LAMBADA's perplexity is bootstrapped.
 BOOTSTRAP_ITERS = 1000
 
 
 def available_tasks() -> list[str]:
     return sorted(path.stem for path in TASK_DIR.glob("*.yaml"))
-
-
-def paper_metric(task: str) -> str:
-    return "acc" if task in PLAIN_ACC_TASKS else "acc_norm"
 
 
 def parse_tasks(spec: str | list[str]) -> list[str]:

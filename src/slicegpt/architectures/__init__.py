@@ -1,0 +1,1 @@
+"""What slicegpt knows about model families, as data, and the sliced modeling code that checkpoints carry."""

@@ -1,0 +1,37 @@
+"""WikiText-style perplexity: non-overlapping chunks of one token stream."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from slicegpt.io.data import tokenize_joined
+from slicegpt.errors import SliceGPTError
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokenizer, texts: list[str], seqlen: int = 2048, chunks: int | None = None,
+               batch_size: int = 1, progress: bool = True) -> dict:
+    """exp(mean next-token loss) over the first `chunks` windows of `seqlen` tokens."""
+    stream = tokenize_joined(tokenizer, texts)
+    available = len(stream) // seqlen
+    count = available if chunks is None else min(chunks, available)
+    if count == 0:
+        raise SliceGPTError(f"perplexity data has {len(stream)} tokens, fewer than one chunk of {seqlen}")
+    windows = stream[: count * seqlen].view(count, seqlen)
+    device = next(model.parameters()).device
+    total_loss, total_tokens = 0.0, 0
+    for batch in tqdm(windows.split(batch_size), desc="Perplexity", unit="batch", disable=not progress):
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+        total_loss += loss.item()
+        total_tokens += batch[:, 1:].numel()
+    ppl = math.exp(total_loss / total_tokens)
+    if not math.isfinite(ppl):
+        raise SliceGPTError("perplexity is not finite: the model produced NaN or inf logits")
+    return {"ppl": ppl, "tokens": total_tokens, "chunks": count, "seqlen": seqlen}

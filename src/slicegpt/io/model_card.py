@@ -1,0 +1,146 @@
+"""The README.md model card of a sliced checkpoint, written from its report.
+
+Every number in the card comes from the report (slicing_report.json) next to it, so the
+two cannot disagree. The YAML front matter is what the hub reads (base_model, tags).
+"""
+
+from __future__ import annotations
+
+import yaml
+
+from slicegpt.tasks import paper_metric
+
+
+def fmt_ppl(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def fmt_acc(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def front_matter(report: dict) -> str:
+    config = report.get("config", {})
+    meta = {}
+    if config.get("base_model"):
+        meta["base_model"] = config["base_model"]
+    meta["library_name"] = "transformers"
+    meta["pipeline_tag"] = "text-generation"
+    meta["tags"] = ["slicegpt", "sliced", "structured-pruning", "compression"]
+    if report.get("finetune"):
+        meta["tags"] += ["lora", "recovery-fine-tuning"]
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines + [""]
+
+
+def configuration_section(report: dict) -> list[str]:
+    config = report.get("config", {})
+    keys = ["sparsity", "round_to", "cal_data", "cal_samples", "cal_seqlen", "cal_batch_size", "seed", "dtype"]
+    rows = [[f"`{k}`", f"`{config[k]}`"] for k in keys if k in config]
+    return ["## Configuration", "", *_table(["setting", "value"], rows)]
+
+
+def parameters_section(report: dict) -> list[str]:
+    params, widths = report.get("params"), report.get("widths", {})
+    if not params:
+        return []
+    rows = [
+        ["dense model", f"{params['dense']:,}"],
+        ["sliced model", f"{params['sliced']:,} ({params['sliced'] / params['dense']:.3f}x dense)"],
+        ["of which shortcut matrices", f"{params['shortcuts']:,}"],
+        ["of which output side beyond the embeddings (untied head or final map)", f"{params['head']:,}"],
+    ]
+    lines = ["## Parameters", "", "Counted on the model, tied tensors once; the shortcut matrices and the output side "
+             "are what slicing adds.", "", *_table(["", "parameters"], rows)]
+    if widths:
+        layer_widths = sorted({layer[key] for layer in widths.get("layers", []) for key in ("in", "mid", "out")
+                               if key in layer})
+        lines += [f"Residual width: embedding {widths.get('embedding')}, layers "
+                  f"{', '.join(map(str, layer_widths))}, head input {widths.get('head_in')}.", ""]
+    return lines
+
+
+def ppl_section(ppl: dict, config: dict, title: str = "Perplexity") -> list[str]:
+    if not ppl:
+        return []
+    rows = [[name, fmt_ppl(value)] for name, value in ppl.items()]
+    where = f"{config.get('ppl_data', 'wikitext2')}, chunks of {config.get('ppl_seqlen', 2048)} tokens"
+    if config.get("ppl_chunks"):
+        where += f", first {config['ppl_chunks']} chunks"
+    return [f"### {title}", "", f"On {where}.", "", *_table(["model", "perplexity"], rows)]
+
+
+def zeroshot_section(zeroshot: dict, title: str = "Zero-shot accuracy") -> list[str]:
+    columns = {name: result for name, result in (zeroshot or {}).items() if result}
+    if not columns:
+        return []
+    first = next(iter(columns.values()))
+    tasks = list(first["tasks"])
+    header = ["task", "metric", *columns]
+    rows = []
+    for task in tasks:
+        for metric in ("acc", "acc_norm"):
+            if metric in first["tasks"][task]:
+                mark = " (averaged)" if metric == paper_metric(task) else ""
+                rows.append([task, metric + mark, *(fmt_acc(c["tasks"][task][metric]) for c in columns.values())])
+    rows.append(["**average**", "paper's choice", *(fmt_acc(c["average"]) for c in columns.values())])
+    limit = first.get("limit")
+    sample_note = f"the first {limit} examples of each task" if limit else "each task's full evaluation split"
+    return [f"### {title}", "", f"lm-evaluation-harness, 0-shot, {sample_note}; accuracy in %. The average is "
+            "the paper's: acc_norm, except acc for WinoGrande and LAMBADA.", "", *_table(header, rows)]
+
+
+def finetune_section(finetune: dict) -> list[str]:
+    if not finetune:
+        return []
+    config = finetune["config"]
+    lora = config["lora"]
+    lines = ["## Recovery fine-tuning", "",
+             f"LoRA (rank {lora['r']}, alpha {lora['alpha']}, dropout {lora['dropout']}) on the attention and MLP "
+             f"linears ({', '.join(lora['targets'])}), merged back into the weights. {config['steps']} steps of "
+             f"{config['batch_size']} x {config['seqlen']} tokens from `{config['data']}`, learning rate "
+             f"{config['lr']}. Loss {finetune['loss_first']:.4f} at the first step, "
+             f"{finetune['loss_last']:.4f} (mean of the last steps) at the end.", ""]
+    lines += ppl_section(finetune.get("ppl", {}), finetune.get("ppl_config", {}), "Perplexity before and after")
+    lines += zeroshot_section(finetune.get("zeroshot", {}), "Zero-shot accuracy before and after")
+    return lines
+
+
+def usage_section() -> list[str]:
+    return ["## Usage", "", "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            'model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)',
+            'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+            "# or, with slicegpt installed and no remote code: slicegpt.load_sliced(\"PATH\")",
+            "```", ""]
+
+
+def model_card(report: dict) -> str:
+    config = report.get("config", {})
+    name = config.get("base_model") or config.get("model", "Model")
+    sparsity = config.get("sparsity", 0.0)
+    lines = [f"# {name}, sliced with SliceGPT at {100 * sparsity:.0f}%", "",
+             "[SliceGPT](https://arxiv.org/abs/2401.15024) (Ashkboos et al., ICLR 2024) folds every norm into "
+             "the neighbouring weights, rotates the residual stream into the principal components of "
+             f"calibration activations, and removes the least-variance directions. Here {sparsity:.0%} "
+             "of the residual width was removed; the model stays dense, and each residual path carries a small "
+             "shortcut matrix (a change of basis between blocks).", ""]
+    if config.get("model"):
+        lines += [f"Sliced from `{config['model']}`.", ""]
+    lines += configuration_section(report)
+    lines += parameters_section(report)
+    results = ppl_section(report.get("ppl", {}), config) + zeroshot_section(report.get("zeroshot", {}))
+    if results:
+        lines += ["## Results", "", *results]
+    lines += finetune_section(report.get("finetune"))
+    lines += usage_section()
+    versions = report.get("versions", {})
+    if versions:
+        lines += ["Made with " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".", ""]
+    return front_matter(report) + "\n" + "\n".join(lines)

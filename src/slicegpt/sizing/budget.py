@@ -1,0 +1,107 @@
+"""Size-aware slicing: the width that meets a real parameter budget.
+
+Counts come from building the sliced shape on the meta device with the same modeling
+code that loads checkpoints, so every parameter is counted and nothing is estimated.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from slicegpt.config import SliceConfig
+from slicegpt.errors import SliceGPTError
+from slicegpt.architectures.families import Family, get_module
+from slicegpt.method.fusion import can_keep_tied
+from slicegpt.architectures.modeling_sliced import sliced_class_for
+from slicegpt.sizing.counts import count_parameters
+from slicegpt.method.shared_rotation import group_points, stream_points
+
+
+def basis_owner(config: SliceConfig, names: list[str], layers: int) -> dict[str, str]:
+    """For each stream point, the point whose basis it uses (equal owners: no shortcut between)."""
+    if config.rotations == "block":
+        return {name: name for name in names}
+    return {name: group[0] for group in group_points(names, layers, config.group_size) for name in group}
+
+
+def planned_slicing(model: nn.Module, family: Family, config: SliceConfig, widths: dict[str, int]) -> dict:
+    """The `config.slicing` record a run with these per-point widths would produce."""
+    layers = len(get_module(model, family.layers))
+    names = stream_points(family, layers)
+    owner = basis_owner(config, names, layers)
+    records = []
+    for index in range(layers):
+        before = "embeddings" if index == 0 else f"layer {index - 1} output"
+        after = f"layer {index} output"
+        middle = after if family.parallel else f"layer {index} mlp input"
+        record = {"in": widths[before]}
+        if not family.parallel:
+            record["mid"] = widths[middle]
+        record["out"] = widths[after]
+        absent = [part for part, (a, b) in (("attn", (before, middle)), ("mlp", (middle, after)))
+                  if owner[a] == owner[b] and not (part == "mlp" and family.parallel)]
+        if absent:
+            record["no_shortcut"] = absent
+        records.append(record)
+    return {
+        "family": family.to_dict(),
+        "base_architecture": type(model).__name__,
+        "dense_hidden_size": model.config.hidden_size,
+        "norm_eps": 1e-6,  # irrelevant to the count
+        "embedding_width": widths["embeddings"],
+        "layers": records,
+        "head_in": widths[f"layer {layers - 1} output"],
+        "tied_head": config.tied_head and can_keep_tied(model, family),
+    }
+
+
+def predicted_parameters(model: nn.Module, family: Family, config: SliceConfig, widths: dict[str, int]) -> int:
+    model_config = copy.deepcopy(model.config)
+    model_config.slicing = planned_slicing(model, family, config, widths)
+    with torch.device("meta"):
+        skeleton = sliced_class_for(type(model))(model_config)
+    return count_parameters(skeleton)
+
+
+def uniform_widths(model: nn.Module, family: Family, width: int) -> dict[str, int]:
+    layers = len(get_module(model, family.layers))
+    return {name: width for name in stream_points(family, layers)}
+
+
+def width_for_budget(model: nn.Module, family: Family, config: SliceConfig, target: int) -> int:
+    """The largest width (a multiple of round_to) whose sliced model has at most `target` parameters."""
+    dense = model.config.hidden_size
+    step = config.round_to
+    low, high = 1, dense // step  # in units of `step`
+
+    def fits(units: int) -> bool:
+        return predicted_parameters(model, family, config, uniform_widths(model, family, units * step)) <= target
+
+    if not fits(low):
+        raise SliceGPTError(f"no width meets the budget of {target:,} parameters "
+                            f"(even width {step} gives more)")
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low * step
+
+
+def parameter_budget(model: nn.Module, family: Family, config: SliceConfig) -> int | None:
+    """The real parameter count to meet, where the config asks for one (before fusion)."""
+    if config.target_params is not None:
+        return config.target_params
+    if config.target_ratio is not None:
+        return int(config.target_ratio * count_parameters(model))
+    if config.widths == "variance":  # the same size as the uniform width at this sparsity
+        return uniform_size(model, family, config)
+    return None
+
+
+def uniform_size(model: nn.Module, family: Family, config: SliceConfig) -> int:
+    """The real size of one uniform width at the config's sparsity, in the config's layout."""
+    width = config.kept_width(model.config.hidden_size)
+    return predicted_parameters(model, family, config, uniform_widths(model, family, width))
+

@@ -1,0 +1,63 @@
+"""`--rotations auto` (the default): the layout measured best for the size asked for.
+
+The size comes first. `--sparsity S` keeps the paper's meaning: the real size of slicing
+S of the width with a basis per block (two shortcuts per layer); `--target-params` and
+`--target-ratio` give it directly. Then auto spends that size on the layout that measured
+best there (protocol P on SmolLM2-135M, bench/README.md):
+
+- at 0.82-0.85 x dense, one basis for the whole model: no shortcuts, so the same size buys
+  a wider stream (45.78 at 0.821 x and 39.51 at 0.849 x, against 47.80 for per-block bases
+  at 0.834 x);
+- at 0.75-0.77 x, per-block bases: one basis cannot follow the stream through every layer
+  once this much is cut (71.14 at 0.751 x, against 57.34 at 0.767 x).
+
+The switch sits between the two, at 0.8 x dense.
+
+`--pca auto` (the default) then picks how tokens weigh in the PCA: every token equally
+(normalized, as the RMS norms that read the stream see it) for one basis for the whole
+model, where it measured better (43.01 against 45.78 at 0.821 x; 37.45 against 39.51 at
+0.849 x), and the stream as it is (raw) for the other layouts: per-block bases lost with
+normalized weights (91.32 against 54.16 on a reduced protocol).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from slicegpt.sizing.budget import parameter_budget, uniform_size
+from slicegpt.config import SliceConfig
+from slicegpt.architectures.families import Family
+from slicegpt.sizing.counts import count_parameters
+
+SHARED_FROM = 0.8  # real size / dense size from which one shared basis is used
+
+
+def requested_size(model: nn.Module, family: Family, config: SliceConfig) -> int:
+    """The real parameter count asked for: the budget, or the per-block layout's size at the sparsity."""
+    block = dataclasses.replace(config, rotations="block")
+    budget = parameter_budget(model, family, block)
+    return uniform_size(model, family, block) if budget is None else budget
+
+
+def resolve_layout(model: nn.Module, family: Family, config: SliceConfig) -> SliceConfig:
+    """`config` with `rotations="auto"` and `pca="auto"` settled (on the dense, unfused model)."""
+    config = _resolve_rotations(model, family, config)
+    if config.pca == "auto":
+        config = dataclasses.replace(config, pca="normalized" if config.rotations == "model" else "raw")
+    return config
+
+
+def _resolve_rotations(model: nn.Module, family: Family, config: SliceConfig) -> SliceConfig:
+    if config.rotations != "auto":
+        return config
+    block = dataclasses.replace(config, rotations="block")
+    if config.widths != "uniform":  # per-point widths need per-point bases
+        return block
+    size = requested_size(model, family, config)
+    if size < SHARED_FROM * count_parameters(model):
+        return block
+    if config.target_params is None and config.target_ratio is None:  # the same size, spent on width
+        return dataclasses.replace(config, rotations="model", target_params=size)
+    return dataclasses.replace(config, rotations="model")
