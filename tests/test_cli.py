@@ -136,7 +136,7 @@ def test_non_finite_activations(tmp_path, smollm2_tokenizer, capsys):
 
 
 def test_failed_save_leaves_no_output(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    from slicegpt import checkpoint
+    from slicegpt.io import checkpoint
 
     def explode(*args, **kwargs):
         raise OSError("disk full")

@@ -13,7 +13,7 @@ from conftest import TINY_CAL_PPL, WIKITEXT_TEST, WIKITEXT_VALIDATION
 
 pytest.importorskip("peft")
 
-from slicegpt import finetune as finetune_module  # noqa: E402
+from slicegpt.running import finetune as finetune_module  # noqa: E402
 
 FAST = ["--steps", "6", "--seqlen", "32", "--batch-size", "2", "--lr", "1e-3"]
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from slicegpt import plots
+from slicegpt.evaluation import plots
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
