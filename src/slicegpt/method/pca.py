@@ -17,7 +17,6 @@ class CovarianceAccumulator:
         # normalize: weigh every token equally, as the norms that read the stream do.
         self.normalize = normalize
         self.sum = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-        self.tokens = 0
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -38,7 +37,6 @@ class CovarianceAccumulator:
                 raise SliceGPTError(f"non-finite values (NaN or inf) in the activations {self.where}; "
                                     "try float32, or check the model's weights")
             self.sum += product
-        self.tokens += x.shape[0]
 
     def all_reduce(self) -> None:
         """Sum across torch.distributed ranks, where a process group is running."""
@@ -49,10 +47,7 @@ class CovarianceAccumulator:
         device = _comm_device(self.sum.device)
         total = self.sum.to(device)
         dist.all_reduce(total)
-        count = torch.tensor([self.tokens], dtype=torch.float64, device=device)
-        dist.all_reduce(count)
         self.sum = total.to(self.sum.device)
-        self.tokens = int(count.item())
 
 
 def _distributed() -> bool:

@@ -129,7 +129,6 @@ class Slicer:
         self.normalize_pca = normalize_pca
         # A tied head reads the embedding basis too: its input covariance shapes that basis.
         self.head_covariance = head_covariance
-        self.dense = model.config.hidden_size
         self.result = SliceResult()
         self.embedding_basis: torch.Tensor | None = None
 

@@ -1,12 +1,14 @@
 """Checkpoints of a streaming run, so that a killed run resumes where it stopped.
 
-After each layer the run records, in `<partial output>/resume/`: the settings, the next
-layer to slice, the current basis Q, the calibration activations (each rank its own),
-and the Slicer's result so far. The sliced layers themselves are already in the output
-shards beside it. `state.json` is replaced atomically and written last, so it always
-describes files that exist; files it no longer names are deleted only after it is
-replaced. A run with other settings than the recorded ones is refused, naming the first
-setting that differs.
+After each layer the run records, in `<partial output>/resume/`: the settings and the next
+layer to slice, then what its layout needs to go on. Per-block bases: the current basis Q,
+the embedding basis, the calibration activations (each rank its own) and the Slicer's
+result so far. Shared bases: the file of every stream point's basis (written by the
+covariance pass) and the result so far; no activations. The sliced layers themselves are
+already in the output shards beside it. `state.json` is replaced atomically and written
+last, so it always describes files that exist; files it no longer names are deleted only
+after it is replaced. A run with other settings than the recorded ones is refused, naming
+the first setting that differs.
 """
 
 from __future__ import annotations

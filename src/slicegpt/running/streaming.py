@@ -2,15 +2,20 @@
 
 The model is built without weights (meta device). The embeddings are read from the
 safetensors shards and the calibration text runs through them; then each decoder layer
-is read (only its own tensors), fused, calibrated, rotated and sliced by the same
-`Slicer` the in-memory run uses, written to its own output shard and freed. Peak memory
-is one layer plus one layer's calibration activations, and those spill to a file on disk
-when they do not fit either (`spill.DiskActivations`). The result equals the in-memory
-run's, tensor for tensor.
+is read (only its own tensors), fused, rotated and sliced, written to its own output
+shard and freed. Two layouts, two passes:
 
-Output is built in `.<name>.partial` beside the output directory and renamed into place
-at the end. After each layer the run checkpoints into its `resume/` folder (see
-`resume.py`), so the same command resumes after a crash or kill -9.
+- per-block bases (`--rotations block`): each layer is calibrated as it is read, by the
+  same `Slicer` step the in-memory run uses, on activations that spill to a file on disk
+  when they do not fit in memory (`spill.DiskActivations`);
+- shared bases (`layer`, `group:K`, `model`): a first pass collects every stream point's
+  covariance from a fused copy of each layer, saving each group's basis once the group is
+  complete; a second pass rotates each layer with those bases and needs no activations.
+
+Peak memory is one layer plus one layer's calibration activations. The result equals the
+in-memory run's, tensor for tensor. Output is built in `.<name>.partial` beside the output
+directory and renamed into place at the end. After each layer the run checkpoints into its
+`resume/` folder (see `resume.py`), so the same command resumes after a crash or kill -9.
 """
 
 from __future__ import annotations
@@ -216,7 +221,6 @@ class StreamingRun:
         ctx.barrier()
         model.config.slicing = slicing_metadata(model, family, result, eps, self.added_biases)
         model.config.slicing["config"] = self.config.to_dict()
-        self.result = result
         return result
 
     def _run_block(self, batches, state, settings, acts, layer_kwargs, eps) -> SliceResult:
