@@ -202,3 +202,52 @@ def test_missing_shard_is_reported(tmp_path):
     next(path.glob("model-00002-*.safetensors")).unlink()
     with pytest.raises(SliceGPTError, match="missing"):
         StreamingRun(path, tmp_path / "out", SliceConfig(sparsity=0.25))
+
+
+# A tensor name each checkpoint holds as `save_pretrained` writes it (the hub's layout), which the
+# model itself does not have: transformers converts these only when it loads a model.
+HUB_LAYOUT_KEYS = {
+    "MixtralForCausalLM": "model.layers.1.block_sparse_moe.experts.3.w2.weight",
+    "Qwen2MoeForCausalLM": "model.layers.1.mlp.experts.3.up_proj.weight",
+    "Qwen3MoeForCausalLM": "model.layers.1.mlp.experts.3.gate_proj.weight",
+    "GPTNeoXForCausalLM": "embed_out.weight",
+}
+
+
+@pytest.mark.parametrize("arch,settings", [
+    ("MixtralForCausalLM", dict()),
+    ("Qwen2MoeForCausalLM", dict()),
+    ("Qwen3MoeForCausalLM", dict()),
+    ("Qwen2MoeForCausalLM", dict(rotations="model")),
+    ("GPTNeoXForCausalLM", dict()),
+])
+def test_hub_layout_checkpoints_stream_as_in_memory(tmp_path, arch, settings):
+    path = _sharded(tmp_path, arch)
+    weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+    model_names = dict(make_tiny_model(arch).named_parameters())
+    assert HUB_LAYOUT_KEYS[arch] in weight_map and HUB_LAYOUT_KEYS[arch] not in model_names
+    config = SliceConfig(sparsity=0.25, **settings)
+    batches = random_batches(96)
+    reference = _in_memory(path, config, batches, tmp_path / "memory")
+    _assert_same(reference, _streamed(path, config, batches, tmp_path / "streamed"))
+
+
+def test_converted_reads_touch_only_the_layer(tmp_path, monkeypatch):
+    """Fused expert tensors are built from that layer's per-expert tensors, and from no others."""
+    from slicegpt.io.converted import ConvertedCheckpoint
+    from slicegpt.io.shards import SafetensorsCheckpoint
+
+    path = _sharded(tmp_path, "MixtralForCausalLM")
+    dense = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    checkpoint = SafetensorsCheckpoint(path)
+    tensors = ConvertedCheckpoint(checkpoint, dense)
+    read, original = [], checkpoint.read
+    monkeypatch.setattr(checkpoint, "read", lambda names: read.extend(names) or original(names))
+    wanted = [n for n, _ in dense.named_parameters() if n.startswith("model.layers.1.")]
+    found = tensors.read(wanted)
+    assert read and all(key.startswith("model.layers.1.") for key in read)
+    assert len(read) == len(set(read)) == 4 * 3 + 1 + 4 + 2  # experts w1/w2/w3, router, attention, norms
+    for name in wanted:
+        assert torch.equal(found[name], dense.get_parameter(name)), name
+    with pytest.raises(SliceGPTError, match="no tensor for model.layers.1.mlp.experts.nothing"):
+        tensors.read(["model.layers.1.mlp.experts.nothing"])

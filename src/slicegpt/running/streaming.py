@@ -37,6 +37,7 @@ from slicegpt.architectures.modeling_sliced import stream_weight
 from slicegpt.config import SliceConfig
 from slicegpt.errors import SliceGPTError
 from slicegpt.io.checkpoint import AUTO_MAP, check_output_dir, write_companion_files
+from slicegpt.io.converted import ConvertedCheckpoint
 from slicegpt.io.shards import SafetensorsCheckpoint, shard_name, write_index, write_shard
 from slicegpt.method.activations import Activations
 from slicegpt.method.fusion import final_map, fuse_embeddings, fuse_head, fuse_layer, keep_head_tied, norm_eps
@@ -98,6 +99,7 @@ class StreamingRun:
         check_output_dir(self.out, overwrite)
         self.checkpoint = SafetensorsCheckpoint(self.model_dir)
         self.model = empty_model(self.model_dir, dtype)
+        self.tensors = ConvertedCheckpoint(self.checkpoint, self.model)  # by the model's own names
         self.family = family_for(self.model)
         self.config = config = resolve_layout(self.model, self.family, config)
         check_streamable(config)
@@ -162,34 +164,24 @@ class StreamingRun:
 
     # -- reading weights ----------------------------------------------------------------------
 
-    def _key(self, name: str) -> str:
-        """The checkpoint's name for the model's tensor `name`."""
-        if name in self.checkpoint:
-            return name
-        prefix = f"{self.model.base_model_prefix}."
-        for candidate in (name.removeprefix(prefix), prefix + name):
-            if candidate in self.checkpoint:
-                return candidate
-        raise SliceGPTError(f"{self.model_dir}: the checkpoint has no tensor for {name} "
-                            "(streaming reads tensors by the model's own names)")
-
-    def _materialize(self, path: str, skip: tuple[str, ...] = (), rename: dict[str, str] | None = None) -> None:
-        """Read the meta parameters (and stored buffers) of module `path` from the checkpoint."""
+    def _materialize(self, path: str, skip: tuple[str, ...] = (), alias: dict[str, str] | None = None) -> None:
+        """Read the meta parameters (and stored buffers) of module `path` from the checkpoint,
+        converted as `from_pretrained` converts them; `alias` reads a parameter from another's tensor."""
         from accelerate.utils import set_module_tensor_to_device
 
         module = get_module(self.model, path) if path else self.model
+        alias = alias or {}
         names = {}
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             full = f"{path}.{name}" if path else name
             if any(full == s or full.startswith(s + ".") for s in skip):
                 continue
-            if tensor.device.type == "meta":
-                names[name] = (rename or {}).get(full) or self._key(full)
-            elif (rename or {}).get(full) or full in self.checkpoint:  # a stored buffer
-                names[name] = (rename or {}).get(full) or full
-        tensors = self.checkpoint.read(sorted(set(names.values())))
-        for name, key in names.items():
-            set_module_tensor_to_device(module, name, self.device, value=tensors[key], dtype=self.dtype,
+            source = alias.get(full, full)
+            if tensor.device.type == "meta" or source in self.tensors:  # a parameter, or a stored buffer
+                names[name] = source
+        tensors = self.tensors.read(sorted(set(names.values())), where=str(self.model_dir))
+        for name, source in names.items():
+            set_module_tensor_to_device(module, name, self.device, value=tensors[source], dtype=self.dtype,
                                         clear_cache=False)
 
     # -- the run --------------------------------------------------------------------------------
@@ -489,10 +481,10 @@ class StreamingRun:
             rotate()
             written: tuple[str, ...] = ()
         else:
-            rename = {}
+            alias = {}
             if self.source_tied:  # the head reads the input embedding's weights
-                rename[f"{family.head}.weight"] = self._key(f"{family.embeddings[0]}.weight")
-            self._materialize(family.head, rename=rename)
+                alias[f"{family.head}.weight"] = f"{family.embeddings[0]}.weight"
+            self._materialize(family.head, alias=alias)
             self.added_biases += fuse_head(model, family, False, self.dense, eps)
             rotate()
             written = (family.head,)
