@@ -232,6 +232,16 @@ def test_hub_layout_checkpoints_stream_as_in_memory(tmp_path, arch, settings):
     _assert_same(reference, _streamed(path, config, batches, tmp_path / "streamed"))
 
 
+def test_model_layout_checkpoints_still_stream(tmp_path):
+    """A checkpoint already under the model's own names (fused experts) needs no conversion."""
+    path = tmp_path / "dense"
+    make_tiny_model("MixtralForCausalLM").save_pretrained(path, max_shard_size="30KB", save_original_format=False)
+    assert "model.layers.1.mlp.experts.gate_up_proj" in json.loads((path / INDEX_FILE).read_text())["weight_map"]
+    config, batches = SliceConfig(sparsity=0.25), random_batches(96)
+    reference = _in_memory(path, config, batches, tmp_path / "memory")
+    _assert_same(reference, _streamed(path, config, batches, tmp_path / "streamed"))
+
+
 def test_converted_reads_touch_only_the_layer(tmp_path, monkeypatch):
     """Fused expert tensors are built from that layer's per-expert tensors, and from no others."""
     from slicegpt.io.converted import ConvertedCheckpoint

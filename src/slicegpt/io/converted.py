@@ -69,11 +69,11 @@ class ConvertedCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.group_of
 
-    def read(self, names: list[str], where: str = "") -> dict[str, torch.Tensor]:
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The named parameters, each from just the checkpoint tensors that feed it."""
         missing = [name for name in names if name not in self]
         if missing:
-            raise SliceGPTError(f"{where or self.checkpoint.directory}: the checkpoint has no tensor for "
+            raise SliceGPTError(f"{self.checkpoint.directory}: the checkpoint has no tensor for "
                                 f"{missing[0]} (nor any that transformers converts into it)")
         groups = {self.group_of[name] for name in names}
         tensors = self.checkpoint.read(sorted({key for g in groups for _, key in self.sources[g].keys}))

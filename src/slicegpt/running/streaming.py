@@ -180,7 +180,7 @@ class StreamingRun:
             source = alias.get(full, full)
             if tensor.device.type == "meta" or source in self.tensors:  # a parameter, or a stored buffer
                 names[name] = source
-        tensors = self.tensors.read(sorted(set(names.values())), where=str(self.model_dir))
+        tensors = self.tensors.read(sorted(set(names.values())))
         for name, source in names.items():
             set_module_tensor_to_device(module, name, self.device, value=tensors[source], dtype=self.dtype,
                                         clear_cache=False)
