@@ -175,10 +175,22 @@ def test_streaming_is_chosen_when_memory_is_short(tiny_model_dir, tmp_path, caps
     assert (tmp_path / "o" / INDEX_FILE).exists()
 
 
-def test_streaming_refuses_eval_ppl(tiny_model_dir, tmp_path, capsys):
-    code = main(["slice", str(tiny_model_dir), "--sparsity", "0.25", "--out", str(tmp_path / "o"), *CAL,
-                 "--streaming", "--eval-ppl"])
-    assert code == 2 and "slicegpt ppl" in capsys.readouterr().err
+def test_streamed_run_measures_and_converts_its_output(tiny_model_dir, tmp_path, capsys):
+    """--eval-ppl and --plain after a streamed run work from the written output, as in memory."""
+    from conftest import WIKITEXT_TEST
+
+    flags = ["--rotations", "model", "--plain", "--eval-ppl", "--ppl-data", str(WIKITEXT_TEST), "--ppl-chunks", "1",
+             "--ppl-seqlen", "64"]
+    for name, engine in (("mem", "--no-streaming"), ("str", "--streaming")):
+        assert main(["slice", str(tiny_model_dir), "--sparsity", "0.25", "--out", str(tmp_path / name), *CAL,
+                     *flags, engine]) == 0
+    reports = {name: json.loads((tmp_path / name / "slicing_report.json").read_text()) for name in ("mem", "str")}
+    assert reports["str"]["ppl"]["dense"] == pytest.approx(reports["mem"]["ppl"]["dense"], rel=1e-6)
+    assert reports["str"]["ppl"]["sliced"] == pytest.approx(reports["mem"]["ppl"]["sliced"], rel=1e-5)
+    assert reports["str"]["params"] == reports["mem"]["params"]
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "str")  # no remote code
+    assert type(plain).__name__ == "LlamaForCausalLM"
+    assert "perplexity" in (tmp_path / "str" / "README.md").read_text().lower()
 
 
 @pytest.mark.parametrize("streaming", ["--streaming", "--no-streaming"])

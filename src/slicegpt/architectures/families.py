@@ -222,6 +222,14 @@ def family_for(model: nn.Module) -> Family:
     return family
 
 
+def family_of_sliced(model: nn.Module) -> Family:
+    """The description of the family a sliced checkpoint was made from (its config names the base class)."""
+    base = model.config.slicing["base_architecture"]
+    if base not in FAMILIES:
+        raise SliceGPTError(f"{base} is not a supported architecture")
+    return FAMILIES[base].for_config(model.config)
+
+
 def get_module(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path)
 

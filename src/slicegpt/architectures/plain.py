@@ -16,6 +16,7 @@ import copy
 import math
 
 import torch
+import transformers
 from torch import nn
 
 from slicegpt.errors import SliceGPTError
@@ -82,7 +83,9 @@ def to_plain_model(model: nn.Module, family: Family) -> nn.Module:
     for path in norm_paths:
         state[f"{path}.weight"] = torch.full((width,), scale, dtype=embedding.dtype)
 
-    plain = type(model)(config).to(embedding.dtype)
+    # The original class: a loaded checkpoint's own class (Sliced...) builds the sliced shape.
+    plain_class = getattr(transformers, slicing["base_architecture"], None) or type(model)
+    plain = plain_class(config).to(embedding.dtype)
     missing, unexpected = plain.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise SliceGPTError(f"plain export does not match {type(model).__name__}: "

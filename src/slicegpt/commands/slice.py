@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 
 from slicegpt.running import distributed
 from slicegpt.running.in_memory import calibration_data, slice_model
-from slicegpt.io.checkpoint import REPORT_FILE, check_output_dir, save_sliced
+from slicegpt.io.checkpoint import CARD_FILE, REPORT_FILE, check_output_dir, load_sliced, save_sliced
+from slicegpt.io.model_card import model_card
+from slicegpt.io.permissions import ordinary_permissions
 from slicegpt.config import SliceConfig
 from slicegpt.io.data import load_texts
 from slicegpt.errors import SliceGPTError
-from slicegpt.architectures.families import family_for
+from slicegpt.architectures.families import family_for, family_of_sliced
 from slicegpt.io.models import DTYPES, base_model_id, is_sliced_dir, load_model, resolve
 from slicegpt.evaluation.perplexity import perplexity
 from slicegpt.sizing.layout import SHARED_FROM, resolve_layout
@@ -21,7 +24,8 @@ from slicegpt.architectures.plain import to_plain_model
 from slicegpt.evaluation.plots import report_plots
 from slicegpt.sizing.counts import count_parameters, head_parameters, shortcut_parameters
 from slicegpt.io.report import versions
-from slicegpt.running.resources import activation_bytes, available_memory, check_disk, dtype_bytes, gib, in_memory_bytes
+from slicegpt.running.resources import (activation_bytes, available_memory, check_disk, dtype_bytes, gib,
+                                       in_memory_bytes, release_memory)
 from slicegpt.commands.common import (add_model_options, add_ppl_options, add_zeroshot_options, apply_threads, run_zeroshot, say,
                      timed, zeroshot_tasks)
 
@@ -244,12 +248,9 @@ def run_streaming(args, config: SliceConfig, out: Path, ctx: distributed.DistCon
 
     from slicegpt.running.streaming import StreamingRun, report_spill
 
-    for flag, asked in (("--eval-ppl", args.eval_ppl), ("--eval-zeroshot", bool(tasks)), ("--plain", args.plain)):
-        if asked:
-            raise SliceGPTError(f"{flag} needs the whole model in memory, which streaming mode avoids; "
-                                f"measure or convert the output afterwards (e.g. `slicegpt ppl {out}`)")
     timings: dict[str, float] = {}
     cal_texts = load_texts(config.cal_data, split="train")
+    ppl_texts = load_texts(args.ppl_data, split="test") if args.eval_ppl and ctx.is_main else None
     source = resolve(args.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
     job = StreamingRun(source, out, config, dtype=DTYPES[args.dtype], ctx=ctx, spill=args.spill,
@@ -263,13 +264,72 @@ def run_streaming(args, config: SliceConfig, out: Path, ctx: distributed.DistCon
     if not ctx.is_main:
         return 0
     params = job.parameter_counts()
-    report = build_report(args, job.config, result, params, {}, {}, timings, ctx)  # auto settled
+    report = build_report(args, job.config, result, params, {}, {}, timings, ctx, tasks)  # auto settled
     report["streaming"] = {key: value for key, value in plan.items() if key != "available_memory"}
     spectra = {p.name: p.eigenvalues for p in result.points}
     with timed(timings, "save"):
         job.finish(tokenizer, {REPORT_FILE: json.dumps(report, indent=2) + "\n", "spectra.json": json.dumps(spectra)})
+    if ppl_texts is not None or tasks:
+        evaluate_written(args, out, source, report, ppl_texts, tasks)
+    if args.plain:
+        with timed(timings, "plain"):
+            plain_in_place(out, report, DTYPES[args.dtype])
+    rewrite_report(out, report, spectra)
     print_summary(args.model, out, report)
     return 0
+
+
+def evaluate_written(args, out: Path, source: str, report: dict, ppl_texts: list[str] | None,
+                     tasks: list[str] | None) -> None:
+    """--eval-ppl and --eval-zeroshot after a streamed run, on the written output; the dense model
+    is measured too where it fits in memory (streaming is often chosen because it does not)."""
+    timings = report["timings_s"]
+
+    def measure(which: str, name: str) -> None:
+        model, tokenizer = load_model(name, dtype=args.dtype, device=args.device)
+        if ppl_texts is not None:
+            with timed(timings, f"ppl_{which}"):
+                report["ppl"][which] = perplexity(model, tokenizer, ppl_texts, seqlen=args.ppl_seqlen,
+                                                  chunks=args.ppl_chunks, batch_size=args.ppl_batch_size)["ppl"]
+            say(f"{which} perplexity: {report['ppl'][which]:.3f}")
+        if tasks:
+            with timed(timings, f"zeroshot_{which}"):
+                report["zeroshot"][which] = run_zeroshot(model, tokenizer, tasks, args)
+            say(f"{which} zero-shot average: {100 * report['zeroshot'][which]['average']:.2f}")
+        del model
+        release_memory()
+
+    dense_bytes = report["params"]["dense"] * dtype_bytes(DTYPES[args.dtype])
+    free = available_memory(args.device)
+    if dense_bytes * 1.2 <= free:  # the weights and some room for one forward
+        measure("dense", source)
+    else:
+        say(f"dense model not measured: its {gib(dense_bytes)} do not fit in the {gib(free)} available")
+    measure("sliced", str(out))
+
+
+def plain_in_place(out: Path, report: dict, dtype) -> None:
+    """--plain after a streamed run: the written output becomes a plain model of its own class."""
+    from transformers import AutoTokenizer
+
+    model = load_sliced(out, dtype=dtype)
+    family = family_of_sliced(model)
+    plain = to_plain_model(model, family)
+    del model
+    report["params"].update({"sliced": count_parameters(plain), "shortcuts": 0, "head": head_parameters(plain, family)})
+    save_sliced(plain, AutoTokenizer.from_pretrained(out), out, overwrite=True,
+                extra_files={name: (out / name).read_bytes() for name in ("spectra.json",) if (out / name).exists()})
+
+
+def rewrite_report(out: Path, report: dict, spectra: dict) -> None:
+    """The report, model card and plots of a written output, replaced one file at a time."""
+    files = {REPORT_FILE: json.dumps(report, indent=2) + "\n", CARD_FILE: model_card(report),
+             **report_plots(report, spectra)}
+    for name, content in files.items():
+        tmp = out / f".{name}.tmp"
+        tmp.write_bytes(content if isinstance(content, bytes) else content.encode())
+        ordinary_permissions(tmp)
+        os.replace(tmp, out / name)
 
 
 def choose_engine(args, config: SliceConfig) -> tuple[bool, str]:
