@@ -13,11 +13,13 @@ import transformers
 
 from slicegpt import SliceConfig, load_sliced, save_sliced, slice_model
 from slicegpt.architectures.families import FAMILIES, family_for
-from slicegpt.architectures.modeling_sliced import SlicedDecoderLayer, SlicedRMSNorm, stream_weight
+from slicegpt.architectures.modeling_sliced import NormThenMap, SlicedDecoderLayer, SlicedRMSNorm, stream_weight
 
 from conftest import TINY_CONFIGS, make_tiny_model, random_batches
 
 ARCHS = list(TINY_CONFIGS)
+# LayerNorm families: a tied head stays tied through the mean axis (fusion.py).
+TIED_LAYERNORM = [arch for arch in ARCHS if FAMILIES[arch.split(":")[0]].norm_kind == "layer"]
 DENSE, KEPT = 64, 48  # sparsity 0.25 of hidden 64, a multiple of 8
 
 
@@ -30,11 +32,11 @@ def sliced(tmp_path_factory):
     """arch -> (sliced model, its logits on _ids(), result, checkpoint dir); built once per module."""
 
     @functools.cache
-    def build(arch, rotations="block"):
-        model = make_tiny_model(arch)
+    def build(arch, rotations="block", tied=False):
+        model = make_tiny_model(arch, tied=tied)
         result = slice_model(model, None, SliceConfig(sparsity=0.25, rotations=rotations), random_batches(96),
                              progress=False)
-        out = tmp_path_factory.mktemp(f"{arch.replace(':', '-')}-{rotations}") / "sliced"
+        out = tmp_path_factory.mktemp(f"{arch.replace(':', '-')}-{rotations}{'-tied' if tied else ''}") / "sliced"
         save_sliced(model, None, out)
         with torch.no_grad():
             logits = model(_ids()).logits
@@ -85,6 +87,27 @@ def test_slicing_gives_configured_widths(arch, sliced):
         assert layer.attn_shortcut.weight.shape == (KEPT, KEPT)
         assert (layer.mlp_shortcut is None) == family.parallel
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("arch", TIED_LAYERNORM)
+def test_tied_layernorm_head_stays_tied(arch, sliced):
+    """The mean direction is coordinate 0: every norm ignores it, every basis keeps it first."""
+    model, logits, result, out = sliced(arch, "block", True)
+    family = family_for(make_tiny_model(arch))
+    assert model.config.slicing["tied_head"] and model.config.slicing["mean_axis"]
+    embedding = model.get_submodule(family.embeddings[0]).weight
+    assert model.get_submodule(family.head).weight is embedding and embedding.shape[-1] == KEPT
+    final = model.get_submodule(family.final_norm)
+    assert isinstance(final, NormThenMap) and final.norm.skip_first and final.map.weight.shape == (KEPT, KEPT)
+    for layer in model.get_submodule(family.layers):
+        for path in filter(None, (family.attn_norm, family.mlp_norm)):
+            assert layer.get_submodule(path).skip_first
+        for shortcut in filter(None, (layer.attn_shortcut, layer.mlp_shortcut)):
+            assert shortcut.weight[0, 0] == 1 and not shortcut.weight[0, 1:].any() and not shortcut.weight[1:, 0].any()
+    loaded = load_sliced(out, attn_implementation="eager")
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    with torch.no_grad():
+        assert torch.equal(loaded(_ids()).logits, logits)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -145,19 +168,25 @@ def remote_logits(sliced, tmp_path_factory):
     work = tmp_path_factory.mktemp("remote")
     torch.save(_ids(), work / "ids.pt")
     names = {arch: arch.replace(":", "-") for arch in ARCHS}
-    jobs = {"ids": str(work / "ids.pt"), "out": str(work),
-            "dirs": {names[arch]: str(sliced(arch)[3]) for arch in ARCHS}}
+    dirs = {names[arch]: str(sliced(arch)[3]) for arch in ARCHS}
+    dirs.update({f"{names[arch]}-tied": str(sliced(arch, "block", True)[3]) for arch in TIED_LAYERNORM})
+    jobs = {"ids": str(work / "ids.pt"), "out": str(work), "dirs": dirs}
     env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(work / "modules"), "PATH": "/usr/bin:/bin",
            "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-I", "-c", _CHILD, json.dumps(jobs)], cwd=work, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return {arch: torch.load(work / f"{names[arch]}.pt") for arch in ARCHS}
+    return {name: torch.load(work / f"{name}.pt") for name in dirs}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_remote_code_without_slicegpt_is_identical(arch, sliced, remote_logits):
-    assert torch.equal(remote_logits[arch], sliced(arch)[1])
+    assert torch.equal(remote_logits[arch.replace(":", "-")], sliced(arch)[1])
+
+
+@pytest.mark.parametrize("arch", TIED_LAYERNORM)
+def test_remote_code_keeps_a_tied_layernorm_head_identical(arch, sliced, remote_logits):
+    assert torch.equal(remote_logits[f"{arch.replace(':', '-')}-tied"], sliced(arch, "block", True)[1])
 
 
 def test_every_family_has_a_tiny_config():

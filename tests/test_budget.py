@@ -21,6 +21,20 @@ def test_predicted_count_matches_the_sliced_model(rotations, tied):
     assert count_parameters(model) == predicted
 
 
+@pytest.mark.parametrize("rotations", ["block", "model"])
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("arch", ["OPTForCausalLM", "GPT2LMHeadModel", "PhiForCausalLM"])
+def test_predicted_count_matches_for_layernorm_families(arch, tied, rotations):
+    """Counted with the final map's bias (tied) or the bias the untied head gains from the final norm."""
+    model = make_tiny_model(arch, tied=tied)
+    family = family_for(model)
+    config = SliceConfig(sparsity=0.25, rotations=rotations)
+    predicted = predicted_parameters(model, family, config, uniform_widths(model, family, 48))
+    slice_model(model, None, config, random_batches(model.config.vocab_size), progress=False)
+    assert count_parameters(model) == predicted
+    assert model.config.slicing["tied_head"] == tied
+
+
 @pytest.mark.parametrize("ratio", [0.6, 0.85])
 def test_target_ratio_is_met_by_the_widest_width(ratio):
     model = make_tiny_model("LlamaForCausalLM", tied=True)

@@ -70,3 +70,41 @@ def test_shared_rotations_without_slicing_are_exact(arch, rotations):
     config = SliceConfig(sparsity=0.0, rotations=rotations, pca=pca or "raw")
     slice_model(model, None, config, random_batches(model.config.vocab_size), progress=False)
     assert (model(ids).logits - reference).abs().max().item() <= TOLERANCE[torch.float64]
+
+
+LAYERNORM = ["OPTForCausalLM", "GPT2LMHeadModel", "PhiForCausalLM", "GPTNeoXForCausalLM",
+             "GPTNeoXForCausalLM:sequential"]
+
+
+@pytest.mark.parametrize("rotations", ["block", "model"])
+@pytest.mark.parametrize("arch", LAYERNORM)
+def test_tied_layernorm_head_stays_tied_and_exact(arch, rotations):
+    """The mean axis: no centring, embeddings shared with the head, logits unchanged at full width."""
+    from slicegpt import SliceConfig, slice_model
+    from slicegpt.sizing.counts import count_parameters
+
+    model = _dense(arch, True, torch.float64)
+    ids = _ids(model.config.vocab_size)
+    reference = model(ids).logits
+    family = family_for(model)
+    norms = [family.final_norm] + [f"{family.layers}.{i}.{path}" for i in range(model.config.num_hidden_layers)
+                                   for path in filter(None, (family.attn_norm, family.mlp_norm))]
+    folded = sum(p.numel() for path in norms for p in model.get_submodule(path).parameters())
+    dense_count = count_parameters(model)
+    slice_model(model, None, SliceConfig(sparsity=0.0, rotations=rotations), random_batches(model.config.vocab_size),
+                progress=False)
+    assert model.config.slicing["tied_head"] and model.config.slicing["mean_axis"]
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert (model(ids).logits - reference).abs().max().item() <= TOLERANCE[torch.float64]
+    if rotations == "model":  # no shortcuts: the final map (and its bias) is all the tied head adds
+        width = model.config.hidden_size
+        assert count_parameters(model) == dense_count - folded + width * width + width
+
+
+@pytest.mark.parametrize("arch", LAYERNORM)
+def test_untied_layernorm_models_are_still_centred(arch):
+    model = make_tiny_model(arch, tied=False)
+    fuse(model, family_for(model))
+    embedding = model.get_input_embeddings().weight
+    assert embedding.mean(-1).abs().max() < 1e-6
+    assert model.get_output_embeddings().weight is not embedding

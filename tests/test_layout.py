@@ -8,7 +8,7 @@ from slicegpt.architectures.families import family_for
 from slicegpt.sizing.layout import SHARED_FROM, resolve_layout
 from slicegpt.sizing.counts import count_parameters
 
-from conftest import make_tiny_model, random_batches
+from conftest import TINY_CONFIGS, make_tiny_model, random_batches
 
 
 def _resolve(**settings):
@@ -61,3 +61,24 @@ def test_no_cut_rotates_at_full_width():
 def test_pca_weighting_follows_the_layout_unless_given(settings, expected):
     assert _resolve(**settings)[1].pca == expected
 
+
+
+def test_a_sparsity_whose_per_block_size_exceeds_dense_is_capped():
+    """At 12.5% of a tiny model the two shortcuts per layer outweigh the cut: the size becomes
+    (1 - S) x dense, and auto spends it where it fits."""
+    model, config = _resolve(sparsity=0.125)
+    dense = count_parameters(model)
+    assert _block_size(model, 0.125) > dense
+    assert config.target_params == int(0.875 * dense) and config.rotations == "model"
+    slice_model(model, None, config, random_batches(96), progress=False)
+    assert count_parameters(model) <= 0.875 * dense
+
+
+@pytest.mark.parametrize("sparsity", [0.125, 0.25])
+@pytest.mark.parametrize("arch", list(TINY_CONFIGS))
+def test_the_default_is_smaller_than_dense_for_every_tied_family(arch, sparsity):
+    model = make_tiny_model(arch, tied=True)
+    dense = count_parameters(model)
+    slice_model(model, None, SliceConfig(sparsity=sparsity), random_batches(96), progress=False)
+    assert count_parameters(model) < dense
+    assert model.config.slicing["tied_head"]

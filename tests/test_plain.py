@@ -34,3 +34,14 @@ def test_plain_export_needs_one_rotation():
     slice_model(model, None, SliceConfig(sparsity=0.25, rotations="block"), random_batches(96), progress=False)
     with pytest.raises(SliceGPTError, match="--rotations model"):
         to_plain_model(model, family)
+
+
+def test_plain_export_refuses_layernorm_models_clearly():
+    """A tied LayerNorm head stays tied in the sliced model; the plain class has no norm that ignores
+    the mean coordinate, so plain export refuses it (as it refuses every LayerNorm family)."""
+    model = make_tiny_model("OPTForCausalLM", tied=True)
+    family = family_for(model)
+    slice_model(model, None, SliceConfig(sparsity=0.25, rotations="model"), random_batches(96), progress=False)
+    assert model.config.slicing["tied_head"]
+    with pytest.raises(SliceGPTError, match="plain RMSNorm"):
+        to_plain_model(model, family)

@@ -66,6 +66,21 @@ def test_streamed_equals_in_memory(tmp_path, arch, tied, spill):
     assert index["metadata"]["total_parameters"] == sum(p.numel() for p in streamed.parameters())
 
 
+@pytest.mark.parametrize("arch,rotations", [("OPTForCausalLM", "block"), ("GPT2LMHeadModel", "auto"),
+                                            ("PhiForCausalLM", "group:2")])
+def test_streamed_tied_layernorm_equals_in_memory(tmp_path, arch, rotations):
+    """A tied LayerNorm model keeps its head tied (the mean axis) streamed as in memory."""
+    path = _sharded(tmp_path, arch, tied=True)
+    config = SliceConfig(sparsity=0.25, rotations=rotations)
+    batches = random_batches(96)
+    reference = _in_memory(path, config, batches, tmp_path / "memory")
+    streamed = _streamed(path, config, batches, tmp_path / "streamed")
+    _assert_same(reference, streamed)
+    assert streamed.config.slicing == reference.config.slicing
+    assert streamed.config.slicing["tied_head"] and streamed.config.slicing["mean_axis"]
+    assert streamed.get_output_embeddings().weight is streamed.get_input_embeddings().weight
+
+
 @pytest.mark.parametrize("settings", [dict(target_ratio=0.8),
                                       dict(sparsity=0.25, tied_head_basis="input"), dict(sparsity=0.25, tied_head=False)])
 def test_streamed_equals_in_memory_with_options(tmp_path, settings):

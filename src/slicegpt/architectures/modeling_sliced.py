@@ -29,12 +29,18 @@ class SlicedRMSNorm(nn.Module):
     kept coordinates stands in for the full one, but the mean must use the dense width.
     Over a kept width d of a dense width D that is torch's rms_norm with eps * D / d and a
     constant gain sqrt(D / d), which runs as one fused kernel where torch has one.
+
+    With `skip_first` (LayerNorm models whose head stays tied) coordinate 0 of the stream is
+    the mean direction ones / sqrt(D): a LayerNorm reads only what is orthogonal to it, so
+    the norm outputs 0 there and takes its statistic over the other coordinates (still
+    dividing by D, as the LayerNorm's variance does).
     """
 
-    def __init__(self, dense_width: int, eps: float):
+    def __init__(self, dense_width: int, eps: float, skip_first: bool = False):
         super().__init__()
         self.dense_width = dense_width
         self.eps = eps
+        self.skip_first = skip_first
         self._gains: dict = {}  # (width, dtype, device) -> gain vector; derived, never saved
 
     def _gain(self, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -48,13 +54,17 @@ class SlicedRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # At least float32 for the statistic, as transformers' own norms do; float64 stays float64.
         compute = torch.promote_types(x.dtype, torch.float32)
+        if self.skip_first:
+            return F.pad(self._normed(x[..., 1:], compute), (1, 0)).to(x.dtype)
+        return self._normed(x, compute).to(x.dtype)
+
+    def _normed(self, x: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
         width = x.shape[-1]
-        y = F.rms_norm(x.to(compute), (width,), self._gain(width, compute, x.device),
-                       self.eps * self.dense_width / width)
-        return y.to(x.dtype)
+        return F.rms_norm(x.to(compute), (width,), self._gain(width, compute, x.device),
+                          self.eps * self.dense_width / width)
 
     def extra_repr(self) -> str:
-        return f"dense_width={self.dense_width}, eps={self.eps}"
+        return f"dense_width={self.dense_width}, eps={self.eps}" + (", skip_first=True" if self.skip_first else "")
 
 
 class NormThenMap(nn.Module):
@@ -62,13 +72,16 @@ class NormThenMap(nn.Module):
 
     The stream's last basis differs from the embedding's, and the final norm's scale
     cannot be folded into a shared head, so one small map (last width -> embedding
-    width) follows the norm instead of a second vocabulary-sized matrix.
+    width) follows the norm instead of a second vocabulary-sized matrix. In a LayerNorm
+    model (`skip_first`) the norm ignores the mean coordinate 0, and the map (with the
+    LayerNorm's shift as its bias) writes coordinate 0 too: it carries what the head
+    needs from the embeddings' mean direction.
     """
 
     def __init__(self, dense_width: int, eps: float, in_width: int, out_width: int, bias: bool = False,
-                 device=None, dtype=None):
+                 device=None, dtype=None, skip_first: bool = False):
         super().__init__()
-        self.norm = SlicedRMSNorm(dense_width, eps)
+        self.norm = SlicedRMSNorm(dense_width, eps, skip_first)
         self.map = nn.Linear(in_width, out_width, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -284,6 +297,7 @@ def apply_sliced_structure(model: nn.Module, slicing: dict) -> None:
     """Reshape a freshly built dense model into the sliced shape that `slicing` records."""
     family = family_fields(slicing["family"])
     dense, eps = slicing["dense_hidden_size"], slicing["norm_eps"]
+    skip_first = bool(slicing.get("mean_axis", False))  # absent before tied LayerNorm heads stayed tied
     parameter = next(model.parameters())
     shortcut_kw = dict(bias=False, device=parameter.device, dtype=parameter.dtype)
 
@@ -307,7 +321,7 @@ def apply_sliced_structure(model: nn.Module, slicing: dict) -> None:
         set_width_attrs(layer, family["mlp_width_attrs"], w_mid)
         for key in ("attn_norm", "mlp_norm"):
             if family[key]:
-                _set(layer, family[key], SlicedRMSNorm(dense, eps))
+                _set(layer, family[key], SlicedRMSNorm(dense, eps, skip_first))
         wrapped = wrap_layer(layer, family)
         absent = widths.get("no_shortcut", [])
         if "attn" not in absent:
@@ -319,7 +333,8 @@ def apply_sliced_structure(model: nn.Module, slicing: dict) -> None:
     if slicing.get("tied_head"):
         _set(model, family["final_norm"], NormThenMap(dense, eps, slicing["head_in"], slicing["embedding_width"],
                                                       bias=slicing.get("final_map_bias", False),
-                                                      device=parameter.device, dtype=parameter.dtype))
+                                                      device=parameter.device, dtype=parameter.dtype,
+                                                      skip_first=skip_first))
         head = model.get_submodule(family["head"])
         head.weight = model.get_submodule(family["embeddings"][0]).weight
         head.in_features = slicing["embedding_width"]

@@ -65,27 +65,38 @@ def _comm_device(device: torch.device) -> torch.device:
     return device
 
 
-def _eigh(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
+def _eigh(covariance: torch.Tensor, keep_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    covariance = covariance.double()
+    if keep_first:  # e_0 stays the first basis vector; the PCA is of the other coordinates
+        values, vectors = _eigh(covariance[1:, 1:])
+        basis = torch.zeros_like(covariance)
+        basis[0, 0] = 1.0
+        basis[1:, 1:] = vectors
+        return torch.cat([covariance[:1, 0], values]), basis
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
     order = torch.argsort(eigenvalues, descending=True)
     return eigenvalues[order], eigenvectors[:, order]
 
 
-def principal_basis(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def principal_basis(covariance: torch.Tensor, keep_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (decreasing) and the matching eigenvectors as columns, in float64.
+
+    With `keep_first` the first column is e_0 and its "eigenvalue" the variance along it;
+    the rest are the principal axes of e_0's complement (LayerNorm models with a tied head,
+    where coordinate 0 is the mean direction: see fusion.py).
 
     Under torch.distributed only rank 0 decomposes, and broadcasts the result: eigh may
     pick different signs (or bases of repeated eigenvalues) on different ranks, and every
     rank must rotate its weights identically. Call it with the all-reduced covariance.
     """
     if not _distributed():
-        return _eigh(covariance)
+        return _eigh(covariance, keep_first)
     import torch.distributed as dist
 
     device = _comm_device(covariance.device)
     dim = covariance.shape[0]
     if dist.get_rank() == 0:
-        eigenvalues, eigenvectors = (t.to(device).contiguous() for t in _eigh(covariance))
+        eigenvalues, eigenvectors = (t.to(device).contiguous() for t in _eigh(covariance, keep_first))
     else:
         eigenvalues = torch.empty(dim, dtype=torch.float64, device=device)
         eigenvectors = torch.empty(dim, dim, dtype=torch.float64, device=device)

@@ -62,3 +62,19 @@ def change_basis(x: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
 def to_dense(x: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     """Activations in basis Q back in the dense coordinates (the dropped directions as zeros)."""
     return x @ Q.T.to(x.device, x.dtype)
+
+
+def mean_reflection(dim: int, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+    """The unit vector v of the Householder reflection H = I - 2 v v^T that swaps e_0 and
+    u = ones / sqrt(dim): H is symmetric and orthogonal, and its first column is u. In the
+    basis H, coordinate 0 of the stream is its component along u (LayerNorm models)."""
+    v = torch.full((dim,), -dim ** -0.5, dtype=dtype, device=device)
+    v[0] += 1.0
+    return v / v.norm()
+
+
+def reflect(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """`t` multiplied by the mean reflection H along `axis` (H = H^T: the side does not matter)."""
+    v = mean_reflection(t.shape[axis], t.dtype, t.device)
+    moved = t.movedim(axis, -1)
+    return (moved - 2.0 * (moved @ v).unsqueeze(-1) * v).movedim(-1, axis)

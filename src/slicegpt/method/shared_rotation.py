@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from slicegpt.errors import SliceGPTError
 from slicegpt.architectures.families import Family, get_module
 from slicegpt.architectures.modeling_sliced import NormThenMap, set_width_attrs, stream_weight
+from slicegpt.method.fusion import has_mean_axis
 from slicegpt.method.pca import CovarianceAccumulator, principal_basis
 from slicegpt.method.refit import dense_copy, refit_layer
 from slicegpt.method.rotation import change_basis, rotate_input, rotate_output, shortcut
@@ -111,8 +112,8 @@ class GroupBases:
     """
 
     def __init__(self, names: list[str], layers: int, group_size: int | None, width_rule: WidthRule,
-                 joint_head: bool):
-        self.names, self.width_rule = names, width_rule
+                 joint_head: bool, mean_axis: bool = False):
+        self.names, self.width_rule, self.mean_axis = names, width_rule, mean_axis
         self.groups = group_points(names, layers, group_size)
         self.group_of = {name: g for g, group in enumerate(self.groups) for name in group}
         self.waiting = [len(group) for group in self.groups]
@@ -132,7 +133,7 @@ class GroupBases:
         self.waiting[g] -= 1
         if self.waiting[g]:
             return None
-        eigenvalues, vectors = principal_basis(self.totals.pop(g))
+        eigenvalues, vectors = principal_basis(self.totals.pop(g), keep_first=self.mean_axis)
         group = self.groups[g]
         width = self.width_rule(group[0], eigenvalues)
         for member in group:
@@ -185,7 +186,8 @@ def rotate_shared(model: nn.Module, family: Family, batches: list[dict], width_r
     layers = get_module(model, family.layers)
     names = stream_points(family, len(layers))
     covariances = collect_covariances(model, family, batches, progress, normalize=normalize_pca)
-    grouping = GroupBases(names, len(layers), group_size, width_rule, joint_head and HEAD_INPUT in covariances)
+    grouping = GroupBases(names, len(layers), group_size, width_rule, joint_head and HEAD_INPUT in covariances,
+                          mean_axis=has_mean_axis(model, family))
     bases: dict[str, torch.Tensor] = {}
     for name in [*names, HEAD_INPUT]:
         done = grouping.add(name, covariances[name].sum) if name in covariances else None

@@ -19,6 +19,7 @@ from slicegpt.errors import SliceGPTError
 from slicegpt.architectures.families import Family, get_module
 from slicegpt.architectures.modeling_sliced import NormThenMap, SlicedDecoderLayer, set_width_attrs, stream_weight
 from slicegpt.method.activations import Activations
+from slicegpt.method.fusion import has_mean_axis
 from slicegpt.method.pca import CovarianceAccumulator, principal_basis
 from slicegpt.method.refit import dense_copy, refit_layer
 from slicegpt.method.rotation import change_basis, rotate_input, rotate_output, shortcut, to_dense
@@ -98,30 +99,34 @@ class SliceResult:
 WidthRule = Callable[[str, torch.Tensor], int]
 
 
-def _principal(acts: Activations, where: str, normalize: bool = False,
-               also: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """PCA of the activations; `also` is another covariance to serve equally (trace-normalised)."""
+def _principal(acts: Activations, where: str, normalize: bool = False, also: torch.Tensor | None = None,
+               keep_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """PCA of the activations; `also` is another covariance to serve equally (trace-normalised);
+    `keep_first`: e_0 stays the first basis vector (see pca.principal_basis)."""
     dim = acts.hidden[0].shape[-1]
     acc = CovarianceAccumulator(dim, where=where, device=acts.hidden[0].device, normalize=normalize)
     for x, mask in zip(acts.hidden, acts.masks):
         acc.add(x, mask)
     acc.all_reduce()
     if also is None:
-        return principal_basis(acc.sum)
-    return principal_basis(acc.sum / acc.sum.trace() + also / also.trace())
+        return principal_basis(acc.sum, keep_first)
+    return principal_basis(acc.sum / acc.sum.trace() + also / also.trace(), keep_first)
 
 
 class Slicer:
     """Runs the layer-by-layer rotation; `width_rule` picks each point's kept width.
 
     Every block gets its own output basis (two shortcuts per sequential layer); bases
-    shared across blocks are shared_rotation.py's work.
+    shared across blocks are shared_rotation.py's work. With `mean_axis` (a LayerNorm model
+    whose head stays tied, see fusion.py) every basis keeps coordinate 0 first, and the
+    shortcuts map it to itself. By default the fused model says whether it has one.
     """
 
     def __init__(self, model: nn.Module, family: Family, width_rule: WidthRule, progress: bool = True,
                  normalize_pca: bool = False,
-                 head_covariance: torch.Tensor | None = None, refit: bool = False):
+                 head_covariance: torch.Tensor | None = None, refit: bool = False, mean_axis: bool | None = None):
         self.model, self.family, self.width_rule, self.progress = model, family, width_rule, progress
+        self.mean_axis = has_mean_axis(model, family) if mean_axis is None else mean_axis
         # Refit each sliced layer's output projections against the dense stream (refit.py).
         self.refit = refit
         self.dense_acts: Activations | None = None
@@ -133,7 +138,8 @@ class Slicer:
         self.embedding_basis: torch.Tensor | None = None
 
     def _basis(self, acts: Activations, name: str, also: torch.Tensor | None = None) -> torch.Tensor:
-        eigenvalues, vectors = _principal(acts, where=f"at {name}", normalize=self.normalize_pca, also=also)
+        eigenvalues, vectors = _principal(acts, where=f"at {name}", normalize=self.normalize_pca, also=also,
+                                          keep_first=self.mean_axis)
         width = self.width_rule(name, eigenvalues)
         self.result.points.append(StreamPoint(name, eigenvalues.tolist(), width))
         return vectors[:, :width]
@@ -294,6 +300,8 @@ def slicing_metadata(model: nn.Module, family: Family, result: SliceResult, eps:
         "head_in": result.head_in,
         "tied_head": final_map is not None,
         "final_map_bias": final_map is not None and final_map.bias is not None,
+        # Coordinate 0 is the mean direction, which every norm ignores (tied LayerNorm models).
+        **({"mean_axis": True} if has_mean_axis(model, family) else {}),
         # Linears that had no bias until fusion folded a LayerNorm shift into them.
         "added_biases": list(added_biases),
     }

@@ -10,7 +10,7 @@ from slicegpt.running.distributed import leading_share
 from slicegpt.io.data import calibration_batches, load_texts
 from slicegpt.sizing.budget import parameter_budget, width_for_budget
 from slicegpt.architectures.families import Family, family_for, get_module
-from slicegpt.method.fusion import fuse, norm_eps
+from slicegpt.method.fusion import fuse, has_mean_axis, norm_eps
 from slicegpt.sizing.layout import resolve_layout
 from slicegpt.architectures.modeling_sliced import NormThenMap
 from slicegpt.method.pca import CovarianceAccumulator
@@ -53,7 +53,8 @@ def width_rule_for(model: nn.Module, family: Family, config: SliceConfig,
                    covariances: dict[str, CovarianceAccumulator] | None, budget: int | None) -> WidthRule:
     """How wide each stream point stays (called on the fused model)."""
     if config.widths == "variance":
-        widths = variance_schedule(model, family, config, spectra_of(covariances), budget)
+        widths = variance_schedule(model, family, config, spectra_of(covariances, has_mean_axis(model, family)),
+                                   budget)
         return lambda name, eigenvalues: widths[name]
     if budget is None:
         return constant_width(config.kept_width(model.config.hidden_size))
@@ -61,12 +62,13 @@ def width_rule_for(model: nn.Module, family: Family, config: SliceConfig,
 
 
 def build_slicer(model: nn.Module, family: Family, config: SliceConfig, width_rule: WidthRule,
-                 covariances: dict[str, CovarianceAccumulator] | None, progress: bool = True) -> Slicer:
+                 covariances: dict[str, CovarianceAccumulator] | None, progress: bool = True,
+                 mean_axis: bool | None = None) -> Slicer:
     """The layer-by-layer Slicer for these settings (shared by the in-memory and streaming runs)."""
     head = covariances.get(HEAD_INPUT) if covariances and config.tied_head_basis == "joint" else None
     return Slicer(model, family, width_rule, progress=progress,
                   normalize_pca=config.pca == "normalized", head_covariance=None if head is None else head.sum,
-                  refit=config.refit)
+                  refit=config.refit, mean_axis=mean_axis)
 
 
 @torch.no_grad()

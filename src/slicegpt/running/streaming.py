@@ -41,7 +41,8 @@ from slicegpt.io.converted import ConvertedCheckpoint
 from slicegpt.io.permissions import ordinary_permissions
 from slicegpt.io.shards import SafetensorsCheckpoint, shard_name, write_index, write_shard
 from slicegpt.method.activations import Activations
-from slicegpt.method.fusion import final_map, fuse_embeddings, fuse_head, fuse_layer, keep_head_tied, norm_eps
+from slicegpt.method.fusion import (final_map, fuse_embeddings, fuse_head, fuse_layer, keep_head_tied, norm_eps,
+                                    uses_mean_axis)
 from slicegpt.method.pca import CovarianceAccumulator
 from slicegpt.method.rotation import rotate_input
 from slicegpt.method.shared_rotation import GroupBases, HEAD_INPUT, basis_before, rotate_layer, stream_points
@@ -109,6 +110,7 @@ class StreamingRun:
         self.source_tied = bool(getattr(text_config, "tie_word_embeddings", False))
         # ... and in the output (a map after the final norm; see fusion.NormThenMap).
         self.tied = keep_head_tied(self.model, self.family, config.tied_head)
+        self.mean_axis = uses_mean_axis(self.family, self.tied)  # LayerNorm and tied: see fusion.py
         self.width_rule = self._width_rule()
         self.dense = self.model.config.hidden_size
         self.layer_count = len(get_module(self.model, self.family.layers))
@@ -223,7 +225,8 @@ class StreamingRun:
         layers_path, layers = family.layers, get_module(model, family.layers)
         if state is None:
             covariances = self._survey(batches, layer_kwargs, eps)
-            slicer = build_slicer(model, family, self.config, self.width_rule, covariances, progress=False)
+            slicer = build_slicer(model, family, self.config, self.width_rule, covariances, progress=False,
+                                  mean_axis=self.mean_axis)
             Q = slicer.slice_embeddings(acts)
             if ctx.is_main:
                 write_shard(self.directory, shard_name(1, self.shard_count), self._tensors_of(family.embeddings))
@@ -231,7 +234,8 @@ class StreamingRun:
             start, self.added_biases = 0, []
             self._checkpoint(0, Q, acts, slicer.result, settings)
         else:
-            slicer = build_slicer(model, family, self.config, self.width_rule, None, progress=False)
+            slicer = build_slicer(model, family, self.config, self.width_rule, None, progress=False,
+                                  mean_axis=self.mean_axis)
             start = state["next_layer"]
             Q = self.work.load_basis(state["basis"], self.device)
             self.embedding_basis_file = state["embedding_basis"]
@@ -313,7 +317,7 @@ class StreamingRun:
         family, ctx = self.family, self.ctx
         joint = self.tied and self.config.tied_head_basis == "joint"
         grouping = GroupBases(stream_points(family, self.layer_count), self.layer_count, self.config.group_size,
-                              self.width_rule, joint)
+                              self.width_rule, joint, mean_axis=self.mean_axis)
         normalize = self.config.pca == "normalized"
         files: dict[str, str] = {}
 
@@ -388,7 +392,7 @@ class StreamingRun:
         """Layer `index` read from the checkpoint and fused, in place in the model."""
         layers = get_module(self.model, self.family.layers)
         self._materialize(f"{self.family.layers}.{index}")
-        layer, gained = fuse_layer(layers[index], self.family, self.dense, eps)
+        layer, gained = fuse_layer(layers[index], self.family, self.dense, eps, self.mean_axis)
         self.added_biases += [f"{self.family.layers}.{index}.{path}" for path in gained]
         layers[index] = layer
         return layer
@@ -455,7 +459,7 @@ class StreamingRun:
             untouched = layers[index]
             layers[index] = copy.deepcopy(untouched)
             self._materialize(f"{self.family.layers}.{index}")
-            layer, _ = fuse_layer(layers[index], self.family, self.dense, eps)
+            layer, _ = fuse_layer(layers[index], self.family, self.dense, eps, self.mean_axis)
             yield index, layer
             layers[index] = untouched
             layer.to("meta")  # frees the weights even while the caller still names the copy
@@ -466,7 +470,7 @@ class StreamingRun:
         """The covariance a tied head reads (the final map's output), all-reduced."""
         family = self.family
         head_map = final_map(get_module(self.model, family.final_norm), family.norm_kind, self.dense, eps,
-                             like=get_module(self.model, family.embeddings[0]).weight)
+                             like=get_module(self.model, family.embeddings[0]).weight, mean_axis=self.mean_axis)
         accumulator = CovarianceAccumulator(self.dense, where="at the head", device=self.device)
         for x, mask in zip(acts.hidden, acts.masks):
             accumulator.add(head_map(x), mask)
@@ -476,8 +480,12 @@ class StreamingRun:
     def _slice_head(self, rotate, eps: float) -> None:
         """Fuse the head (or a tied head's final map), `rotate()` it, write the last shard."""
         family, model = self.family, self.model
-        if self.tied:  # reads the embedding through the final map: nothing to read or write for the head
+        head_bias: dict[str, torch.Tensor] = {}
+        if self.tied:  # reads the embedding through the final map: only a bias of its own (Phi) to read and write
             like = torch.empty(0, dtype=self.dtype, device=self.device)  # the embedding is on meta by now
+            self._materialize(family.head, skip=(f"{family.head}.weight",))
+            head_bias = {f"{family.head}.{k}": v for k, v in get_module(model, family.head).state_dict().items()
+                         if k != "weight"}
             self.added_biases += fuse_head(model, family, True, self.dense, eps, like=like)
             rotate()
             written: tuple[str, ...] = ()
@@ -490,7 +498,7 @@ class StreamingRun:
             rotate()
             written = (family.head,)
         if self.ctx.is_main:
-            tensors = self._tensors_of(written)
+            tensors = {**self._tensors_of(written), **head_bias}
             # Anything else the model holds outside the layers (none, for the supported families).
             skip = (family.layers, *family.embeddings, family.head)
             for name, param in model.named_parameters():

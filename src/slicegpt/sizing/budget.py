@@ -14,8 +14,8 @@ from torch import nn
 from slicegpt.config import SliceConfig
 from slicegpt.errors import SliceGPTError
 from slicegpt.architectures.families import Family, get_module
-from slicegpt.method.fusion import can_keep_tied
-from slicegpt.architectures.modeling_sliced import sliced_class_for
+from slicegpt.method.fusion import can_keep_tied, uses_mean_axis
+from slicegpt.architectures.modeling_sliced import sliced_class_for, stream_weight
 from slicegpt.sizing.counts import count_parameters
 from slicegpt.method.shared_rotation import group_points, stream_points
 
@@ -46,6 +46,7 @@ def planned_slicing(model: nn.Module, family: Family, config: SliceConfig, width
         if absent:
             record["no_shortcut"] = absent
         records.append(record)
+    tied = config.tied_head and can_keep_tied(model, family)
     return {
         "family": family.to_dict(),
         "base_architecture": type(model).__name__,
@@ -54,8 +55,32 @@ def planned_slicing(model: nn.Module, family: Family, config: SliceConfig, width
         "embedding_width": widths["embeddings"],
         "layers": records,
         "head_in": widths[f"layer {layers - 1} output"],
-        "tied_head": config.tied_head and can_keep_tied(model, family),
+        "tied_head": tied,
+        "final_map_bias": tied and _has_shift(model, family.final_norm),
+        "mean_axis": uses_mean_axis(family, tied),
+        "added_biases": biases_to_gain(model, family, tied),
     }
+
+
+def _has_shift(root: nn.Module, norm_path: str) -> bool:
+    return getattr(get_module(root, norm_path), "bias", None) is not None
+
+
+def biases_to_gain(model: nn.Module, family: Family, tied: bool) -> list[str]:
+    """The linears that fusion will give a bias: bias-free readers of a LayerNorm with a shift."""
+    if family.norm_kind != "layer":
+        return []
+    gained = []
+    norms = ([(family.attn_norm, (*family.attn_inputs, *family.mlp_inputs))] if family.mlp_norm is None else
+             [(family.attn_norm, family.attn_inputs), (family.mlp_norm, family.mlp_inputs)])
+    for index, layer in enumerate(get_module(model, family.layers)):
+        for norm, readers in norms:
+            if _has_shift(layer, norm):
+                gained += [f"{family.layers}.{index}.{path}" for path in readers
+                           if stream_weight(layer, path).bias is None]
+    if not tied and _has_shift(model, family.final_norm) and stream_weight(model, family.head).bias is None:
+        gained.append(family.head)
+    return gained
 
 
 def predicted_parameters(model: nn.Module, family: Family, config: SliceConfig, widths: dict[str, int]) -> int:

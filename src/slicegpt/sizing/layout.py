@@ -13,6 +13,11 @@ best there (protocol P on SmolLM2-135M, bench/README.md):
 
 The switch sits between the two, at 0.8 x dense.
 
+A positive sparsity never gives a model larger than dense: where the per-block layout at S
+would be (small models, where the shortcuts outweigh what slicing saves; mild cuts), the
+size asked for becomes (1 - S) x dense, and auto spends it on the layout the rule above
+picks, or on one basis for the whole model where no per-block width is that small.
+
 `--pca auto` (the default) then picks how tokens weigh in the PCA: every token equally
 (normalized, as the RMS norms that read the stream see it) for one basis for the whole
 model, where it measured better (43.01 against 45.78 at 0.821 x; 37.45 against 39.51 at
@@ -26,7 +31,8 @@ import dataclasses
 
 from torch import nn
 
-from slicegpt.sizing.budget import parameter_budget, uniform_size
+from slicegpt.errors import SliceGPTError
+from slicegpt.sizing.budget import parameter_budget, uniform_size, width_for_budget
 from slicegpt.config import SliceConfig
 from slicegpt.architectures.families import Family
 from slicegpt.sizing.counts import count_parameters
@@ -35,10 +41,24 @@ SHARED_FROM = 0.8  # real size / dense size from which one shared basis is used
 
 
 def requested_size(model: nn.Module, family: Family, config: SliceConfig) -> int:
-    """The real parameter count asked for: the budget, or the per-block layout's size at the sparsity."""
+    """The real parameter count asked for: the budget, or the per-block layout's size at the
+    sparsity where that is smaller than dense, or else (1 - sparsity) x dense."""
     block = dataclasses.replace(config, rotations="block")
     budget = parameter_budget(model, family, block)
-    return uniform_size(model, family, block) if budget is None else budget
+    if budget is not None:
+        return budget
+    size, dense = uniform_size(model, family, block), count_parameters(model)
+    if config.sparsity > 0 and size >= dense:
+        return int((1.0 - config.sparsity) * dense)
+    return size
+
+
+def _fits(model: nn.Module, family: Family, config: SliceConfig, size: int) -> bool:
+    try:
+        width_for_budget(model, family, config, size)
+    except SliceGPTError:
+        return False
+    return True
 
 
 def resolve_layout(model: nn.Module, family: Family, config: SliceConfig) -> SliceConfig:
@@ -56,8 +76,11 @@ def _resolve_rotations(model: nn.Module, family: Family, config: SliceConfig) ->
     if config.widths != "uniform":  # per-point widths need per-point bases
         return block
     size = requested_size(model, family, config)
-    if size < SHARED_FROM * count_parameters(model):
-        return block
-    if config.target_params is None and config.target_ratio is None:  # the same size, spent on width
+    asked = config.target_params is not None or config.target_ratio is not None
+    # The per-block layout at the sparsity would be larger than dense: a budget replaces it.
+    capped = not asked and size < uniform_size(model, family, block)
+    if size < SHARED_FROM * count_parameters(model) and (not capped or _fits(model, family, block, size)):
+        return dataclasses.replace(block, target_params=size) if capped else block
+    if not asked:  # the same size, spent on width
         return dataclasses.replace(config, rotations="model", target_params=size)
     return dataclasses.replace(config, rotations="model")

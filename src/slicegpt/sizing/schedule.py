@@ -36,9 +36,11 @@ def widths_for_fraction(spectra: dict[str, torch.Tensor], owner: dict[str, str],
     return {name: by_owner[owner[name]] for name in spectra}
 
 
-def spectra_of(covariances: dict[str, CovarianceAccumulator]) -> dict[str, torch.Tensor]:
-    """Eigenvalues at every stream point (from `collect_covariances` on the fused dense model)."""
-    return {name: principal_basis(acc.sum)[0] for name, acc in covariances.items() if name != HEAD_INPUT}
+def spectra_of(covariances: dict[str, CovarianceAccumulator], mean_axis: bool = False) -> dict[str, torch.Tensor]:
+    """Eigenvalues at every stream point (from `collect_covariances` on the fused dense model);
+    `mean_axis`: as the bases will be, coordinate 0 first (pca.principal_basis)."""
+    return {name: principal_basis(acc.sum, keep_first=mean_axis)[0] for name, acc in covariances.items()
+            if name != HEAD_INPUT}
 
 
 def variance_schedule(model: nn.Module, family: Family, config: SliceConfig, spectra: dict[str, torch.Tensor],
