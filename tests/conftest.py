@@ -24,6 +24,52 @@ _SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_l
 _GQA = dict(_SMALL, num_key_value_heads=2)
 _MOE = dict(_GQA, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
 
+# --- Recent families: each uses the features that matter for the rotation. ---
+_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_FALCON = dict(vocab_size=96, hidden_size=64, ffn_hidden_size=112, num_hidden_layers=2, num_attention_heads=4,
+               **_TOKENS)
+_DEEPSEEK = dict(vocab_size=96, hidden_size=64, intermediate_size=112, moe_intermediate_size=32, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+                 n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=0, kv_lora_rank=16,
+                 qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, **_TOKENS)
+RECENT_TINY_CONFIGS = {
+    # Layer 1 without rotary (no_rope_layers: 1 = rotary).
+    "SmolLM3ForCausalLM": lambda tied: transformers.SmolLM3Config(
+        **_GQA, no_rope_layers=[1, 0], **_TOKENS, tie_word_embeddings=tied),
+    # All four scalar multipliers away from 1, and biases on attention so the folded scale reaches them.
+    "GraniteForCausalLM": lambda tied: transformers.GraniteConfig(
+        **_GQA, embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=8.0, attention_multiplier=0.05,
+        attention_bias=True, **_TOKENS, tie_word_embeddings=tied),
+    "CohereForCausalLM": lambda tied: transformers.CohereConfig(
+        **_GQA, use_qk_norm=True, logit_scale=0.25, **_TOKENS, tie_word_embeddings=tied),
+    "StableLmForCausalLM": lambda tied: transformers.StableLmConfig(
+        **_GQA, use_qkv_bias=True, qk_layernorm=True, **_TOKENS, tie_word_embeddings=tied,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}),
+    "StableLmForCausalLM:parallel": lambda tied: transformers.StableLmConfig(
+        **_GQA, use_parallel_residual=True, **_TOKENS, tie_word_embeddings=tied),
+    # Falcon-7B's shape (one norm, parallel, multi-query), -40B's (two norms), -RW's (sequential, ALiBi,
+    # biases) and Falcon2-11B's (new architecture with one norm).
+    "FalconForCausalLM": lambda tied: transformers.FalconConfig(**_FALCON, tie_word_embeddings=tied),
+    "FalconForCausalLM:two_norms": lambda tied: transformers.FalconConfig(
+        **_FALCON, new_decoder_architecture=True, num_kv_heads=2, tie_word_embeddings=tied),
+    "FalconForCausalLM:sequential": lambda tied: transformers.FalconConfig(
+        **_FALCON, parallel_attn=False, alibi=True, bias=True, multi_query=False, tie_word_embeddings=tied),
+    "FalconForCausalLM:new_one_norm": lambda tied: transformers.FalconConfig(
+        **_FALCON, new_decoder_architecture=True, num_ln_in_parallel_attn=1, num_kv_heads=2,
+        tie_word_embeddings=tied),
+    "GPTJForCausalLM": lambda tied: transformers.GPTJConfig(
+        vocab_size=96, n_embd=64, n_inner=112, n_layer=2, n_head=4, rotary_dim=8, n_positions=64, **_TOKENS,
+        tie_word_embeddings=tied),
+    "DeepseekV3ForCausalLM": lambda tied: transformers.DeepseekV3Config(
+        **_DEEPSEEK, q_lora_rank=24, attention_bias=True, tie_word_embeddings=tied),
+    "DeepseekV3ForCausalLM:q_proj": lambda tied: transformers.DeepseekV3Config(
+        **_DEEPSEEK, q_lora_rank=None, tie_word_embeddings=tied),
+    "GptOssForCausalLM": lambda tied: transformers.GptOssConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], **_TOKENS, tie_word_embeddings=tied),
+}
+
 TINY_CONFIGS = {
     "LlamaForCausalLM": lambda tied: transformers.LlamaConfig(
         **_GQA, tie_word_embeddings=tied,
@@ -56,6 +102,7 @@ TINY_CONFIGS = {
     "Qwen2MoeForCausalLM": lambda tied: transformers.Qwen2MoeConfig(
         **_MOE, shared_expert_intermediate_size=48, tie_word_embeddings=tied),
     "Qwen3MoeForCausalLM": lambda tied: transformers.Qwen3MoeConfig(**_MOE, head_dim=16, tie_word_embeddings=tied),
+    **RECENT_TINY_CONFIGS,
 }
 
 
@@ -64,7 +111,8 @@ def architecture_class(arch: str):
 
 
 def _is_norm(module) -> bool:
-    return isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
+    name = type(module).__name__
+    return isinstance(module, torch.nn.LayerNorm) or name.endswith("RMSNorm") or name.endswith("LayerNorm")
 
 
 @torch.no_grad()
@@ -99,6 +147,35 @@ def _exact_rms_forward(self, x, plus_one=False):
     return (1.0 + weight) * y if plus_one else weight * y
 
 
+def _exact_layer_norm_forward(self, x):
+    """A LayerNorm class of its own (Cohere's, bias-free) computes in float32; keep float64."""
+    centred = x - x.mean(-1, keepdim=True)
+    y = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * self.weight
+    return y if getattr(self, "bias", None) is None else y + self.bias
+
+
+def _exact_group_router_forward(self, hidden_states):
+    """DeepSeek-V3's router casts to float32 even for float64 input; the same routing in float64.
+
+    Sigmoid scores; experts chosen among the `topk_group` groups with the best two-expert sums,
+    the correction bias counting for the choice only; weights normalised and scaled.
+    """
+    x = hidden_states.reshape(-1, self.hidden_dim)
+    logits = torch.nn.functional.linear(x, self.weight.to(x.dtype))
+    scores = logits.sigmoid()
+    choice = scores + self.e_score_correction_bias.to(x.dtype)
+    grouped = choice.view(-1, self.num_group, self.num_experts // self.num_group)
+    best_groups = grouped.topk(2, dim=-1).values.sum(-1).topk(self.topk_group, dim=-1).indices
+    keep = torch.zeros(choice.shape[0], self.num_group, dtype=torch.bool, device=x.device)
+    keep.scatter_(1, best_groups, True)
+    keep = keep.unsqueeze(-1).expand_as(grouped).reshape_as(choice)
+    indices = choice.masked_fill(~keep, float("-inf")).topk(self.top_k, dim=-1).indices
+    weights = scores.gather(1, indices)
+    if self.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return logits, weights * self.routed_scaling_factor, indices
+
+
 def full_precision_norms(model):
     """Patch the dense reference so float64 comparisons measure the method, not its casts."""
     from slicegpt.architectures.families import FAMILIES
@@ -108,6 +185,10 @@ def full_precision_norms(model):
     for module in model.modules():
         if type(module).__name__.endswith("RMSNorm") and "Sliced" not in type(module).__name__:
             module.forward = functools.partial(_exact_rms_forward, module, plus_one=plus_one)
+        elif type(module).__name__.endswith("LayerNorm") and hasattr(module, "variance_epsilon"):
+            module.forward = functools.partial(_exact_layer_norm_forward, module)
+        elif type(module).__name__ == "DeepseekV3TopkRouter":
+            module.forward = functools.partial(_exact_group_router_forward, module)
     return model
 
 

@@ -52,7 +52,9 @@ def test_one_basis_leaves_no_shortcuts(arch, sliced):
     for layer in model.get_submodule(family_for(make_tiny_model(arch)).layers):
         assert layer.attn_shortcut is None and layer.mlp_shortcut is None
     assert json.loads((out / "config.json").read_text())["slicing"]["config"]["rotations"] == "model"
-    loaded = load_sliced(out)  # equal weights; the logits may differ in the last float bit
+    # Equal weights; the logits may differ in the last float bit. Eager attention as in memory: for
+    # ALiBi Falcon, transformers' eager and SDPA paths differ by 4e-3 on the dense model itself.
+    loaded = load_sliced(out, attn_implementation="eager")
     with torch.no_grad():
         assert torch.allclose(loaded(_ids()).logits, model(_ids()).logits, rtol=0, atol=1e-6)
 

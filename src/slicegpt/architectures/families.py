@@ -64,15 +64,28 @@ class Family:
     requires: tuple[tuple[str, object, str], ...] = ()
     # (module path, why): modules whose presence means an unsupported variant.
     forbidden: tuple[tuple[str, str], ...] = ()
+    # Config-dependent shapes beyond one boolean: (conditions, changes) pairs, each a tuple of
+    # (name, value); where every config attribute in `conditions` has its value, the fields in
+    # `changes` take theirs. The first match wins (Falcon's three block shapes, StableLM's).
+    variants: tuple[tuple[tuple[tuple[str, object], ...], tuple[tuple[str, object], ...]], ...] = ()
+    # A scalar attribute of the decoder layer that multiplies each branch's output before the
+    # residual add (Granite's residual_multiplier); fusion folds it into the writers.
+    branch_scale_attr: str | None = None
+    # The model reads a decoder layer's result as `outputs[0]` (Falcon): the sliced layer returns a tuple.
+    layer_returns_tuple: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def for_config(self, config) -> "Family":
-        """This description with config-dependent choices (block shape) made."""
-        if self.parallel_attr is None:
-            return self
-        return dataclasses.replace(self, parallel=bool(getattr(config, self.parallel_attr)))
+        """This description with config-dependent choices (block shape, norm names) made."""
+        family = self
+        if self.parallel_attr is not None:
+            family = dataclasses.replace(family, parallel=bool(getattr(config, self.parallel_attr)))
+        for conditions, changes in self.variants:
+            if all(_comparable(getattr(config, attr, None)) == value for attr, value in conditions):
+                return dataclasses.replace(family, **dict(changes))
+        return family
 
 
 LLAMA = Family(name="llama")
@@ -169,6 +182,102 @@ QWEN2_MOE = dataclasses.replace(
     mlp_outputs=("mlp.experts.down_proj", "mlp.shared_expert.down_proj"),
 )
 
+# --- Recent families: SmolLM3, Granite, Cohere, StableLM, Falcon, GPT-J, DeepSeek-V3, gpt-oss ---
+
+# Cohere: one LayerNorm without a bias feeds attention and MLP in parallel; logit_scale multiplies
+# the logits (a scalar after the head).
+COHERE = Family(name="cohere", mlp_norm=None, norm_kind="layer", parallel=True)
+
+# StableLM: LayerNorm; sequential, or parallel with one norm where use_parallel_residual.
+STABLELM = Family(
+    name="stablelm",
+    norm_kind="layer",
+    variants=(((("use_parallel_residual", True),), (("parallel", True), ("mlp_norm", None))),),
+)
+
+# Falcon: parallel with one norm (7B, Falcon2-11B with num_ln_in_parallel_attn=1), parallel with two
+# (new_decoder_architecture: 40B, 180B), or sequential (parallel_attn=False: RW-1B). ALiBi biases the
+# attention scores from positions alone, so it never sees the stream. The model reads outputs[0].
+FALCON = Family(
+    name="falcon",
+    layers="transformer.h",
+    embeddings=("transformer.word_embeddings",),
+    final_norm="transformer.ln_f",
+    attn="self_attention",
+    mlp_norm=None,
+    attn_inputs=("self_attention.query_key_value",),
+    attn_outputs=("self_attention.dense",),
+    mlp_inputs=("mlp.dense_h_to_4h",),
+    mlp_outputs=("mlp.dense_4h_to_h",),
+    norm_kind="layer",
+    parallel=True,
+    layer_returns_tuple=True,
+    variants=(
+        ((("new_decoder_architecture", True), ("num_ln_in_parallel_attn", 1)), ()),
+        ((("new_decoder_architecture", True),), (("attn_norm", "ln_attn"), ("mlp_norm", "ln_mlp"))),
+        ((("parallel_attn", False),), (("parallel", False), ("mlp_norm", "post_attention_layernorm"))),
+    ),
+)
+
+# GPT-J: one LayerNorm, attention and MLP in parallel; the head has a bias.
+GPTJ = Family(
+    name="gptj",
+    layers="transformer.h",
+    embeddings=("transformer.wte",),
+    final_norm="transformer.ln_f",
+    attn="attn",
+    attn_norm="ln_1",
+    mlp_norm=None,
+    attn_inputs=("attn.q_proj", "attn.k_proj", "attn.v_proj"),
+    attn_outputs=("attn.out_proj",),
+    mlp_inputs=("mlp.fc_in",),
+    mlp_outputs=("mlp.fc_out",),
+    norm_kind="layer",
+    parallel=True,
+)
+
+# DeepSeek-V3: multi-head latent attention reads the stream through its low-rank q and kv
+# projections (q_proj where q_lora_rank is None, as in V2-Lite); the MoE router, experts and
+# shared experts read it, experts and shared experts write it.
+DEEPSEEK_V3 = dataclasses.replace(
+    LLAMA,
+    name="deepseek_v3",
+    attn_inputs=("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),
+    mlp_inputs=("mlp.gate", "mlp.experts.gate_up_proj", "mlp.shared_experts.gate_proj",
+                "mlp.shared_experts.up_proj"),
+    mlp_outputs=("mlp.experts.down_proj", "mlp.shared_experts.down_proj"),
+    mlp_width_attrs=("mlp.gate.hidden_dim", "mlp.experts.hidden_dim"),
+    mlp_keeps_width=True,
+    requires=(("first_k_dense_replace", 0,
+               "dense MLP layers before the MoE layers (first_k_dense_replace > 0) are not supported"),),
+    variants=(((("q_lora_rank", None),), (("attn_inputs", ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa")),)),),
+)
+
+# gpt-oss: a router with a bias, experts with biases stored (experts, in, out) (their module says
+# is_transposed, which stream_weight reads); attention sinks are per-head logits inside attention.
+GPT_OSS = dataclasses.replace(
+    LLAMA,
+    name="gpt_oss",
+    mlp_inputs=("mlp.router", "mlp.experts.gate_up_proj"),
+    mlp_outputs=("mlp.experts.down_proj",),
+    mlp_width_attrs=("mlp.router.hidden_dim", "mlp.experts.hidden_size"),
+    mlp_keeps_width=True,
+)
+
+RECENT_FAMILIES: dict[str, Family] = {
+    # SmolLM3: Llama's shape; the layers without rotary differ inside attention only.
+    "SmolLM3ForCausalLM": dataclasses.replace(LLAMA, name="smollm3"),
+    # Granite: embedding_multiplier and logits_scaling are scalars outside the layers (they commute
+    # with the rotation); residual_multiplier scales each branch inside the layer: folded into the writers.
+    "GraniteForCausalLM": dataclasses.replace(LLAMA, name="granite", branch_scale_attr="residual_multiplier"),
+    "CohereForCausalLM": COHERE,
+    "StableLmForCausalLM": STABLELM,
+    "FalconForCausalLM": FALCON,
+    "GPTJForCausalLM": GPTJ,
+    "DeepseekV3ForCausalLM": DEEPSEEK_V3,
+    "GptOssForCausalLM": GPT_OSS,
+}
+
 FAMILIES: dict[str, Family] = {
     "LlamaForCausalLM": LLAMA,
     "MistralForCausalLM": dataclasses.replace(LLAMA, name="mistral"),
@@ -188,6 +297,7 @@ FAMILIES: dict[str, Family] = {
     "MixtralForCausalLM": MIXTRAL,
     "Qwen2MoeForCausalLM": QWEN2_MOE,
     "Qwen3MoeForCausalLM": QWEN3_MOE,
+    **RECENT_FAMILIES,
 }
 
 _SANDWICH = ("puts norms after attention and after the MLP, inside the residual branch; their scale cannot be "

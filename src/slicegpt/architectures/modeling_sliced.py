@@ -93,15 +93,18 @@ class StreamWeight:
 
     A path names either a module with a `weight` (nn.Linear, nn.Embedding, a router) or a
     bare parameter (a fused expert tensor such as `mlp.experts.gate_up_proj`, whose bias,
-    where there is one, is `<name>_bias` by transformers' convention).
+    where there is one, is `<name>_bias` by transformers' convention). Fused expert tensors
+    stored (experts, in, out) (their module says `is_transposed`, as gpt-oss's does) are seen
+    through a transposed view, so `weight` always follows the orientation rule above.
     """
 
-    def __init__(self, owner: nn.Module, name: str, bias_name: str | None):
-        self.owner, self.name, self.bias_name = owner, name, bias_name
+    def __init__(self, owner: nn.Module, name: str, bias_name: str | None, transposed: bool = False):
+        self.owner, self.name, self.bias_name, self.transposed = owner, name, bias_name, transposed
 
     @property
-    def weight(self) -> nn.Parameter:
-        return getattr(self.owner, self.name)
+    def weight(self) -> torch.Tensor:
+        weight = getattr(self.owner, self.name)
+        return weight.transpose(-1, -2) if self.transposed else weight
 
     @property
     def bias(self) -> nn.Parameter | None:
@@ -110,6 +113,8 @@ class StreamWeight:
     def replace(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """Swap in new tensors (of any width) and keep the owner's width attributes true."""
         old = self.weight
+        if self.transposed:
+            weight = weight.transpose(-1, -2)
         setattr(self.owner, self.name, nn.Parameter(weight.to(old.dtype).contiguous(), requires_grad=old.requires_grad))
         if bias is not None:
             if self.bias_name is None:
@@ -141,7 +146,8 @@ def stream_weight(root: nn.Module, path: str) -> StreamWeight:
     if not isinstance(getattr(owner, name, None), nn.Parameter):
         raise AttributeError(f"'{path}' is neither a module nor a parameter")
     bias = f"{name}_bias"
-    return StreamWeight(owner, name, bias if isinstance(getattr(owner, bias, None), nn.Parameter) else None)
+    return StreamWeight(owner, name, bias if isinstance(getattr(owner, bias, None), nn.Parameter) else None,
+                        transposed=getattr(owner, "is_transposed", False) is True)
 
 
 def conv1d_as_linear(module: nn.Module) -> nn.Linear:
@@ -177,8 +183,12 @@ def set_width_attrs(layer: nn.Module, paths, width: int) -> None:
         setattr(layer.get_submodule(parent) if parent else layer, name, width)
 
 
-def _first(output):
+def first_output(output):
+    """A module's main result, where it returns a tuple (attention weights, router scores, ...)."""
     return output[0] if isinstance(output, tuple) else output
+
+
+_first = first_output
 
 
 class SlicedDecoderLayer(nn.Module):
@@ -196,6 +206,7 @@ class SlicedDecoderLayer(nn.Module):
         self.mlp_names = [family["mlp"]] if family["mlp"] else list(family["mlp_chain"])
         self.parallel = bool(family["parallel"])
         self.positional = tuple(family["layer_args"])
+        self.returns_tuple = bool(family.get("layer_returns_tuple", False))  # the model reads outputs[0]
         for name, module in modules.items():
             self.add_module(name, module)
         self.attn_shortcut: nn.Linear | None = None
@@ -251,8 +262,10 @@ class SlicedDecoderLayer(nn.Module):
                             f"the family names {len(self.positional)}")
         kwargs.update(zip(self.positional, args))  # GPT-2 passes cache and mask positionally
         if self.parallel:
-            return self.parallel_block(hidden_states, **kwargs)
-        return self.mlp_half(self.attention_half(hidden_states, **kwargs))
+            out = self.parallel_block(hidden_states, **kwargs)
+        else:
+            out = self.mlp_half(self.attention_half(hidden_states, **kwargs))
+        return (out, None) if self.returns_tuple else out
 
 
 def _set(root: nn.Module, path: str, module: nn.Module) -> None:

@@ -161,6 +161,23 @@ def _fold(root: nn.Module, family: Family, norm_path: str, reader_paths, dense: 
     return [reader_paths[i] for i in fold_into_linears(scale, shift, readers, mean_axis)]
 
 
+def branch_scale(layer: nn.Module, attr: str) -> float:
+    value = getattr(layer, attr, None)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SliceGPTError(f"the decoder layer has no scalar '{attr}' (got {value!r})")
+    return float(value)
+
+
+@torch.no_grad()
+def scale_writers(layer: nn.Module, family: Family, scale: float) -> None:
+    """x + scale * branch(x) == x + branch'(x): the scale moves into every writer's weight and bias
+    (Granite's residual_multiplier); the sliced layer then adds the branch unscaled."""
+    for path in (*family.attn_outputs, *family.mlp_outputs):
+        writer = stream_weight(layer, path)
+        bias = writer.bias
+        writer.replace(writer.weight.double() * scale, None if bias is None else bias.double() * scale)
+
+
 @torch.no_grad()
 def fuse_layer(layer: nn.Module, family: Family, dense: int, eps: float,
                mean_axis: bool = False) -> tuple[SlicedDecoderLayer, list[str]]:
@@ -174,6 +191,8 @@ def fuse_layer(layer: nn.Module, family: Family, dense: int, eps: float,
     else:
         gained = _fold(layer, family, family.attn_norm, family.attn_inputs, dense, eps, mean_axis)
         gained += _fold(layer, family, family.mlp_norm, family.mlp_inputs, dense, eps, mean_axis)
+    if family.branch_scale_attr is not None:
+        scale_writers(layer, family, branch_scale(layer, family.branch_scale_attr))
     if family.norm_kind == "layer":
         for path in (*family.attn_outputs, *family.mlp_outputs):
             (reflect_output if mean_axis else centre_output)(stream_weight(layer, path))

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from slicegpt.architectures.families import Family, get_module
+from slicegpt.architectures.modeling_sliced import first_output
 from slicegpt.method.pca import _comm_device, _distributed
 from slicegpt.method.activations import Activations
 
@@ -87,7 +88,7 @@ class _Tap:
     def __init__(self, module: nn.Module, output: bool = False):
         self.value = None
         if output:
-            self.handle = module.register_forward_hook(lambda m, args, out: self._keep(out))
+            self.handle = module.register_forward_hook(lambda m, args, out: self._keep(first_output(out)))
         else:
             self.handle = module.register_forward_pre_hook(lambda m, args: self._keep(args[0]))
 
@@ -136,7 +137,7 @@ def refit_layer(dense: nn.Module, sliced: nn.Module, family: Family, dense_acts:
     mid_tap = _Tap(get_module(dense, family.mlp_norm)) if sequential and attention is not None else None
 
     def advance(x, kw):
-        y = dense(x, **kw)
+        y = first_output(dense(x, **kw))
         if mid_tap is not None:
             mid_targets.append(mid_tap.value @ Q_mid.to(y.device, y.dtype))
         out_targets.append(y @ Q_out.to(y.device, y.dtype))
@@ -149,7 +150,7 @@ def refit_layer(dense: nn.Module, sliced: nn.Module, family: Family, dense_acts:
             mid_tap.remove()
 
     def run_sliced(index: int) -> torch.Tensor:
-        return sliced(sliced_acts.hidden[index], **kwargs[index])
+        return first_output(sliced(sliced_acts.hidden[index], **kwargs[index]))
 
     if attention is not None and sequential:
         _refit_projection(attention, run_sliced, mid_targets, sliced_acts.masks, get_module(sliced, family.mlp_norm),
@@ -160,7 +161,7 @@ def refit_layer(dense: nn.Module, sliced: nn.Module, family: Family, dense_acts:
     if mlp is not None:
         _refit_projection(mlp, run_sliced, out_targets, sliced_acts.masks, sliced, True, damping)
     out_targets.clear()
-    sliced_acts.map(lambda x, kw: sliced(x, **kw), kwargs)
+    sliced_acts.map(lambda x, kw: first_output(sliced(x, **kw)), kwargs)
 
 
 def dense_copy(layer: nn.Module) -> nn.Module:

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slicegpt.architectures.families import family_for, get_module
-from slicegpt.architectures.modeling_sliced import stream_weight
+from slicegpt.architectures.modeling_sliced import first_output, stream_weight
 from slicegpt.config import SliceConfig
 from slicegpt.errors import SliceGPTError
 from slicegpt.io.checkpoint import AUTO_MAP, check_output_dir, write_companion_files
@@ -347,7 +347,7 @@ class StreamingRun:
 
             def run(x, kwargs, mask):
                 current["mask"] = mask
-                y = layer(x, **kwargs)
+                y = first_output(layer(x, **kwargs))
                 found[out].add(y, mask)
                 return y
 
@@ -447,7 +447,7 @@ class StreamingRun:
         subset = leading_share(batches, SURVEY_SHARE)  # as api.survey
         hidden, _ = capture_layer_inputs(self.model, self.family, subset)
         for index, layer in self._fused_copies(eps, "Surveying the head input (streaming)"):
-            hidden.map(lambda x, kw: layer(x, **kw), layer_kwargs[index][:len(subset)])
+            hidden.map(lambda x, kw: first_output(layer(x, **kw)), layer_kwargs[index][:len(subset)])
         return {HEAD_INPUT: self._head_covariance(hidden, eps)}
 
     def _fused_copies(self, eps: float, description: str):
