@@ -51,6 +51,22 @@ def test_rotation_without_slicing_is_exact(arch, tied, dtype):
     assert (rotated - dense_embedding).abs().max() > 1e-3
 
 
+def test_float64_router_reference_routes_as_the_model_does():
+    """The float64 stand-in for DeepSeek-V3's float32 router (conftest) computes the same routing."""
+    model = make_tiny_model("DeepseekV3ForCausalLM", dtype=torch.float64)
+    router = model.model.layers[0].mlp.gate
+    with torch.no_grad():
+        router.weight.normal_()
+        router.e_score_correction_bias.normal_(std=0.1)
+        x = torch.randn(64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        _, weights, indices = router(x)
+        full_precision_norms(model)
+        _, exact_weights, exact_indices = router(x)
+    order, exact_order = indices.sort(-1).indices, exact_indices.sort(-1).indices
+    assert torch.equal(indices.gather(1, order), exact_indices.gather(1, exact_order))
+    assert torch.allclose(weights.gather(1, order).double(), exact_weights.gather(1, exact_order), rtol=1e-5, atol=1e-7)
+
+
 def test_norms_were_non_trivial():
     """Guards the fixtures: with unit norm weights fusion would be trivially exact."""
     model = make_tiny_model("LlamaForCausalLM")

@@ -103,6 +103,35 @@ def test_sandwich_norm_models_are_refused(arch):
     _fails_before_any_work(model, "inside the residual branch")
 
 
+def test_deepseek_v3_with_dense_first_layers_is_refused():
+    _fails_before_any_work(_tiny("DeepseekV3ForCausalLM", first_k_dense_replace=1), "first_k_dense_replace")
+
+
+def test_granite_layer_without_its_residual_multiplier_is_named():
+    model = make_tiny_model("GraniteForCausalLM")
+    del model.model.layers[1].residual_multiplier
+    _fails_before_any_work(model, r"scalar attribute 'residual_multiplier' not found in layer 1")
+
+
+@pytest.mark.parametrize("arch,parallel,norms", [
+    ("FalconForCausalLM", True, ("input_layernorm", None)),
+    ("FalconForCausalLM:two_norms", True, ("ln_attn", "ln_mlp")),
+    ("FalconForCausalLM:new_one_norm", True, ("input_layernorm", None)),
+    ("FalconForCausalLM:sequential", False, ("input_layernorm", "post_attention_layernorm")),
+    ("StableLmForCausalLM", False, ("input_layernorm", "post_attention_layernorm")),
+    ("StableLmForCausalLM:parallel", True, ("input_layernorm", None)),
+    ("DeepseekV3ForCausalLM", False, ("input_layernorm", "post_attention_layernorm")),
+])
+def test_config_variants_pick_block_shape_and_norms(arch, parallel, norms):
+    family = family_for(make_tiny_model(arch))
+    assert (family.parallel, (family.attn_norm, family.mlp_norm)) == (parallel, norms)
+
+
+def test_deepseek_v3_without_q_lora_reads_the_stream_with_q_proj():
+    assert family_for(make_tiny_model("DeepseekV3ForCausalLM:q_proj")).attn_inputs[0] == "self_attn.q_proj"
+    assert family_for(make_tiny_model("DeepseekV3ForCausalLM")).attn_inputs[0] == "self_attn.q_a_proj"
+
+
 def test_unknown_architecture_lists_the_supported_ones():
     class ToyForCausalLM(nn.Module):
         pass

@@ -11,7 +11,8 @@ from slicegpt.architectures.plain import to_plain_model
 from conftest import make_tiny_model, random_batches
 
 
-@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                                  "SmolLM3ForCausalLM", "GraniteForCausalLM"])
 @pytest.mark.parametrize("tied", [True, False])
 def test_plain_export_computes_the_same(tmp_path, arch, tied):
     model = make_tiny_model(arch, tied=tied)

@@ -109,6 +109,19 @@ def test_streamed_shared_rotations_equal_in_memory(tmp_path, arch, tied, setting
     assert not partial_dir(tmp_path / "streamed").exists()
 
 
+@pytest.mark.parametrize("arch", ["GraniteForCausalLM", "FalconForCausalLM", "FalconForCausalLM:sequential",
+                                  "GptOssForCausalLM"])
+@pytest.mark.parametrize("rotations", ["block", "model"])
+def test_streamed_recent_families_equal_in_memory(tmp_path, arch, rotations):
+    """Families whose layers need more than names: a branch scale folded (Granite), layers that
+    return tuples (Falcon), experts stored (experts, in, out) (gpt-oss)."""
+    path = _sharded(tmp_path, arch)
+    config = SliceConfig(sparsity=0.25, rotations=rotations)
+    batches = random_batches(96)
+    reference = _in_memory(path, config, batches, tmp_path / "memory")
+    _assert_same(reference, _streamed(path, config, batches, tmp_path / "streamed"))
+
+
 def test_streaming_refuses_widths_that_need_every_spectrum_first(tmp_path):
     path = _sharded(tmp_path)
     with pytest.raises(SliceGPTError, match="streaming supports"):

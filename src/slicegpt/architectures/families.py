@@ -415,6 +415,9 @@ def check_structure(model: nn.Module, family: Family) -> None:
             require_weight(layer, path, where, reads=True)
         for path in (*family.attn_outputs, *family.mlp_outputs):
             require_weight(layer, path, where, reads=False)
+        scale = getattr(layer, family.branch_scale_attr, None) if family.branch_scale_attr else 1.0
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise mismatch(f"scalar attribute '{family.branch_scale_attr}' not found", where)
         for path in family.mlp_width_attrs:
             parent, _, name = path.rpartition(".")
             if not _exists(layer, parent) or not isinstance(getattr(get_module(layer, parent), name, None), int):

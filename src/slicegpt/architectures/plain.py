@@ -68,6 +68,8 @@ def to_plain_model(model: nn.Module, family: Family) -> nn.Module:
     config.hidden_size = width
     setattr(config, eps_attribute(config, eps), eps * dense / width)
     config.tie_word_embeddings = False
+    if family.branch_scale_attr:  # folded into the writers; the layer reads the config attribute of that name
+        setattr(config, family.branch_scale_attr, 1.0)
 
     state = {k: v for k, v in model.state_dict().items()}
     final = get_module(model, family.final_norm)
