@@ -30,7 +30,7 @@ _FALCON = dict(vocab_size=96, hidden_size=64, ffn_hidden_size=112, num_hidden_la
                **_TOKENS)
 _DEEPSEEK = dict(vocab_size=96, hidden_size=64, intermediate_size=112, moe_intermediate_size=32, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
-                 n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=0, kv_lora_rank=16,
+                 n_shared_experts=1, n_group=2, topk_group=1, kv_lora_rank=16,
                  qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, **_TOKENS)
 RECENT_TINY_CONFIGS = {
     # Layer 1 without rotary (no_rope_layers: 1 = rotary).
@@ -60,10 +60,11 @@ RECENT_TINY_CONFIGS = {
     "GPTJForCausalLM": lambda tied: transformers.GPTJConfig(
         vocab_size=96, n_embd=64, n_inner=112, n_layer=2, n_head=4, rotary_dim=8, n_positions=64, **_TOKENS,
         tie_word_embeddings=tied),
+    # Layer 0 dense, layer 1 MoE (first_k_dense_replace), as in V3; V2-Lite's q_proj without a q LoRA, all MoE.
     "DeepseekV3ForCausalLM": lambda tied: transformers.DeepseekV3Config(
-        **_DEEPSEEK, q_lora_rank=24, attention_bias=True, tie_word_embeddings=tied),
+        **_DEEPSEEK, q_lora_rank=24, first_k_dense_replace=1, attention_bias=True, tie_word_embeddings=tied),
     "DeepseekV3ForCausalLM:q_proj": lambda tied: transformers.DeepseekV3Config(
-        **_DEEPSEEK, q_lora_rank=None, tie_word_embeddings=tied),
+        **_DEEPSEEK, q_lora_rank=None, first_k_dense_replace=0, tie_word_embeddings=tied),
     "GptOssForCausalLM": lambda tied: transformers.GptOssConfig(
         vocab_size=96, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,

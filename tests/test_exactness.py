@@ -54,7 +54,7 @@ def test_rotation_without_slicing_is_exact(arch, tied, dtype):
 def test_float64_router_reference_routes_as_the_model_does():
     """The float64 stand-in for DeepSeek-V3's float32 router (conftest) computes the same routing."""
     model = make_tiny_model("DeepseekV3ForCausalLM", dtype=torch.float64)
-    router = model.model.layers[0].mlp.gate
+    router = model.model.layers[1].mlp.gate  # layer 0 is dense (first_k_dense_replace)
     with torch.no_grad():
         router.weight.normal_()
         router.e_score_correction_bias.normal_(std=0.1)

@@ -103,8 +103,18 @@ def test_sandwich_norm_models_are_refused(arch):
     _fails_before_any_work(model, "inside the residual branch")
 
 
-def test_deepseek_v3_with_dense_first_layers_is_refused():
-    _fails_before_any_work(_tiny("DeepseekV3ForCausalLM", first_k_dense_replace=1), "first_k_dense_replace")
+def test_deepseek_v3_dense_first_layers_have_their_own_description():
+    family = family_for(make_tiny_model("DeepseekV3ForCausalLM"))  # first_k_dense_replace=1
+    assert family.for_layer(0).mlp_inputs == ("mlp.gate_proj", "mlp.up_proj")
+    assert family.for_layer(1).mlp_inputs[:2] == ("mlp.gate", "mlp.experts.gate_up_proj")
+    assert family_for(make_tiny_model("DeepseekV3ForCausalLM:q_proj")).for_layer(0) == \
+        family_for(make_tiny_model("DeepseekV3ForCausalLM:q_proj")).for_layer(1)
+
+
+def test_deepseek_v3_layer_unlike_its_description_is_named():
+    model = make_tiny_model("DeepseekV3ForCausalLM")
+    model.model.layers[1].mlp = model.model.layers[0].mlp  # a dense MLP where the config says MoE
+    _fails_before_any_work(model, r"'mlp\.gate' not found in layer 1")
 
 
 def test_granite_layer_without_its_residual_multiplier_is_named():

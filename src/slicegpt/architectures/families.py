@@ -73,6 +73,11 @@ class Family:
     branch_scale_attr: str | None = None
     # The model reads a decoder layer's result as `outputs[0]` (Falcon): the sliced layer returns a tuple.
     layer_returns_tuple: bool = False
+    # Leading layers built another way (DeepSeek-V3's first_k_dense_replace dense MLPs before the MoE
+    # ones): (config attribute holding how many, field changes for them), and that count, which
+    # for_config reads from the config. `for_layer` gives one layer's description.
+    leading_layers: tuple[str, tuple[tuple[str, object], ...]] | tuple[()] = ()
+    leading_count: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -82,10 +87,18 @@ class Family:
         family = self
         if self.parallel_attr is not None:
             family = dataclasses.replace(family, parallel=bool(getattr(config, self.parallel_attr)))
+        if self.leading_layers:
+            family = dataclasses.replace(family, leading_count=int(getattr(config, self.leading_layers[0], 0) or 0))
         for conditions, changes in self.variants:
             if all(_comparable(getattr(config, attr, None)) == value for attr, value in conditions):
                 return dataclasses.replace(family, **dict(changes))
         return family
+
+    def for_layer(self, index: int) -> "Family":
+        """The description of decoder layer `index` (see `leading_layers`)."""
+        if index < self.leading_count:
+            return dataclasses.replace(self, **dict(self.leading_layers[1]))
+        return self
 
 
 LLAMA = Family(name="llama")
@@ -238,7 +251,8 @@ GPTJ = Family(
 
 # DeepSeek-V3: multi-head latent attention reads the stream through its low-rank q and kv
 # projections (q_proj where q_lora_rank is None, as in V2-Lite); the MoE router, experts and
-# shared experts read it, experts and shared experts write it.
+# shared experts read it, experts and shared experts write it. The first first_k_dense_replace
+# layers have a dense gate/up/down MLP instead.
 DEEPSEEK_V3 = dataclasses.replace(
     LLAMA,
     name="deepseek_v3",
@@ -248,8 +262,8 @@ DEEPSEEK_V3 = dataclasses.replace(
     mlp_outputs=("mlp.experts.down_proj", "mlp.shared_experts.down_proj"),
     mlp_width_attrs=("mlp.gate.hidden_dim", "mlp.experts.hidden_dim"),
     mlp_keeps_width=True,
-    requires=(("first_k_dense_replace", 0,
-               "dense MLP layers before the MoE layers (first_k_dense_replace > 0) are not supported"),),
+    leading_layers=("first_k_dense_replace", (("mlp_inputs", ("mlp.gate_proj", "mlp.up_proj")),
+                                              ("mlp_outputs", ("mlp.down_proj",)), ("mlp_width_attrs", ()))),
     variants=(((("q_lora_rank", None),), (("attn_inputs", ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa")),)),),
 )
 
@@ -407,25 +421,27 @@ def check_structure(model: nn.Module, family: Family) -> None:
         f"norm '{family.final_norm}' is a {type(final_norm).__name__}, not {NORM_KINDS[family.norm_kind]}",
         "the model"))
     for index, layer in enumerate(get_module(model, family.layers)):
+        layer_family = family.for_layer(index)
         where = f"layer {index}"
-        modules = [family.attn, family.attn_norm, family.mlp, family.mlp_norm, *family.mlp_chain]
+        modules = [layer_family.attn, layer_family.attn_norm, layer_family.mlp, layer_family.mlp_norm,
+                   *layer_family.mlp_chain]
         for path in filter(None, modules):
             require(layer, path, where)
-        for path in (*family.attn_inputs, *family.mlp_inputs):
+        for path in (*layer_family.attn_inputs, *layer_family.mlp_inputs):
             require_weight(layer, path, where, reads=True)
-        for path in (*family.attn_outputs, *family.mlp_outputs):
+        for path in (*layer_family.attn_outputs, *layer_family.mlp_outputs):
             require_weight(layer, path, where, reads=False)
-        scale = getattr(layer, family.branch_scale_attr, None) if family.branch_scale_attr else 1.0
+        scale = getattr(layer, layer_family.branch_scale_attr, None) if layer_family.branch_scale_attr else 1.0
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise mismatch(f"scalar attribute '{family.branch_scale_attr}' not found", where)
-        for path in family.mlp_width_attrs:
+            raise mismatch(f"scalar attribute '{layer_family.branch_scale_attr}' not found", where)
+        for path in layer_family.mlp_width_attrs:
             parent, _, name = path.rpartition(".")
             if not _exists(layer, parent) or not isinstance(getattr(get_module(layer, parent), name, None), int):
                 raise mismatch(f"integer attribute '{path}' not found", where)
-        for path in filter(None, (family.attn_norm, family.mlp_norm)):
+        for path in filter(None, (layer_family.attn_norm, layer_family.mlp_norm)):
             norm = get_module(layer, path)
-            check_norm(norm, family.norm_kind, mismatch(
-                f"norm '{path}' is a {type(norm).__name__}, not {NORM_KINDS[family.norm_kind]}", where))
+            check_norm(norm, layer_family.norm_kind, mismatch(
+                f"norm '{path}' is a {type(norm).__name__}, not {NORM_KINDS[layer_family.norm_kind]}", where))
 
 
 NORM_KINDS = {"rms": "an RMSNorm (x / rms(x) * w)", "rms_plus_one": "an RMSNorm scaled by (1 + w)",

@@ -306,6 +306,14 @@ def family_fields(family: dict) -> dict:
     return family
 
 
+def layer_family(family: dict, index: int) -> dict:
+    """The description of decoder layer `index`: leading layers may be built another way
+    (`leading_layers`: DeepSeek-V3's dense MLPs before its MoE layers)."""
+    if index < family.get("leading_count", 0):
+        return {**family, **dict(family["leading_layers"][1])}
+    return family
+
+
 def apply_sliced_structure(model: nn.Module, slicing: dict) -> None:
     """Reshape a freshly built dense model into the sliced shape that `slicing` records."""
     family = family_fields(slicing["family"])
@@ -319,27 +327,27 @@ def apply_sliced_structure(model: nn.Module, slicing: dict) -> None:
 
     layers = model.get_submodule(family["layers"])
     for index, widths in enumerate(slicing["layers"]):
-        layer = layers[index]
-        linearise_conv1d(layer, family)
+        layer, described = layers[index], layer_family(family, index)
+        linearise_conv1d(layer, described)
         w_in, w_out = widths["in"], widths["out"]
-        w_mid = w_in if family["parallel"] else widths["mid"]  # the width the MLP reads
-        for path in family["attn_inputs"]:
+        w_mid = w_in if described["parallel"] else widths["mid"]  # the width the MLP reads
+        for path in described["attn_inputs"]:
             _narrow(layer, path, w_in, reads=True)
-        for path in family["attn_outputs"]:
-            _narrow(layer, path, w_out if family["parallel"] else w_mid, reads=False)
-        for path in family["mlp_inputs"]:
+        for path in described["attn_outputs"]:
+            _narrow(layer, path, w_out if described["parallel"] else w_mid, reads=False)
+        for path in described["mlp_inputs"]:
             _narrow(layer, path, w_mid, reads=True)
-        for path in family["mlp_outputs"]:
+        for path in described["mlp_outputs"]:
             _narrow(layer, path, w_out, reads=False)
-        set_width_attrs(layer, family["mlp_width_attrs"], w_mid)
+        set_width_attrs(layer, described["mlp_width_attrs"], w_mid)
         for key in ("attn_norm", "mlp_norm"):
-            if family[key]:
-                _set(layer, family[key], SlicedRMSNorm(dense, eps, skip_first))
-        wrapped = wrap_layer(layer, family)
+            if described[key]:
+                _set(layer, described[key], SlicedRMSNorm(dense, eps, skip_first))
+        wrapped = wrap_layer(layer, described)
         absent = widths.get("no_shortcut", [])
         if "attn" not in absent:
-            wrapped.attn_shortcut = nn.Linear(w_in, w_out if family["parallel"] else w_mid, **shortcut_kw)
-        if not family["parallel"] and "mlp" not in absent:
+            wrapped.attn_shortcut = nn.Linear(w_in, w_out if described["parallel"] else w_mid, **shortcut_kw)
+        if not described["parallel"] and "mlp" not in absent:
             wrapped.mlp_shortcut = nn.Linear(w_mid, w_out, **shortcut_kw)
         layers[index] = wrapped
 

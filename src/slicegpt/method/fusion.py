@@ -233,6 +233,6 @@ def fuse(model: nn.Module, family: Family, keep_tied: bool = True) -> list[str]:
     gained: list[str] = []
     layers = get_module(model, family.layers)
     for index, layer in enumerate(layers):
-        layers[index], added = fuse_layer(layer, family, dense, eps, uses_mean_axis(family, tied))
+        layers[index], added = fuse_layer(layer, family.for_layer(index), dense, eps, uses_mean_axis(family, tied))
         gained += [f"{family.layers}.{index}.{path}" for path in added]
     return gained + fuse_head(model, family, tied, dense, eps)

@@ -155,6 +155,7 @@ def rotate_layer(layer: nn.Module, family: Family, index: int, bases: dict[str, 
 
     Points of one group share the same tensor, and no shortcut is made between them.
     """
+    family = family.for_layer(index)
     dtype = stream_weight(layer, family.attn_outputs[0]).weight.dtype
     Q_in = bases[basis_before(index)]
     Q_out = bases[f"layer {index} output"]
@@ -207,7 +208,7 @@ def rotate_shared(model: nn.Module, family: Family, batches: list[dict], width_r
         reference = dense_copy(layer) if refit else None
         result.layer_widths.append(rotate_layer(layer, family, index, bases))
         if refit:
-            refit_layer(reference, layer, family, dense_acts, sliced_acts, kwargs[index],
+            refit_layer(reference, layer, family.for_layer(index), dense_acts, sliced_acts, kwargs[index],
                         bases.get(f"layer {index} mlp input"), bases[f"layer {index} output"])
             del reference
     Q_last = bases[f"layer {len(layers) - 1} output"]

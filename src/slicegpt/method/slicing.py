@@ -179,7 +179,7 @@ class Slicer:
 
         reference, inputs = dense_copy(layer), Activations(list(acts.hidden), acts.masks)
         Q_out = slice_one(index, layer, acts, kwargs, Q_in)
-        refit_layer(reference, layer, self.family, self.dense_acts, inputs, kwargs, self._mid_basis, Q_out)
+        refit_layer(reference, layer, self.family.for_layer(index), self.dense_acts, inputs, kwargs, self._mid_basis, Q_out)
         acts.hidden[:] = inputs.hidden  # the refit layer's outputs replace the ones the bases came from
         return Q_out
 
@@ -188,9 +188,9 @@ class Slicer:
         rotate_head(self.model, self.family, Q, self.embedding_basis)
         self.result.head_in = Q.shape[1]
 
-    def _block(self, name: str, layer: SlicedDecoderLayer, run: Callable, acts: Activations, kwargs: list[dict],
-               Q_in: torch.Tensor, inputs: tuple[str, ...], outputs: tuple[str, ...], has_mlp: bool,
-               skip: str) -> torch.Tensor:
+    def _block(self, name: str, family: Family, layer: SlicedDecoderLayer, run: Callable, acts: Activations,
+               kwargs: list[dict], Q_in: torch.Tensor, inputs: tuple[str, ...], outputs: tuple[str, ...],
+               has_mlp: bool, skip: str) -> torch.Tensor:
         """One residual block: run it, find the basis of its output, rotate and slice its weights.
 
         Usually the block's readers are rotated first and it runs at the kept width, with a
@@ -200,7 +200,7 @@ class Slicer:
         the sliced directions are zeros), because their experts allocate their output like
         their input. Both equal the rotated block exactly; the first does less work.
         """
-        dense_width_only = has_mlp and (self.family.mlp_width_attrs or self.family.mlp_keeps_width)
+        dense_width_only = has_mlp and (family.mlp_width_attrs or family.mlp_keeps_width)
         if dense_width_only:
             acts.map(lambda x, kw: run(to_dense(x, Q_in), **kw), kwargs)
         else:
@@ -210,8 +210,8 @@ class Slicer:
             acts.map(lambda x, kw: run(x, **kw), kwargs)
             setattr(layer, skip, None)
         Q_out = self._basis(acts, name)
-        if has_mlp and self.family.mlp_keeps_width and Q_out.shape[1] != Q_in.shape[1]:
-            raise SliceGPTError(f"{self.family.name} needs the same width before and after its MLP "
+        if has_mlp and family.mlp_keeps_width and Q_out.shape[1] != Q_in.shape[1]:
+            raise SliceGPTError(f"{family.name} needs the same width before and after its MLP "
                                 f"(got {Q_in.shape[1]} and {Q_out.shape[1]} at {name})")
         if dense_width_only:
             for path in inputs:
@@ -219,19 +219,19 @@ class Slicer:
         for path in outputs:
             rotate_output(stream_weight(layer, path), Q_out)
         if has_mlp:
-            set_width_attrs(layer, self.family.mlp_width_attrs, Q_in.shape[1])
+            set_width_attrs(layer, family.mlp_width_attrs, Q_in.shape[1])
         acts.map(lambda x: change_basis(x, Q_out))
         return Q_out
 
     def _sequential_layer(self, index: int, layer: SlicedDecoderLayer, acts: Activations,
                           kwargs: list[dict], Q_in: torch.Tensor) -> torch.Tensor:
-        family, dtype = self.family, acts.hidden[0].dtype
+        family, dtype = self.family.for_layer(index), acts.hidden[0].dtype
         layer.attn_shortcut = layer.mlp_shortcut = None
-        Q_mid = self._block(f"layer {index} mlp input", layer, layer.attention_half, acts, kwargs, Q_in,
+        Q_mid = self._block(f"layer {index} mlp input", family, layer, layer.attention_half, acts, kwargs, Q_in,
                             family.attn_inputs, family.attn_outputs, has_mlp=False, skip="attn_shortcut")
         layer.attn_shortcut = shortcut(Q_in, Q_mid, dtype)
         no_kwargs = [{} for _ in kwargs]
-        Q_out = self._block(f"layer {index} output", layer, layer.mlp_half, acts, no_kwargs, Q_mid,
+        Q_out = self._block(f"layer {index} output", family, layer, layer.mlp_half, acts, no_kwargs, Q_mid,
                             family.mlp_inputs, family.mlp_outputs, has_mlp=True, skip="mlp_shortcut")
         layer.mlp_shortcut = shortcut(Q_mid, Q_out, dtype)
         self._mid_basis = Q_mid
@@ -240,9 +240,9 @@ class Slicer:
 
     def _parallel_layer(self, index: int, layer: SlicedDecoderLayer, acts: Activations,
                         kwargs: list[dict], Q_in: torch.Tensor) -> torch.Tensor:
-        family, dtype = self.family, acts.hidden[0].dtype
+        family, dtype = self.family.for_layer(index), acts.hidden[0].dtype
         layer.attn_shortcut = None
-        Q_out = self._block(f"layer {index} output", layer, layer.parallel_block, acts, kwargs, Q_in,
+        Q_out = self._block(f"layer {index} output", family, layer, layer.parallel_block, acts, kwargs, Q_in,
                             (*family.attn_inputs, *family.mlp_inputs), (*family.attn_outputs, *family.mlp_outputs),
                             has_mlp=True, skip="attn_shortcut")
         layer.attn_shortcut = shortcut(Q_in, Q_out, dtype)

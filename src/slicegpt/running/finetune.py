@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slicegpt.architectures.families import family_for
+from slicegpt.architectures.modeling_sliced import layer_family
 from slicegpt.errors import SliceGPTError
 from slicegpt.io.data import tokenize_joined
 
@@ -76,15 +77,15 @@ def family_description(model: nn.Module) -> dict:
     return family_for(model).to_dict()
 
 
-def layer_linears(model: nn.Module) -> list[str]:
-    """Paths, inside one decoder layer, of the attention and MLP linears that read or write the stream.
+def layer_linears(model: nn.Module, index: int = 0) -> list[str]:
+    """Paths, inside decoder layer `index`, of the attention and MLP linears that read or write the stream.
 
     Fused expert tensors (MoE) are not linears and get no adapter; the shortcuts are not
     in these lists.
     """
-    family = family_description(model)
+    family = layer_family(family_description(model), index)
     paths = [*family["attn_inputs"], *family["attn_outputs"], *family["mlp_inputs"], *family["mlp_outputs"]]
-    layer = model.get_submodule(family["layers"])[0]
+    layer = model.get_submodule(family["layers"])[index]
     return [path for path in paths if isinstance(_find(layer, path), nn.Linear)]
 
 
@@ -98,11 +99,12 @@ def _find(root: nn.Module, path: str) -> nn.Module | None:
 def lora_targets(model: nn.Module) -> list[str]:
     """Full module names of every decoder layer's attention and MLP linears (no shortcuts, no head)."""
     family = family_description(model)
-    paths = layer_linears(model)
-    if not paths:
-        raise SliceGPTError(f"the {family['name']} family has no linear attention or MLP layers to adapt")
     layers = model.get_submodule(family["layers"])
-    return [f"{family['layers']}.{index}.{path}" for index in range(len(layers)) for path in paths]
+    targets = [f"{family['layers']}.{index}.{path}" for index in range(len(layers))
+               for path in layer_linears(model, index)]
+    if not targets:
+        raise SliceGPTError(f"the {family['name']} family has no linear attention or MLP layers to adapt")
+    return targets
 
 
 def _schedule(config: FinetuneConfig):

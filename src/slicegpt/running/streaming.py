@@ -392,7 +392,7 @@ class StreamingRun:
         """Layer `index` read from the checkpoint and fused, in place in the model."""
         layers = get_module(self.model, self.family.layers)
         self._materialize(f"{self.family.layers}.{index}")
-        layer, gained = fuse_layer(layers[index], self.family, self.dense, eps, self.mean_axis)
+        layer, gained = fuse_layer(layers[index], self.family.for_layer(index), self.dense, eps, self.mean_axis)
         self.added_biases += [f"{self.family.layers}.{index}.{path}" for path in gained]
         layers[index] = layer
         return layer
@@ -459,7 +459,7 @@ class StreamingRun:
             untouched = layers[index]
             layers[index] = copy.deepcopy(untouched)
             self._materialize(f"{self.family.layers}.{index}")
-            layer, _ = fuse_layer(layers[index], self.family, self.dense, eps, self.mean_axis)
+            layer, _ = fuse_layer(layers[index], self.family.for_layer(index), self.dense, eps, self.mean_axis)
             yield index, layer
             layers[index] = untouched
             layer.to("meta")  # frees the weights even while the caller still names the copy
