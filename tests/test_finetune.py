@@ -9,7 +9,7 @@ from slicegpt.io.checkpoint import load_sliced
 from slicegpt.cli import main
 from slicegpt.errors import SliceGPTError
 
-from conftest import TINY_CAL_PPL, WIKITEXT_TEST, WIKITEXT_VALIDATION
+from conftest import TINY_CAL_PPL, WIKITEXT_TEST, WIKITEXT_VALIDATION, make_tiny_model, random_batches
 
 pytest.importorskip("peft")
 
@@ -64,6 +64,18 @@ def test_lora_targets_are_attention_and_mlp_linears_only(tiny_sliced_dir):
     assert len(targets) == 2 * 7
     assert not any("shortcut" in t or "lm_head" in t or "embed" in t for t in targets)
     assert "model.layers.1.mlp.down_proj" in targets
+
+
+def test_lora_targets_follow_each_layers_description():
+    """DeepSeek-V3: a dense MLP in layer 0, MoE (fused experts, no linears but the shared expert's) in layer 1."""
+    from slicegpt import SliceConfig, slice_model
+
+    model = make_tiny_model("DeepseekV3ForCausalLM")
+    slice_model(model, None, SliceConfig(sparsity=0.25), random_batches(96), progress=False)
+    targets = finetune_module.lora_targets(model)
+    assert "model.layers.0.mlp.gate_proj" in targets and "model.layers.1.mlp.gate_proj" not in targets
+    assert "model.layers.1.mlp.shared_experts.down_proj" in targets
+    assert "model.layers.1.self_attn.kv_a_proj_with_mqa" in targets
 
 
 def test_data_without_text_fails_before_training(tiny_sliced_dir, tmp_path, monkeypatch, capsys):
