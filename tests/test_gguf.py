@@ -25,6 +25,8 @@ GGUF_MODELS = {
         vocab_size=vocab, intermediate_size=112, num_key_value_heads=2, use_parallel_residual=True, **_SHAPE)),
     "falcon": (transformers.FalconForCausalLM, lambda vocab: transformers.FalconConfig(
         vocab_size=vocab, ffn_hidden_size=256, **_SHAPE)),  # Falcon-7B's shape; the loader sets a 4 x hidden MLP
+    "qwen2": (transformers.Qwen2ForCausalLM, lambda vocab: transformers.Qwen2Config(
+        vocab_size=vocab, intermediate_size=112, num_key_value_heads=2, **_SHAPE)),
 }
 
 
@@ -44,7 +46,8 @@ def write_tiny_gguf(path, arch: str, model) -> None:
     writer.add_context_length(64)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(getattr(config, "intermediate_size", None) or config.ffn_hidden_size)
+    writer.add_feed_forward_length(getattr(config, "intermediate_size", None) or getattr(config, "ffn_hidden_size", None)
+                                   or 4 * config.hidden_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or 1)
     writer.add_layer_norm_eps(1e-5)
@@ -56,6 +59,7 @@ def write_tiny_gguf(path, arch: str, model) -> None:
     writer.add_token_merges(["\u0120 t"])
     writer.add_bos_token_id(len(tokens) - 1)
     writer.add_eos_token_id(len(tokens) - 1)
+    writer.add_pad_token_id(len(tokens) - 1)
     for name, tensor in model.state_dict().items():
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         assert gguf_name is not None, name
@@ -82,6 +86,6 @@ def test_gguf_loads_and_slices(tmp_path, monkeypatch, key):
     ids = tokenizer("The quick brown fox jumps over the lazy dog", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, dense(ids).logits, rtol=0, atol=1e-5)
-    assert family_for(model).parallel == (key != "stablelm")
+    assert family_for(model).parallel == (key in ("stablelm:parallel", "falcon"))
     result = slice_model(model, None, SliceConfig(sparsity=0.25), random_batches(vocab), progress=False)
     assert result.embedding_width == 48
