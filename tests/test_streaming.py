@@ -110,11 +110,12 @@ def test_streamed_shared_rotations_equal_in_memory(tmp_path, arch, tied, setting
 
 
 @pytest.mark.parametrize("arch", ["GraniteForCausalLM", "FalconForCausalLM", "FalconForCausalLM:sequential",
-                                  "GptOssForCausalLM"])
+                                  "GptOssForCausalLM", "DeepseekV3ForCausalLM"])
 @pytest.mark.parametrize("rotations", ["block", "model"])
 def test_streamed_recent_families_equal_in_memory(tmp_path, arch, rotations):
     """Families whose layers need more than names: a branch scale folded (Granite), layers that
-    return tuples (Falcon), experts stored (experts, in, out) (gpt-oss)."""
+    return tuples (Falcon), experts stored (experts, in, out) (gpt-oss), dense layers before MoE ones
+    (DeepSeek-V3, saved one tensor per expert)."""
     path = _sharded(tmp_path, arch)
     config = SliceConfig(sparsity=0.25, rotations=rotations)
     batches = random_batches(96)
