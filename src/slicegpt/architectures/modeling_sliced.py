@@ -188,9 +188,6 @@ def first_output(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-_first = first_output
-
-
 class SlicedDecoderLayer(nn.Module):
     """A decoder layer whose residual paths carry shortcut matrices.
 
@@ -219,7 +216,7 @@ class SlicedDecoderLayer(nn.Module):
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         for name in self.mlp_names:
-            x = _first(getattr(self, name)(x))
+            x = first_output(getattr(self, name)(x))
         return x
 
     @staticmethod
@@ -244,7 +241,7 @@ class SlicedDecoderLayer(nn.Module):
         return F.linear(x, weight).add_(out)
 
     def attention_half(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
-        out = _first(self._part("attn")(hidden_states=self._part("attn_norm")(x), **kwargs))
+        out = first_output(self._part("attn")(hidden_states=self._part("attn_norm")(x), **kwargs))
         return self._residual(self.attn_shortcut, x, out)
 
     def mlp_half(self, x: torch.Tensor) -> torch.Tensor:
@@ -253,7 +250,7 @@ class SlicedDecoderLayer(nn.Module):
     def parallel_block(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         attn_in = self._part("attn_norm")(x)
         mlp_in = attn_in if self.names["mlp_norm"] is None else self._part("mlp_norm")(x)
-        attn_out = _first(self._part("attn")(hidden_states=attn_in, **kwargs))
+        attn_out = first_output(self._part("attn")(hidden_states=attn_in, **kwargs))
         return self._residual(self.attn_shortcut, x, attn_out + self._mlp(mlp_in))
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
