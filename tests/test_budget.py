@@ -23,7 +23,8 @@ def test_predicted_count_matches_the_sliced_model(rotations, tied):
 
 @pytest.mark.parametrize("rotations", ["block", "model"])
 @pytest.mark.parametrize("tied", [True, False])
-@pytest.mark.parametrize("arch", ["OPTForCausalLM", "GPT2LMHeadModel", "PhiForCausalLM"])
+@pytest.mark.parametrize("arch", ["OPTForCausalLM", "GPT2LMHeadModel", "PhiForCausalLM", "CohereForCausalLM",
+                                  "StableLmForCausalLM", "FalconForCausalLM:sequential", "GPTJForCausalLM"])
 def test_predicted_count_matches_for_layernorm_families(arch, tied, rotations):
     """Counted with the final map's bias (tied) or the bias the untied head gains from the final norm."""
     model = make_tiny_model(arch, tied=tied)

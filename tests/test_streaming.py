@@ -67,7 +67,8 @@ def test_streamed_equals_in_memory(tmp_path, arch, tied, spill):
 
 
 @pytest.mark.parametrize("arch,rotations", [("OPTForCausalLM", "block"), ("GPT2LMHeadModel", "auto"),
-                                            ("PhiForCausalLM", "group:2")])
+                                            ("PhiForCausalLM", "group:2"), ("FalconForCausalLM:two_norms", "block"),
+                                            ("CohereForCausalLM", "model")])
 def test_streamed_tied_layernorm_equals_in_memory(tmp_path, arch, rotations):
     """A tied LayerNorm model keeps its head tied (the mean axis) streamed as in memory."""
     path = _sharded(tmp_path, arch, tied=True)
