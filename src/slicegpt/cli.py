@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from slicegpt.commands import bench, eval as eval_command, finetune, ppl, slice as slice_command, sweep
+from slicegpt.commands import bench, eval as eval_command, export, finetune, ppl, slice as slice_command, sweep
 from slicegpt.errors import SliceGPTError
 
-COMMANDS = [slice_command, sweep, ppl, eval_command, finetune, bench]
+COMMANDS = [slice_command, sweep, ppl, eval_command, finetune, export, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,60 @@
+"""slicegpt export DIR --format plain|gguf --out PATH: a sliced model for other engines."""
+
+from __future__ import annotations
+
+from slicegpt.commands.common import print_json, say
+from slicegpt.io.gguf_export import OUT_TYPES
+from slicegpt.io.llama_quantize import QUANT_TYPES
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export", help="write a slice with one basis (--rotations model) as a plain HF directory or a GGUF file")
+    parser.add_argument("model", metavar="DIR", help="a sliced directory (no shortcuts), or a plain model directory "
+                                                     "(gguf only)")
+    parser.add_argument("--format", required=True, choices=["plain", "gguf"],
+                        help="plain: a Hugging Face directory of the original class, no remote code; "
+                             "gguf: one GGUF file for llama.cpp (Llama, Mistral, Qwen2, Qwen3)")
+    parser.add_argument("--out", required=True, metavar="PATH", help="output directory (plain) or .gguf file")
+    parser.add_argument("--outtype", default="f16", choices=OUT_TYPES,
+                        help="gguf: matrices' type, and the type handed to the quantizer (default f16)")
+    parser.add_argument("--quantize", default=None, choices=sorted(QUANT_TYPES), metavar="TYPE",
+                        help=f"gguf: quantize with llama.cpp's own quantizer ({', '.join(QUANT_TYPES)})")
+    parser.add_argument("--quantizer", default=None, metavar="PROGRAM",
+                        help="llama-quantize, or a Python that has llama_cpp (default: llama_cpp in this Python, "
+                             "else llama-quantize on PATH)")
+    parser.add_argument("--allow-fallback", action="store_true",
+                        help="quantize even where a row length does not fit the type's block (llama.cpp then "
+                             "stores those matrices as another type; the figures are printed)")
+    parser.add_argument("--tokenizer-pre", default=None, metavar="NAME",
+                        help="llama.cpp's pre-tokenizer name (default: from the GGUF the model came from, "
+                             "else 'default')")
+    parser.add_argument("--threads", type=int, default=2, help="quantizer threads (default 2)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from slicegpt.errors import SliceGPTError
+    from slicegpt.io.export import export_gguf, export_plain
+
+    if args.format == "plain":
+        if args.quantize:
+            raise SliceGPTError("--quantize needs --format gguf")
+        out, note = export_plain(args.model, args.out, overwrite=args.overwrite)
+        result = {"out": str(out), "format": "plain", "untied_head_note": note}
+        if note and not args.json:
+            say(note)
+    else:
+        result = export_gguf(args.model, args.out, out_type=args.outtype, quant=args.quantize,
+                             quantizer=args.quantizer, allow_fallback=args.allow_fallback,
+                             tokenizer_pre=args.tokenizer_pre, overwrite=args.overwrite, threads=args.threads,
+                             warn=say)
+        result["format"] = "gguf"
+    if args.json:
+        print_json(result)
+    else:
+        size = f", {result['bytes']:,} bytes ({result['type']})" if "bytes" in result else ""
+        print(f"wrote {result['out']}{size}")
+    return 0

@@ -1,0 +1,144 @@
+"""Export a slice with one basis for the whole model as a plain directory or a GGUF file.
+
+A sliced checkpoint without shortcuts is a standard model of its own class with a smaller
+hidden size (architectures/plain.py). `plain` writes that as a Hugging Face directory that
+needs no remote code; `gguf` writes it (or any plain Llama/Mistral/Qwen2/Qwen3 directory,
+dense ones included) as one GGUF file for llama.cpp, optionally quantized by llama.cpp's
+own quantizer. A tied head has no place for its map in a plain class, so the export
+unties it and says what that costs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from slicegpt.architectures.families import FAMILIES
+from slicegpt.architectures.plain import to_plain_model
+from slicegpt.errors import SliceGPTError
+from slicegpt.io.checkpoint import CARD_FILE, REPORT_FILE, atomic_directory, write_sliced
+from slicegpt.io.gguf_export import write_gguf
+from slicegpt.io.llama_quantize import describe_misfits, quantize_gguf, width_misfits
+from slicegpt.io.models import EMBEDDED, cache_dir, load_model
+from slicegpt.sizing.counts import count_parameters
+
+SOURCE_FILE = "source.json"  # written by io/models.py when a model directory came from a GGUF file
+
+
+def plain_model(directory: str | Path, dtype: str = "float32"):
+    """(plain model, tokenizer, note): the checkpoint in `directory` as a model of its original class.
+
+    `note` says what untying a tied head cost, or is None when nothing was untied.
+    """
+    model, tokenizer = load_model(str(directory), dtype=dtype)
+    slicing = getattr(model.config, "slicing", None)
+    if slicing is None:
+        return model, tokenizer, None
+    family = FAMILIES[slicing["base_architecture"]].for_config(model.config)
+    before = count_parameters(model)
+    plain = to_plain_model(model, family)
+    after = count_parameters(plain)
+    note = None
+    if slicing.get("tied_head"):
+        note = (f"The tied head is untied: a plain {slicing['base_architecture']} has no place for the map after the "
+                f"final norm, so the head gets its own matrix (vocab {plain.config.vocab_size} x width "
+                f"{plain.config.hidden_size}): {before:,} -> {after:,} parameters (+{after - before:,}).")
+    return plain, tokenizer, note
+
+
+def source_gguf(directory: Path) -> Path | None:
+    """The GGUF file a model directory (or the base of a sliced one) was converted from, if any."""
+    candidates = [directory / SOURCE_FILE]
+    report = directory / REPORT_FILE
+    if report.is_file():
+        base = json.loads(report.read_text()).get("config", {}).get("model")
+        if base in EMBEDDED:
+            candidates.append(cache_dir() / base / SOURCE_FILE)
+        elif base and base.endswith(".gguf") and Path(base).is_file():
+            return Path(base)
+        elif base:
+            candidates.append(Path(base) / SOURCE_FILE)
+    for candidate in candidates:
+        if candidate.is_file():
+            path = Path(json.loads(candidate.read_text()).get("gguf", ""))
+            if path.is_file():
+                return path
+    return None
+
+
+def tokenizer_pre_from(directory: Path) -> str | None:
+    """llama.cpp's pre-tokenizer name recorded in the GGUF file the model came from."""
+    import gguf
+
+    path = source_gguf(directory)
+    if path is None:
+        return None
+    field = gguf.GGUFReader(path).fields.get("tokenizer.ggml.pre")
+    return field.contents() if field is not None else None
+
+
+def export_plain(directory: str | Path, out: str | Path, overwrite: bool = False) -> tuple[Path, str | None]:
+    """Write the sliced checkpoint as a plain Hugging Face directory (no remote code)."""
+    directory = Path(directory)
+    model, tokenizer, note = plain_model(directory)
+    if note is None and getattr(model.config, "slicing", None) is None and not (directory / REPORT_FILE).is_file():
+        raise SliceGPTError(f"{directory} is not a sliced checkpoint; it is a plain model already")
+    card = (directory / CARD_FILE).read_text() if (directory / CARD_FILE).is_file() else "# Sliced model\n"
+    card += ("\n## Plain export\n\nThis directory holds a plain "
+             f"`{type(model).__name__}` (hidden size {model.config.hidden_size}, no remote code), exported with "
+             "`slicegpt export --format plain`. RMSNorm scales and epsilon are set so that a standard norm over "
+             "the sliced width equals the sliced model's norm. " + (note or "") + "\n")
+    extras = {CARD_FILE: card}
+    if (directory / REPORT_FILE).is_file():
+        report = json.loads((directory / REPORT_FILE).read_text())
+        report["export"] = {"format": "plain", "untied_head": note is not None,
+                            "params": count_parameters(model), "note": note}
+        extras[REPORT_FILE] = json.dumps(report, indent=2) + "\n"
+
+    atomic_directory(Path(out), overwrite, lambda tmp: write_sliced(model, tokenizer, tmp, extras))
+    return Path(out), note
+
+
+def export_gguf(directory: str | Path, out: str | Path, out_type: str = "f16", quant: str | None = None,
+                quantizer: str | None = None, allow_fallback: bool = False, tokenizer_pre: str | None = None,
+                overwrite: bool = False, threads: int = 2, warn=print) -> dict:
+    """Write the checkpoint as a GGUF file (quantized with llama.cpp's quantizer when `quant` is given)."""
+    directory, out = Path(directory), Path(out)
+    if out.exists() and not overwrite:
+        raise SliceGPTError(f"{out} exists (use --overwrite to replace it)")
+    if out.suffix != ".gguf":
+        raise SliceGPTError(f"the GGUF output should end in .gguf, not {out.name}")
+    model, tokenizer, note = plain_model(directory)
+    if note:
+        warn(note)
+    misfits = []
+    if quant:
+        shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        misfits = width_misfits(shapes, quant)
+        if misfits and not allow_fallback:
+            raise SliceGPTError(describe_misfits(misfits, quant) + "; --allow-fallback exports anyway")
+        if misfits:
+            warn("warning: " + describe_misfits(misfits, quant))
+    pre = tokenizer_pre or tokenizer_pre_from(directory)
+    if pre is None:
+        pre = "default"
+        warn("warning: llama.cpp's pre-tokenizer name is unknown for this tokenizer; writing 'default' "
+             "(pass --tokenizer-pre NAME, e.g. the one convert_hf_to_gguf.py picks for the base model)")
+    name = directory.resolve().name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if quant is None:
+        write_gguf(model, tokenizer, out, out_type, name=name, tokenizer_pre=pre, description=note)
+    else:
+        unquantized = out.with_name(f".{out.stem}.{out_type}.gguf")
+        try:
+            write_gguf(model, tokenizer, unquantized, out_type, name=name, tokenizer_pre=pre, description=note)
+            partial = out.with_name(f".{out.name}.partial")
+            quantize_gguf(unquantized, partial, quant, quantizer, threads)
+            shutil.move(partial, out)
+        finally:
+            for leftover in (unquantized, out.with_name(f".{out.name}.partial")):
+                leftover.unlink(missing_ok=True)
+    return {"out": str(out), "bytes": out.stat().st_size, "type": quant or out_type.upper(),
+            "params": count_parameters(model), "hidden_size": model.config.hidden_size,
+            "tokenizer_pre": pre, "untied_head_note": note, "fallbacks": misfits}
