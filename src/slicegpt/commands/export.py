@@ -29,6 +29,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--tokenizer-pre", default=None, metavar="NAME",
                         help="llama.cpp's pre-tokenizer name (default: from the GGUF the model came from, "
                              "else 'default')")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="dtype the model is loaded and converted in (default float32; float16 halves the "
+                             "memory for large models)")
     parser.add_argument("--threads", type=int, default=2, help="quantizer threads (default 2)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -42,7 +45,7 @@ def run(args) -> int:
     if args.format == "plain":
         if args.quantize:
             raise SliceGPTError("--quantize needs --format gguf")
-        out, note = export_plain(args.model, args.out, overwrite=args.overwrite)
+        out, note = export_plain(args.model, args.out, overwrite=args.overwrite, dtype=args.dtype)
         result = {"out": str(out), "format": "plain", "untied_head_note": note}
         if note and not args.json:
             say(note)
@@ -50,7 +53,7 @@ def run(args) -> int:
         result = export_gguf(args.model, args.out, out_type=args.outtype, quant=args.quantize,
                              quantizer=args.quantizer, allow_fallback=args.allow_fallback,
                              tokenizer_pre=args.tokenizer_pre, overwrite=args.overwrite, threads=args.threads,
-                             warn=say)
+                             dtype=args.dtype, warn=say)
         result["format"] = "gguf"
     if args.json:
         print_json(result)

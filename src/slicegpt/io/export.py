@@ -78,10 +78,11 @@ def tokenizer_pre_from(directory: Path) -> str | None:
     return field.contents() if field is not None else None
 
 
-def export_plain(directory: str | Path, out: str | Path, overwrite: bool = False) -> tuple[Path, str | None]:
+def export_plain(directory: str | Path, out: str | Path, overwrite: bool = False,
+                 dtype: str = "float32") -> tuple[Path, str | None]:
     """Write the sliced checkpoint as a plain Hugging Face directory (no remote code)."""
     directory = Path(directory)
-    model, tokenizer, note = plain_model(directory)
+    model, tokenizer, note = plain_model(directory, dtype)
     if note is None and getattr(model.config, "slicing", None) is None and not (directory / REPORT_FILE).is_file():
         raise SliceGPTError(f"{directory} is not a sliced checkpoint; it is a plain model already")
     card = (directory / CARD_FILE).read_text() if (directory / CARD_FILE).is_file() else "# Sliced model\n"
@@ -102,14 +103,14 @@ def export_plain(directory: str | Path, out: str | Path, overwrite: bool = False
 
 def export_gguf(directory: str | Path, out: str | Path, out_type: str = "f16", quant: str | None = None,
                 quantizer: str | None = None, allow_fallback: bool = False, tokenizer_pre: str | None = None,
-                overwrite: bool = False, threads: int = 2, warn=print) -> dict:
+                overwrite: bool = False, threads: int = 2, dtype: str = "float32", warn=print) -> dict:
     """Write the checkpoint as a GGUF file (quantized with llama.cpp's quantizer when `quant` is given)."""
     directory, out = Path(directory), Path(out)
     if out.exists() and not overwrite:
         raise SliceGPTError(f"{out} exists (use --overwrite to replace it)")
     if out.suffix != ".gguf":
         raise SliceGPTError(f"the GGUF output should end in .gguf, not {out.name}")
-    model, tokenizer, note = plain_model(directory)
+    model, tokenizer, note = plain_model(directory, dtype)
     if note:
         warn(note)
     misfits = []

@@ -1,0 +1,190 @@
+"""SmolLM2-135M in llama.cpp: exported dense and sliced models at F32/F16/Q8_0/Q4_0/Q4_K_M.
+
+For the dense model and two slices with one basis (`--sparsity 0.25` and `--target-ratio
+0.85`, both `--round-to 32` so every width fits the 32-blocks of Q8_0/Q4_0), each exported
+with `slicegpt export --format gguf` (quantized by llama.cpp's own quantizer):
+- logits: llama.cpp's logits on the first 512 tokens of WikiText-2 test against
+  transformers' (F32 and F16 files), the tokenization compared, a greedy continuation;
+- perplexity in llama.cpp on the first 16 chunks of 2048 WikiText-2 test tokens (the
+  project's protocol), next to transformers' on the same tokens;
+- file size and batch-1 prefill/decode tokens/s with 2 threads, models in turns, medians.
+
+transformers runs here; llama.cpp runs in another Python that has llama-cpp-python
+(`--llama-python`), through bench/llama_cpp_measure.py, which needs no torch. Every step
+keeps its result in the scratch directory, so an interrupted run resumes.
+
+    python bench/llama_cpp_smollm2.py --llama-python /path/to/llama-venv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+CAL_DATA = DATA / "wikitext-2-v1.validation.jsonl"
+TEST_DATA = DATA / "wikitext-2-raw-v1.test.jsonl"
+SLICES = {"25%": ["--sparsity", "0.25"], "0.85x": ["--target-ratio", "0.85"]}
+TYPES = ["F32", "F16", "Q8_0", "Q4_0", "Q4_K_M"]
+PROMPT = "The capital of France is"
+
+
+def cli(*args: str) -> str:
+    return subprocess.run([sys.executable, "-m", "slicegpt.cli", *args], check=True, capture_output=True,
+                          text=True).stdout
+
+
+def cached(path: Path, compute):
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = compute()
+    path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def make_slice(name: str, scratch: Path) -> Path:
+    out = scratch / f"smollm2-135m-{name.replace('%', '').replace('.', '')}"
+    if not (out / "config.json").is_file():
+        print(f"slicing {name} ...", file=sys.stderr, flush=True)
+        cli("slice", "smollm2-135m", *SLICES[name], "--round-to", "32", "--cal-data", str(CAL_DATA),
+            "--cal-samples", "8", "--cal-seqlen", "2048", "--out", str(out), "--overwrite", "--threads", "2")
+    return out
+
+
+def export(source: Path, out: Path, kind: str, llama_python: str) -> dict:
+    args = ["export", str(source), "--format", "gguf", "--out", str(out), "--json", "--overwrite"]
+    if kind in ("F32", "F16"):
+        args += ["--outtype", kind.lower()]
+    else:
+        args += ["--quantize", kind, "--quantizer", llama_python, "--allow-fallback"]
+    result = json.loads(cli(*args))
+    result["fallbacks"] = len(result["fallbacks"])
+    return result
+
+
+def measure(job: dict, scratch: Path, llama_python: str, tag: str) -> dict:
+    job_file, result_file = scratch / f"job-{tag}.json", scratch / f"result-{tag}.json"
+    job_file.write_text(json.dumps(job))
+    subprocess.run([llama_python, str(ROOT / "bench" / "llama_cpp_measure.py"), str(job_file), str(result_file)],
+                   check=True)
+    return json.loads(result_file.read_text())
+
+
+def references(sources: dict[str, Path], scratch: Path, excerpt: int, chunks: int) -> dict:
+    """Token ids, transformers' logits on the excerpt and perplexity on the chunks, per model."""
+    import numpy as np
+    import torch
+
+    from slicegpt.evaluation.perplexity import perplexity
+    from slicegpt.io.data import load_texts, tokenize_joined
+    from slicegpt.io.models import load_model
+
+    torch.set_num_threads(2)
+    texts = load_texts(str(TEST_DATA), split="test")
+    out = {}
+    for name, source in sources.items():
+        def compute():
+            model, tokenizer = load_model(str(source))
+            stream = tokenize_joined(tokenizer, texts)
+            ids_file = scratch / "wikitext_test_ids.json"
+            ids_file.write_text(json.dumps(stream[: chunks * 2048].tolist()))
+            ids = stream[:excerpt]
+            (scratch / "excerpt_ids.json").write_text(json.dumps(ids.tolist()))
+            (scratch / "excerpt.txt").write_text(tokenizer.decode(ids))
+            with torch.no_grad():
+                logits = model(ids[None]).logits[0].float().numpy()
+            np.save(scratch / f"logits-{name}.npy", logits)
+            ppl = perplexity(model, tokenizer, texts, seqlen=2048, chunks=chunks, progress=False)
+            return {"ppl_transformers": ppl["ppl"], "logits": str(scratch / f"logits-{name}.npy")}
+        out[name] = cached(scratch / f"reference-{name.replace('%', '')}.json", compute)
+    return out
+
+
+def main() -> None:
+    from slicegpt.io.models import resolve
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--llama-python", required=True, help="a Python with llama-cpp-python")
+    parser.add_argument("--scratch", type=Path, default=Path("/work/scratch/llama_cpp"))
+    parser.add_argument("--slice-dirs", default=None, help="NAME=DIR,... existing slices instead of slicing")
+    parser.add_argument("--chunks", type=int, default=16)
+    parser.add_argument("--excerpt", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", default="logits,ppl,speed")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "llama_cpp.json")
+    args = parser.parse_args()
+    args.scratch.mkdir(parents=True, exist_ok=True)
+    steps = args.steps.split(",")
+
+    given = dict(item.split("=", 1) for item in args.slice_dirs.split(",")) if args.slice_dirs else {}
+    sources = {"dense": Path(resolve("smollm2-135m"))}
+    for name in SLICES:
+        sources[name] = Path(given[name]) if name in given else make_slice(name, args.scratch)
+    files = {}
+    for name, source in sources.items():
+        for kind in TYPES:
+            path = args.scratch / f"smollm2-135m-{name.replace('%', '')}-{kind}.gguf"
+            files[name, kind] = cached(path.with_suffix(".export.json"),
+                                       lambda: export(source, path, kind, args.llama_python))
+    refs = references(sources, args.scratch, args.excerpt, args.chunks)
+    text = (args.scratch / "excerpt.txt").read_text()
+    data = {"command": "python bench/llama_cpp_smollm2.py " + " ".join(sys.argv[1:]), "rows": [], "logits": [],
+            "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]}
+    for (name, kind), exported in files.items():
+        tag = f"{name.replace('%', '')}-{kind}"
+        row = {"model": name, "type": kind, "bytes": exported["bytes"], "params": exported["params"],
+               "hidden_size": exported["hidden_size"], "fallback_matrices": exported["fallbacks"],
+               "ppl_transformers_f32": refs[name]["ppl_transformers"]}
+        if "logits" in steps and kind in ("F32", "F16"):
+            job = {"kind": "logits", "model": exported["out"], "ids": str(args.scratch / "excerpt_ids.json"),
+                   "reference_logits": refs[name]["logits"], "text": text, "prompt": PROMPT, "new_tokens": 24,
+                   "threads": 2}
+            result = cached(args.scratch / f"logits-{tag}.json", lambda: measure(job, args.scratch,
+                                                                                 args.llama_python, f"logits-{tag}"))
+            data["logits"].append({"model": name, "type": kind, **result})
+        if "ppl" in steps:
+            job = {"kind": "ppl", "model": exported["out"], "ids": str(args.scratch / "wikitext_test_ids.json"),
+                   "seqlen": 2048, "chunks": args.chunks, "threads": 2}
+            result = cached(args.scratch / f"ppl-{tag}.json", lambda: measure(job, args.scratch,
+                                                                              args.llama_python, f"ppl-{tag}"))
+            row["ppl_llama_cpp"] = result["ppl"]
+        data["rows"].append(row)
+    if "speed" in steps:
+        models = {f"{name} {kind}": files[name, kind]["out"] for name in sources for kind in TYPES if kind != "F32"}
+        job = {"kind": "speed", "models": models, "ids": str(args.scratch / "wikitext_test_ids.json"),
+               "prompt_len": 128, "new_tokens": 64, "repeats": args.repeats, "threads": 2}
+        speed = measure(job, args.scratch, args.llama_python, "speed")
+        data["speed"] = speed
+        for row in data["rows"]:
+            key = f"{row['model']} {row['type']}"
+            if key in speed["median"]:
+                row.update({f"{k}_tokens_per_s": v for k, v in speed["median"][key].items()})
+                row["decode_vs_dense_f16"] = speed["paired_ratio_vs_dense F16"][key]["decode"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=2) + "\n")
+    print_tables(data)
+    print(f"wrote {args.out}")
+
+
+def print_tables(data: dict) -> None:
+    print(f"{'model':>6} {'type':>7} {'bytes':>12} {'ppl llama.cpp':>13} {'ppl HF f32':>10} "
+          f"{'prefill t/s':>11} {'decode t/s':>10} {'decode x':>8} {'fallbacks':>9}")
+    for r in data["rows"]:
+        print(f"{r['model']:>6} {r['type']:>7} {r['bytes']:>12,} {r.get('ppl_llama_cpp', float('nan')):>13.3f} "
+              f"{r['ppl_transformers_f32']:>10.3f} {r.get('prefill_tokens_per_s', float('nan')):>11.1f} "
+              f"{r.get('decode_tokens_per_s', float('nan')):>10.1f} {r.get('decode_vs_dense_f16', float('nan')):>7.3f}x "
+              f"{r['fallback_matrices']:>9}")
+    for r in data["logits"]:
+        print(f"logits {r['model']} {r['type']}: max |diff| {r['max_abs_diff']:.2e} (max |logit| "
+              f"{r['max_abs_reference']:.1f}), top-1 agreement {r['top1_agreement']:.4f}, NLL {r['nll_llama_cpp']:.4f} "
+              f"vs {r['nll_transformers']:.4f}, tokenization matches: {r['tokenization_matches']}; "
+              f"greedy: {r['generated_text']!r}")
+
+
+if __name__ == "__main__":
+    main()
