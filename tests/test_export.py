@@ -201,3 +201,18 @@ def test_plain_model_from_a_loaded_checkpoint_keeps_the_function(tmp_path):
     ids = torch.randint(0, 96, (1, 9))
     family_for(plain)  # a registered, checkable family again
     assert (plain(ids).logits - model(ids).logits).abs().max() < 1e-4
+
+
+def test_dense_tied_model_keeps_one_table(tmp_path):
+    """A plain dense model with a tied head: llama.cpp reuses token_embd, so no output tensor is written."""
+    model = make_tiny_model("LlamaForCausalLM", tied=True)
+    model.save_pretrained(tmp_path / "dense")
+    tiny_bpe_tokenizer().save_pretrained(tmp_path / "dense")
+    out = tmp_path / "dense.gguf"
+    args = ["export", str(tmp_path / "dense"), "--format", "gguf", "--out", str(out), "--tokenizer-pre", "smollm"]
+    assert main(args) == 0
+    fields, tensors = read_gguf(out)
+    assert "output.weight" not in tensors and list(tensors["token_embd.weight"].shape) == [64, 96]
+    assert fields["llama.embedding_length"] == 64 and fields["tokenizer.ggml.pre"] == "smollm"
+    assert "general.description" not in fields
+    assert main(args) == 2  # an existing file needs --overwrite
