@@ -3,9 +3,10 @@
 A random Llama with TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 KV heads,
 intermediate 5632, untied head; the vocabulary is SmolLM2's 49152 so the export carries a
 real tokenizer) in float16. Speed does not depend on the weights' values, so the slices
-calibrate cheaply (4 x 128 tokens of WikiText-2, streaming, float16): `--sparsity 0.25`
-and `--target-ratio 0.85`, both `--rotations model --round-to 256` so every width fits
-the K-quants' 256-blocks. Every model is exported with `slicegpt export --format gguf`
+calibrates cheaply (4 x 128 tokens of WikiText-2, streaming, float16): `--sparsity 0.25
+--rotations model --round-to 256`, so every width fits the K-quants' 256-blocks (1536
+wide; `--target-ratio 0.85` rounds down to the same 1536 at this block, so it is left out
+by default). Every model is exported with `slicegpt export --format gguf`
 (F16, Q8_0, Q4_K_M by llama.cpp's quantizer) and timed in llama.cpp with 2 threads at
 batch 1, models in turns within each repeat, medians (bench/llama_cpp_measure.py).
 
@@ -65,14 +66,26 @@ def make_slice(dense: Path, name: str, scratch: Path) -> Path:
 
 
 def export(source: Path, out: Path, kind: str, llama_python: str) -> dict:
-    if out.with_suffix(".export.json").is_file():
-        return json.loads(out.with_suffix(".export.json").read_text())
-    args = ["export", str(source), "--format", "gguf", "--out", str(out), "--json", "--overwrite",
-            "--dtype", "float16"]
-    if kind != "F16":
-        args += ["--quantize", kind, "--quantizer", llama_python]
-    result = json.loads(cli(*args))
-    out.with_suffix(".export.json").write_text(json.dumps(result))
+    """F16 through `slicegpt export`; quantized types from that F16 file through the quantizer that
+    `slicegpt export --quantize` calls (the same function, without loading the model again)."""
+    record = out.with_suffix(".export.json")
+    if record.is_file():
+        return json.loads(record.read_text())
+    if kind == "F16":
+        result = json.loads(cli("export", str(source), "--format", "gguf", "--out", str(out), "--json",
+                                "--overwrite", "--dtype", "float16"))
+    else:
+        import gguf
+
+        from slicegpt.io.llama_quantize import quantize_gguf, width_misfits
+
+        f16 = out.with_name(out.name.replace(kind, "F16"))
+        base = json.loads(f16.with_suffix(".export.json").read_text())
+        shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in gguf.GGUFReader(f16).tensors}
+        quantize_gguf(f16, out, kind, llama_python, threads=2)
+        result = {**base, "out": str(out), "bytes": out.stat().st_size, "type": kind,
+                  "fallbacks": width_misfits(shapes, kind)}
+    record.write_text(json.dumps(result))
     return result
 
 
@@ -80,10 +93,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llama-python", required=True, help="a Python with llama-cpp-python")
     parser.add_argument("--scratch", type=Path, default=Path("/work/scratch/llama_cpp_1b"))
-    parser.add_argument("--slices", default="25%,0.85x")
+    parser.add_argument("--slices", default="25%")
     parser.add_argument("--types", default=",".join(TYPES))
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--timed", default=None,
+                        help="time only these models, e.g. 'dense F16,25%% F16' (all loaded at once must fit memory)")
     parser.add_argument("--prepare-only", action="store_true",
                         help="make, slice and export the models, time nothing (run this part under nice)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "llama_cpp_1b.json")
@@ -98,11 +114,13 @@ def main() -> None:
     if args.prepare_only:
         return
     ids = args.scratch / "prompt_ids.json"
-    ids.write_text(json.dumps(list(range(1000, 1128))))  # speed does not depend on which tokens
+    ids.write_text(json.dumps(list(range(1000, 1000 + args.prompt_len))))  # speed does not depend on the tokens
+    timed = args.timed.split(",") if args.timed else [f"{n} {k}" for n, k in files]
+    files = {(n, k): f for (n, k), f in files.items() if f"{n} {k}" in timed}
     job = {"kind": "speed", "models": {f"{n} {k}": f["out"] for (n, k), f in files.items()}, "ids": str(ids),
-           "prompt_len": 128, "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": 2}
+           "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": 2}
     (args.scratch / "job-speed.json").write_text(json.dumps(job))
-    result_file = args.scratch / "result-speed.json"
+    result_file = args.scratch / f"result-speed-{args.out.stem}.json"
     subprocess.run([args.llama_python, str(ROOT / "bench" / "llama_cpp_measure.py"),
                     str(args.scratch / "job-speed.json"), str(result_file)], check=True)
     speed = json.loads(result_file.read_text())

@@ -8,6 +8,11 @@ Reads a job (JSON) and writes its figures (JSON). Jobs:
 - speed: prefill and decode tokens/s at batch 1, the models measured in turns within each
   repeat, medians; the load average is recorded (the machine is shared).
 
+llama.cpp's extra CPU buffer types (AMX and weight repacking) are switched off unless
+SLICEGPT_LLAMA_EXTRA_BUFFERS=1: with a `-march=native` build on this VM, the AMX kernels
+used for quantized types die with SIGILL (the CPU reports AMX). Every model runs the same
+way, so ratios compare like with like.
+
     /path/to/llama-venv/bin/python bench/llama_cpp_measure.py JOB.json RESULT.json
 """
 
@@ -21,6 +26,19 @@ import time
 
 import numpy as np
 import llama_cpp
+
+
+def _without_extra_buffers():
+    """Model parameters with llama.cpp's extra CPU buffer types (AMX, weight repacking) off: on this
+    machine's VM the AMX kernels that quantized types use stop the process with SIGILL."""
+    params = _default_model_params()
+    params.use_extra_bufts = False
+    return params
+
+
+_default_model_params = llama_cpp.llama_model_default_params
+if os.environ.get("SLICEGPT_LLAMA_EXTRA_BUFFERS") != "1":
+    llama_cpp.llama.llama_cpp.llama_model_default_params = _without_extra_buffers
 
 
 def load(path: str, n_ctx: int, threads: int, logits_all: bool = False) -> llama_cpp.Llama:

@@ -58,14 +58,24 @@ def make_slice(name: str, scratch: Path) -> Path:
 
 
 def export(source: Path, out: Path, kind: str, llama_python: str) -> dict:
-    args = ["export", str(source), "--format", "gguf", "--out", str(out), "--json", "--overwrite"]
+    """F32/F16 through `slicegpt export`; quantized types from the F16 file through the quantizer that
+    `slicegpt export --quantize` calls (the same function, without loading the model again)."""
     if kind in ("F32", "F16"):
-        args += ["--outtype", kind.lower()]
-    else:
-        args += ["--quantize", kind, "--quantizer", llama_python, "--allow-fallback"]
-    result = json.loads(cli(*args))
-    result["fallbacks"] = len(result["fallbacks"])
-    return result
+        args = ["export", str(source), "--format", "gguf", "--out", str(out), "--json", "--overwrite",
+                "--outtype", kind.lower()]
+        result = json.loads(cli(*args))
+        result["fallbacks"] = len(result["fallbacks"])
+        return result
+    import gguf
+
+    from slicegpt.io.llama_quantize import quantize_gguf, width_misfits
+
+    f16 = out.with_name(out.name.replace(kind, "F16"))
+    base = json.loads(f16.with_suffix(".export.json").read_text())
+    shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in gguf.GGUFReader(f16).tensors}
+    quantize_gguf(f16, out, kind, llama_python, threads=2)
+    return {**base, "out": str(out), "bytes": out.stat().st_size, "type": kind,
+            "fallbacks": len(width_misfits(shapes, kind))}
 
 
 def measure(job: dict, scratch: Path, llama_python: str, tag: str) -> dict:
@@ -101,7 +111,7 @@ def references(sources: dict[str, Path], scratch: Path, excerpt: int, chunks: in
                 logits = model(ids[None]).logits[0].float().numpy()
             np.save(scratch / f"logits-{name}.npy", logits)
             ppl = perplexity(model, tokenizer, texts, seqlen=2048, chunks=chunks, progress=False)
-            return {"ppl_transformers": ppl["ppl"], "logits": str(scratch / f"logits-{name}.npy")}
+            return {"ppl_transformers": ppl["ppl"], "chunks": ppl["chunks"], "logits": str(scratch / f"logits-{name}.npy")}
         out[name] = cached(scratch / f"reference-{name.replace('%', '')}.json", compute)
     return out
 
@@ -142,7 +152,8 @@ def main() -> None:
         tag = f"{name.replace('%', '')}-{kind}"
         row = {"model": name, "type": kind, "bytes": exported["bytes"], "params": exported["params"],
                "hidden_size": exported["hidden_size"], "fallback_matrices": exported["fallbacks"],
-               "ppl_transformers_f32": refs[name]["ppl_transformers"]}
+               "ppl_transformers_f32": refs[name]["ppl_transformers"],
+               "ppl_transformers_chunks": refs[name]["chunks"]}
         if "logits" in steps and kind in ("F32", "F16"):
             job = {"kind": "logits", "model": exported["out"], "ids": str(args.scratch / "excerpt_ids.json"),
                    "reference_logits": refs[name]["logits"], "text": text, "prompt": PROMPT, "new_tokens": 24,
@@ -156,6 +167,7 @@ def main() -> None:
             result = cached(args.scratch / f"ppl-{tag}.json", lambda: measure(job, args.scratch,
                                                                               args.llama_python, f"ppl-{tag}"))
             row["ppl_llama_cpp"] = result["ppl"]
+            row["ppl_llama_cpp_chunks"] = result["chunks"]
         data["rows"].append(row)
     if "speed" in steps:
         models = {f"{name} {kind}": files[name, kind]["out"] for name in sources for kind in TYPES if kind != "F32"}
