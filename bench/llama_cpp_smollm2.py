@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--slice-dirs", default=None, help="NAME=DIR,... existing slices instead of slicing")
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--excerpt", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", default="logits,ppl,speed")
     parser.add_argument("--models", default="dense,25%,0.85x")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "llama_cpp.json")
@@ -154,26 +154,29 @@ def main() -> None:
                "hidden_size": exported["hidden_size"], "fallback_matrices": exported["fallbacks"],
                "ppl_transformers_f32": refs[name]["ppl_transformers"],
                "ppl_transformers_chunks": refs[name]["chunks"]}
-        if "logits" in steps and kind in ("F32", "F16"):
+        logits_file = args.scratch / f"logits-{tag}.json"
+        if ("logits" in steps or logits_file.is_file()) and kind in ("F32", "F16"):
             job = {"kind": "logits", "model": exported["out"], "ids": str(args.scratch / "excerpt_ids.json"),
                    "reference_logits": refs[name]["logits"], "text": text, "prompt": PROMPT, "new_tokens": 24,
                    "threads": 2}
-            result = cached(args.scratch / f"logits-{tag}.json", lambda: measure(job, args.scratch,
+            result = cached(logits_file, lambda: measure(job, args.scratch,
                                                                                  args.llama_python, f"logits-{tag}"))
             data["logits"].append({"model": name, "type": kind, **result})
-        if "ppl" in steps and kind != "F32":  # F32 is checked by its logits
+        ppl_file = args.scratch / f"ppl-{tag}.json"
+        if ("ppl" in steps or ppl_file.is_file()) and kind != "F32":  # F32 is checked by its logits
             job = {"kind": "ppl", "model": exported["out"], "ids": str(args.scratch / "wikitext_test_ids.json"),
                    "seqlen": 2048, "chunks": args.chunks, "threads": 2}
-            result = cached(args.scratch / f"ppl-{tag}.json", lambda: measure(job, args.scratch,
+            result = cached(ppl_file, lambda: measure(job, args.scratch,
                                                                               args.llama_python, f"ppl-{tag}"))
             row["ppl_llama_cpp"] = result["ppl"]
             row["ppl_llama_cpp_chunks"] = result["chunks"]
         data["rows"].append(row)
     if "speed" in steps:
         models = {f"{name} {kind}": files[name, kind]["out"] for name in sources for kind in TYPES if kind != "F32"}
+        models = {"dense F16": models.pop("dense F16"), **models}  # ratios against dense F16
         job = {"kind": "speed", "models": models, "ids": str(args.scratch / "wikitext_test_ids.json"),
                "prompt_len": 128, "new_tokens": 64, "repeats": args.repeats, "threads": 2}
-        speed = measure(job, args.scratch, args.llama_python, "speed")
+        speed = cached(args.scratch / "speed.json", lambda: measure(job, args.scratch, args.llama_python, "speed"))
         data["speed"] = speed
         for row in data["rows"]:
             key = f"{row['model']} {row['type']}"
