@@ -10,13 +10,14 @@ from pathlib import Path
 
 from slicegpt.running import distributed
 from slicegpt.running.in_memory import calibration_data, slice_model
-from slicegpt.io.checkpoint import CARD_FILE, REPORT_FILE, check_output_dir, load_sliced, save_sliced
+from slicegpt.io.checkpoint import CARD_FILE, REPORT_FILE, check_output_dir, save_sliced
+from slicegpt.io.export import plain_model
 from slicegpt.io.model_card import model_card
 from slicegpt.io.permissions import ordinary_permissions
 from slicegpt.config import SliceConfig
 from slicegpt.io.data import load_texts
 from slicegpt.errors import SliceGPTError
-from slicegpt.architectures.families import family_for, family_of_sliced
+from slicegpt.architectures.families import family_for
 from slicegpt.io.models import DTYPES, base_model_id, is_sliced_dir, load_model, resolve
 from slicegpt.evaluation.perplexity import perplexity
 from slicegpt.sizing.layout import SHARED_FROM, resolve_layout
@@ -273,7 +274,7 @@ def run_streaming(args, config: SliceConfig, out: Path, ctx: distributed.DistCon
         evaluate_written(args, out, source, report, ppl_texts, tasks)
     if args.plain:
         with timed(timings, "plain"):
-            plain_in_place(out, report, DTYPES[args.dtype])
+            plain_in_place(out, report, args.dtype)
     rewrite_report(out, report, spectra)
     print_summary(args.model, out, report)
     return 0
@@ -308,16 +309,14 @@ def evaluate_written(args, out: Path, source: str, report: dict, ppl_texts: list
     measure("sliced", str(out))
 
 
-def plain_in_place(out: Path, report: dict, dtype) -> None:
+def plain_in_place(out: Path, report: dict, dtype: str) -> None:
     """--plain after a streamed run: the written output becomes a plain model of its own class."""
-    from transformers import AutoTokenizer
-
-    model = load_sliced(out, dtype=dtype)
-    family = family_of_sliced(model)
-    plain = to_plain_model(model, family)
-    del model
+    plain, tokenizer, note = plain_model(out, dtype=dtype)
+    if note:
+        say(note)
+    family = family_for(plain)
     report["params"].update({"sliced": count_parameters(plain), "shortcuts": 0, "head": head_parameters(plain, family)})
-    save_sliced(plain, AutoTokenizer.from_pretrained(out), out, overwrite=True,
+    save_sliced(plain, tokenizer, out, overwrite=True,
                 extra_files={name: (out / name).read_bytes() for name in ("spectra.json",) if (out / name).exists()})
 
 

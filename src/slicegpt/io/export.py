@@ -14,7 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
-from slicegpt.architectures.families import FAMILIES
+from slicegpt.architectures.families import family_of_sliced
 from slicegpt.architectures.plain import to_plain_model
 from slicegpt.errors import SliceGPTError
 from slicegpt.io.checkpoint import CARD_FILE, REPORT_FILE, atomic_directory, write_sliced
@@ -35,7 +35,7 @@ def plain_model(directory: str | Path, dtype: str = "float32"):
     slicing = getattr(model.config, "slicing", None)
     if slicing is None:
         return model, tokenizer, None
-    family = FAMILIES[slicing["base_architecture"]].for_config(model.config)
+    family = family_of_sliced(model)
     before = count_parameters(model)
     plain = to_plain_model(model, family)
     after = count_parameters(plain)
