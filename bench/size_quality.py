@@ -1,4 +1,4 @@
-"""Real parameters against perplexity for every slicing variant (issue: smaller than dense).
+"""Real parameters against perplexity for every slicing variant (the "smaller than dense" goal).
 
 Protocol P by default: smollm2-135m, 2 threads, seed 42, calibration 64 x 2048 tokens of
 WikiText-2 (v1) validation, perplexity on the first 16 chunks of WikiText-2 raw test.
