@@ -1,145 +1,279 @@
-"""Zero-shot accuracy of SmolLM2-135M: dense against 25% sliced, then after recovery fine-tuning.
+"""Zero-shot accuracy of SmolLM2-135M, dense and sliced, with and without recovery fine-tuning.
 
-Protocol: smollm2-135m, 2 threads, seed 42, calibration 64 x 2048 tokens of WikiText-2 (v1)
-validation; piqa, arc_easy, arc_challenge, hellaswag, winogrande and lambada_openai through
-lm-evaluation-harness (0-shot, the first 200 examples of each, local copies of the data).
-Recovery fine-tuning (RFT): LoRA rank 32, alpha 10, dropout 0.05 on the attention and MLP
-linears, 60 steps of 1 x 512 tokens of the same WikiText-2 (v1) validation text (the only
-local training-style text; the paper used Alpaca and far more steps), peak learning rate
-5e-4 (above the library's 2e-4 default, as the run is short). Short, because on 2 CPU cores
-each step takes seconds and each evaluation of the six tasks tens of minutes.
+Resumable: every finished (model, task) is appended at once as one JSON line to
+bench/results/zeroshot.jsonl; a rerun skips the rows already there (same model, task,
+limit and settings) and measures only what is missing. Each model is built once and kept
+in out/zeroshot-models/NAME, so a rerun does not slice again either.
 
-    python bench/zeroshot.py                                            # the protocol
-    python bench/zeroshot.py --limit 5 --cal-samples 8 --rft-steps 4    # a smoke run
+Models, in order (calibration: 64 x 2048 tokens of WikiText-2 (v1) validation, seed 42):
+    dense             SmolLM2-135M as shipped
+    default-25        --sparsity 0.25 (the default layout: one basis, normalized PCA)
+    paper-25          --sparsity 0.25 --rotations block --pca raw (the paper's method, no refit)
+    default-25+rft    default-25, then recovery fine-tuning (LoRA, merged back)
+    dense+rft         the dense model after the same fine-tuning
+    default-20, default-30
+Tasks: piqa, arc_easy, arc_challenge, hellaswag, winogrande, lambada_openai through
+lm-evaluation-harness 0.4.13 (0-shot, the local copies of the data, the first --limit
+examples of each).
 
-Prints per-task metrics, the paper's average (acc_norm; acc for WinoGrande and LAMBADA) and
-the sliced/dense ratio; writes bench/results/zeroshot.json (zeroshot_quick.json when any
-setting differs from the protocol), updated after every stage.
+    python bench/zeroshot.py                       # the protocol (--limit 500)
+    python bench/zeroshot.py --models dense,default-25 --limit 50
+    python bench/zeroshot.py --summary             # the table from the rows so far, no model work
+
+Prints per model the paper's metric per task (acc_norm; acc for WinoGrande and LAMBADA),
+the average, the average above chance and the retention (sliced accuracy above chance over
+dense accuracy above chance); writes bench/results/zeroshot_summary.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
-CAL_DATA = DATA / "wikitext-2-v1.validation.jsonl"
-TASKS = "piqa,arc_easy,arc_challenge,hellaswag,winogrande,lambada_openai"
-PROTOCOL = {"sparsity": 0.25, "limit": 200, "cal_samples": 64, "cal_seqlen": 2048, "threads": 2,
-            "rft_steps": 60, "rft_seqlen": 512, "rft_batch_size": 1, "rft_lr": 5e-4}
+CAL_DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "wikitext-2-v1.validation.jsonl"
+ROWS = ROOT / "bench" / "results" / "zeroshot.jsonl"
+SUMMARY = ROOT / "bench" / "results" / "zeroshot_summary.json"
+MODEL_CACHE = ROOT / "out" / "zeroshot-models"
+TASKS = ["piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "lambada_openai"]
+# Accuracy of guessing: two choices for PIQA and WinoGrande, four for ARC and HellaSwag;
+# LAMBADA asks for the exact last word, so guessing scores nothing.
+CHANCE = {"piqa": 0.5, "winogrande": 0.5, "arc_easy": 0.25, "arc_challenge": 0.25, "hellaswag": 0.25,
+          "lambada_openai": 0.0}
+CALIBRATION = {"cal_samples": 64, "cal_seqlen": 2048, "seed": 42}
+RFT = {"steps": 200, "seqlen": 512, "batch_size": 4, "lr": 5e-4, "lora_r": 32, "lora_alpha": 10.0, "seed": 42}
+MODELS = {
+    "dense": {},
+    "default-25": {"slice": {"sparsity": 0.25}},
+    "paper-25": {"slice": {"sparsity": 0.25, "rotations": "block", "pca": "raw"}},
+    "default-25+rft": {"slice": {"sparsity": 0.25}, "rft": RFT},
+    "dense+rft": {"rft": RFT},
+    "default-20": {"slice": {"sparsity": 0.20}},
+    "default-30": {"slice": {"sparsity": 0.30}},
+}
+
+
+def row_key(row: dict) -> tuple:
+    return row["model"], row["task"], row["limit"], json.dumps(row["spec"], sort_keys=True)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Every complete row; a line cut short by a kill is ignored (the rerun measures it again)."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def append_row(path: Path, row: dict) -> None:
+    """One line, flushed to disk before the next task starts; a line cut short by a kill is ended
+    first, so it cannot swallow this row."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cut_short = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    with open(path, "a") as handle:
+        if cut_short:
+            handle.write("\n")
+        handle.write(json.dumps(row, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def run(models: list[str], tasks: list[str], limit: int | None, path: Path, build, evaluate, meta: dict,
+        specs: dict = MODELS) -> list[dict]:
+    """Measure every (model, task) not yet in `path`; build(name) -> (model, tokenizer, params) is
+    called only for a model with something left to measure; evaluate(model, tokenizer, task) -> metrics."""
+    done = {row_key(row) for row in read_rows(path)}
+    new = []
+    for name in models:
+        spec = specs[name]
+        todo = [t for t in tasks if (name, t, limit, json.dumps(spec, sort_keys=True)) not in done]
+        if not todo:
+            print(f"{name}: all {len(tasks)} tasks already measured", file=sys.stderr)
+            continue
+        model, tokenizer, params = build(name)
+        for task in todo:
+            start = time.perf_counter()
+            metrics = evaluate(model, tokenizer, task)
+            row = {"model": name, "task": task, "limit": limit, "spec": spec, "params": params, "metrics": metrics,
+                   "seconds": round(time.perf_counter() - start, 1), **meta,
+                   "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            append_row(path, row)
+            new.append(row)
+            print(f"{name} {task}: {metrics.get(paper_metric(task))}", file=sys.stderr)
+        del model
+    return new
+
+
+def paper_metric(task: str) -> str:
+    return "acc" if task in ("winogrande", "lambada_openai") else "acc_norm"
+
+
+def summarize(rows: list[dict], tasks: list[str], limit: int | None) -> dict:
+    """Per model (in MODELS order, then any other): paper metric and stderr per task, and for models
+    with every task measured the average, the average above chance and the retention against dense."""
+    latest: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        if row["limit"] == limit and row["task"] in tasks:
+            latest.setdefault(row["model"], {})[row["task"]] = row
+    order = [m for m in MODELS if m in latest] + [m for m in latest if m not in MODELS]
+    summary = {}
+    for name in order:
+        per_task = {}
+        for task, row in latest[name].items():
+            metric = paper_metric(task)
+            per_task[task] = {"metric": metric, "value": row["metrics"][metric],
+                              "stderr": row["metrics"].get(f"{metric}_stderr"),
+                              "samples": row["metrics"].get("samples")}
+        entry = {"params": next(iter(latest[name].values()))["params"],
+                 "tasks": {t: per_task[t] for t in tasks if t in per_task},
+                 "complete": all(t in per_task for t in tasks)}
+        if entry["complete"]:
+            entry["average"] = sum(per_task[t]["value"] for t in tasks) / len(tasks)
+            entry["above_chance"] = sum(per_task[t]["value"] - CHANCE[t] for t in tasks) / len(tasks)
+        summary[name] = entry
+    dense = summary.get("dense", {}).get("above_chance")
+    for name, entry in summary.items():
+        if dense and "above_chance" in entry:
+            entry["retention"] = entry["above_chance"] / dense
+    return summary
+
+
+def format_summary(summary: dict, tasks: list[str]) -> str:
+    header = f"{'model':<16}{'params':>8}" + "".join(f"{t[:10]:>12}" for t in tasks) + \
+        f"{'average':>9}{'>chance':>9}{'retain':>8}"
+    lines = [header, "-" * len(header)]
+    for name, entry in summary.items():
+        cells = []
+        for task in tasks:
+            cell = entry["tasks"].get(task)
+            cells.append(f"{100 * cell['value']:>6.1f}±{100 * (cell['stderr'] or 0):<4.1f}" if cell else f"{'-':>11}")
+        tail = "".join(f"{100 * entry[k]:>{w}.1f}" if k in entry else f"{'-':>{w}}"
+                       for k, w in (("average", 9), ("above_chance", 9), ("retention", 8)))
+        lines.append(f"{name:<16}{entry['params'] / 1e6:>7.1f}M" + "".join(f" {c}" for c in cells) + tail)
+    return "\n".join(lines)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def build_model(name: str, load_dense, cal_texts: list, specs: dict = MODELS, cache: Path = MODEL_CACHE,
+                load_cached=None, progress: bool = False):
+    """(model, tokenizer, real parameters) for `name`, from `cache/name` when built before;
+    `cal_texts` are texts or ready batches (calibration, and the fine-tuning text)."""
+    from slicegpt import SliceConfig, load_model, save_sliced, slice_model
+    from slicegpt.running.finetune import FinetuneConfig, finetune
+    from slicegpt.sizing.counts import count_parameters
+
+    spec = specs[name]
+    directory = cache / name
+    if not spec:
+        model, tokenizer = load_dense()
+    elif (directory / "config.json").exists():
+        model, tokenizer = (load_cached or (lambda d: load_model(str(d))))(directory)
+    else:
+        model, tokenizer = load_dense()
+        if "slice" in spec:
+            config = SliceConfig(**spec["slice"], cal_data=str(CAL_DATA), **CALIBRATION)
+            slice_model(model, tokenizer, config, cal_texts, progress=progress)
+        if "rft" in spec:
+            model, _ = finetune(model, tokenizer, cal_texts, FinetuneConfig(**spec["rft"], data=str(CAL_DATA)),
+                                progress=progress)
+        if getattr(model.config, "slicing", None) is not None:
+            save_sliced(model, tokenizer, directory, overwrite=True)
+        else:
+            model.save_pretrained(directory)  # safetensors
+            tokenizer.save_pretrained(directory)
+    model.eval()
+    return model, tokenizer, count_parameters(model)
+
+
+def probe_batch_sizes(sizes: list[int], task: str, limit: int, threads: int) -> dict:
+    """Seconds to evaluate dense on `task` at each lm-eval batch size (same examples each time)."""
+    from slicegpt import load_model
+    from slicegpt.evaluation.zeroshot import evaluate_zeroshot
+
+    model, tokenizer = load_model("smollm2-135m")
+    timings = {}
+    for size in sizes:
+        start = time.perf_counter()
+        scores = evaluate_zeroshot(model, tokenizer, [task], limit=limit, batch_size=size)
+        timings[str(size)] = {"seconds": round(time.perf_counter() - start, 1),
+                              "acc": scores["tasks"][task].get("acc")}
+        print(f"batch {size}: {timings[str(size)]['seconds']} s", file=sys.stderr)
+    return {"task": task, "limit": limit, "threads": threads, "batch_sizes": timings}
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name, value in PROTOCOL.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value,
-                            help=f"default {value}")
-    parser.add_argument("--batch-size", type=int, default=16, help="lm-eval batch size (default 16)")
-    parser.add_argument("--skip-rft", action="store_true", help="stop after dense and sliced")
-    parser.add_argument("--out", default=None, help="JSON path (default bench/results/zeroshot[_quick].json)")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, from: " + ", ".join(MODELS))
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--limit", type=int, default=500, help="examples per task (default 500; 0: all)")
+    parser.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default 8, measured fastest)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", default=str(ROWS), help="JSON-lines file of results (appended to)")
+    parser.add_argument("--summary", action="store_true", help="only print and write the summary")
+    parser.add_argument("--probe-batch-sizes", default=None, help="e.g. 1,4,8,16: time lm-eval batch sizes")
+    parser.add_argument("--probe-task", default="hellaswag")
+    parser.add_argument("--probe-limit", type=int, default=50)
     return parser.parse_args()
-
-
-def table(columns: dict[str, dict], ratio_of: tuple[str, str] | None = None) -> str:
-    """Per-task metrics (acc, acc_norm) per column, the paper's average, and one ratio column."""
-    from slicegpt.tasks import paper_metric
-
-    names = list(columns)
-    tasks = list(columns[names[0]]["tasks"])
-    header = f"{'task':<16}{'metric':<10}" + "".join(f"{n:>14}" for n in names)
-    if ratio_of:
-        header += f"  {ratio_of[0] + ' / ' + ratio_of[1]:>20}"
-    lines = [header, "-" * len(header)]
-
-    def row(label: str, metric: str, values: list[float]) -> str:
-        line = f"{label:<16}{metric:<10}" + "".join(f"{100 * v:>14.2f}" for v in values)
-        if ratio_of:
-            a, b = values[names.index(ratio_of[0])], values[names.index(ratio_of[1])]
-            line += f"  {a / b:>20.3f}" if b else f"  {'-':>20}"
-        return line
-
-    for task in tasks:
-        for metric in ("acc", "acc_norm"):
-            if metric in columns[names[0]]["tasks"][task]:
-                mark = "*" if metric == paper_metric(task) else ""
-                lines.append(row(task, metric + mark, [columns[n]["tasks"][task][metric] for n in names]))
-    lines.append(row("average", "(* above)", [columns[n]["average"] for n in names]))
-    return "\n".join(lines)
 
 
 def main() -> None:
     args = parse_args()
+    import torch
+
     torch.set_num_threads(args.threads)
-    torch.manual_seed(42)
-    quick = any(getattr(args, name) != value for name, value in PROTOCOL.items())
-    out = Path(args.out or ROOT / "bench" / "results" / ("zeroshot_quick.json" if quick else "zeroshot.json"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    from slicegpt import SliceConfig, load_model, slice_model
-    from slicegpt.running.in_memory import calibration_data
-    from slicegpt.io.data import load_texts
-    from slicegpt.evaluation.zeroshot import evaluate_zeroshot
-    from slicegpt.running.finetune import FinetuneConfig, finetune
-    from slicegpt.sizing.counts import count_parameters
-from slicegpt.io.report import versions
-
-    settings = {name: getattr(args, name) for name in PROTOCOL} | {"seed": 42, "tasks": TASKS,
-                                                                     "cal_data": str(CAL_DATA)}
-    record: dict = {"protocol": "zeroshot", "quick": quick, "settings": settings, "params": {}, "results": {},
-                    "timings_s": {}, "versions": versions()}
-
-    def save() -> None:
-        out.write_text(json.dumps(record, indent=2) + "\n")
-
-    def evaluate(label: str, model, tokenizer) -> None:
-        start = time.perf_counter()
-        record["results"][label] = evaluate_zeroshot(model, tokenizer, TASKS, limit=args.limit,
-                                                     batch_size=args.batch_size)
-        record["timings_s"][f"zeroshot_{label}"] = round(time.perf_counter() - start, 1)
-        record["params"][label] = count_parameters(model)
-        save()
-
-    model, tokenizer = load_model("smollm2-135m")
-    texts = load_texts(str(CAL_DATA))
-    config = SliceConfig(sparsity=args.sparsity, cal_data=str(CAL_DATA), cal_samples=args.cal_samples,
-                         cal_seqlen=args.cal_seqlen, seed=42)
-    batches = calibration_data(tokenizer, config, texts)
-    evaluate("dense", model, tokenizer)
-
-    start = time.perf_counter()
-    slice_model(model, tokenizer, config, batches, progress=False)
-    record["timings_s"]["calibrate_and_slice"] = round(time.perf_counter() - start, 1)
-    record["slice_config"] = config.to_dict()
-    evaluate("sliced", model, tokenizer)
-    dense, sliced = record["results"]["dense"], record["results"]["sliced"]
-    record["ratio_sliced_dense"] = sliced["average"] / dense["average"]
-    save()
-    print(f"\nsmollm2-135m, 0-shot, first {args.limit} examples per task; accuracy in %; "
-          f"params dense {record['params']['dense']:,}, sliced {record['params']['sliced']:,}")
-    print(table({"dense": dense, "sliced": sliced}, ratio_of=("sliced", "dense")))
-
-    if args.skip_rft:
+    limit = args.limit or None
+    tasks = [t for t in args.tasks.split(",") if t]
+    models = [m for m in args.models.split(",") if m]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        sys.exit(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    rows_path = Path(args.rows)
+    if args.probe_batch_sizes:
+        sizes = [int(s) for s in args.probe_batch_sizes.split(",")]
+        probe = probe_batch_sizes(sizes, args.probe_task, args.probe_limit, args.threads)
+        probe |= {"commit": git_commit(), "date": datetime.date.today().isoformat()}
+        out = ROOT / "bench" / "results" / "zeroshot_batch_sizes.json"
+        out.write_text(json.dumps(probe, indent=2) + "\n")
+        print(json.dumps(probe, indent=2))
         return
-    rft = FinetuneConfig(steps=args.rft_steps, seqlen=args.rft_seqlen, batch_size=args.rft_batch_size,
-                         lr=args.rft_lr, seed=42, data=str(CAL_DATA))
-    start = time.perf_counter()
-    model, training = finetune(model, tokenizer, texts, rft)
-    record["timings_s"]["rft"] = round(time.perf_counter() - start, 1)
-    record["rft"] = {"config": rft.to_dict(), **{k: v for k, v in training.items() if k != "losses"},
-                     "losses": training["losses"]}
-    evaluate("sliced+rft", model, tokenizer)
-    recovered = record["results"]["sliced+rft"]
-    record["ratio_rft_dense"] = recovered["average"] / dense["average"]
-    save()
-    print(f"\nafter RFT: {rft.steps} steps of {rft.batch_size} x {rft.seqlen} tokens of {CAL_DATA.name}, "
-          f"lr {rft.lr}; loss {training['loss_first']:.3f} -> {training['loss_last']:.3f}")
-    print(table({"dense": dense, "sliced": sliced, "sliced+rft": recovered}, ratio_of=("sliced+rft", "dense")))
-    print(f"\nwrote {out}")
+    if not args.summary:
+        from slicegpt import load_model
+        from slicegpt.evaluation.zeroshot import evaluate_zeroshot
+        from slicegpt.io.data import load_texts
+        from slicegpt.io.report import versions
+
+        cal_texts = load_texts(str(CAL_DATA))
+        meta = {"batch_size": args.batch_size, "threads": args.threads, "commit": git_commit(),
+                "versions": versions(), "calibration": CALIBRATION | {"data": CAL_DATA.name}}
+
+        def evaluate(model, tokenizer, task):
+            return evaluate_zeroshot(model, tokenizer, [task], limit=limit, batch_size=args.batch_size)["tasks"][task]
+
+        run(models, tasks, limit, rows_path, lambda name: build_model(name, lambda: load_model("smollm2-135m"),
+                                                                       cal_texts), evaluate, meta)
+    summary = summarize(read_rows(rows_path), tasks, limit)
+    SUMMARY.write_text(json.dumps({"limit": limit, "tasks": tasks, "chance": CHANCE, "models": summary},
+                                  indent=2) + "\n")
+    print(f"smollm2-135m, 0-shot, first {limit} examples per task; paper metric in % ± stderr")
+    print(format_summary(summary, tasks))
 
 
 if __name__ == "__main__":
