@@ -55,3 +55,40 @@ def test_sliced_dir_passes_its_base_model_on(tiny_sliced_dir, tmp_path):
     report["config"]["base_model"] = "org/base"
     (tmp_path / "slicing_report.json").write_text(json.dumps(report))
     assert base_model_id(str(tmp_path)) == "org/base"
+
+
+def _report(rotations: str, shortcuts: int, **config) -> dict:
+    return {"config": {"model": "m", "sparsity": 0.25, "rotations": rotations, "pca": "raw", **config},
+            "params": {"dense": 1000, "sliced": 800, "shortcuts": shortcuts, "head": 10}}
+
+
+def _prose(card: str) -> str:
+    """The card without its configuration table (which lists every setting by name)."""
+    return card.split("## Configuration")[0]
+
+
+def test_one_basis_card_mentions_no_shortcuts_it_does_not_have():
+    card = model_card(_report("model", 0, target_params=800, pca="normalized"))
+    assert "no shortcut matrices" in card
+    assert "shortcut matrix" not in card and "of which shortcut" not in card
+    assert "One basis serves the whole residual stream" in card
+    assert "Sized to a budget of 800 parameters" in card and "25% of the residual width" not in card
+    assert "weighs every token equally" in card
+    assert "refit" not in _prose(card) and "fine-tuning" not in _prose(card)
+
+
+def test_per_block_card_counts_its_shortcuts():
+    card = model_card(_report("block", 50))
+    assert "a shortcut matrix on the residual path" in card and "(50 parameters in all)" in card
+    assert "| of which shortcut matrices | 50 |" in card
+    assert "25% of the residual width was removed" in card and "raw activations, as in the paper" in card
+
+
+def test_refit_and_finetuning_are_described_where_used():
+    report = _report("model", 0, refit=True)
+    report["finetune"] = {"config": {"lora": {"r": 8, "alpha": 4.0, "dropout": 0.0, "targets": ["q_proj"]},
+                                     "steps": 3, "batch_size": 1, "seqlen": 16, "data": "d", "lr": 1e-3},
+                          "loss_first": 3.0, "loss_last": 2.0}
+    prose = _prose(model_card(report))
+    assert "refit by least squares" in prose and "Recovery fine-tuning (LoRA, merged back" in prose
+    assert "Each group of 4 consecutive layers" in model_card(_report("group:4", 20))

@@ -5,7 +5,8 @@ torch and transformers. A sliced model is the original transformers class with t
 changes, all described by `config.slicing`:
   * every norm is a bare RMSNorm that still divides by the dense width,
   * weights that read or write the residual stream are narrower,
-  * each residual path carries a shortcut matrix (a change of basis between blocks).
+  * a residual path carries a shortcut matrix (a change of basis) where the blocks on
+    either side use different bases; with one basis for the whole model there are none.
 The family-specific module names travel in `config.slicing["family"]`, so the block
 forward below is written once per block shape (sequential, parallel).
 

@@ -40,8 +40,9 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def configuration_section(report: dict) -> list[str]:
     config = report.get("config", {})
-    keys = ["sparsity", "round_to", "cal_data", "cal_samples", "cal_seqlen", "cal_batch_size", "seed", "dtype"]
-    rows = [[f"`{k}`", f"`{config[k]}`"] for k in keys if k in config]
+    keys = ["sparsity", "target_params", "target_ratio", "rotations", "pca", "widths", "refit", "round_to", "cal_data",
+            "cal_samples", "cal_seqlen", "cal_batch_size", "seed", "dtype"]
+    rows = [[f"`{k}`", f"`{config[k]}`"] for k in keys if config.get(k) is not None]
     return ["## Configuration", "", *_table(["setting", "value"], rows)]
 
 
@@ -52,11 +53,14 @@ def parameters_section(report: dict) -> list[str]:
     rows = [
         ["dense model", f"{params['dense']:,}"],
         ["sliced model", f"{params['sliced']:,} ({params['sliced'] / params['dense']:.3f}x dense)"],
-        ["of which shortcut matrices", f"{params['shortcuts']:,}"],
-        ["of which output side beyond the embeddings (untied head or final map)", f"{params['head']:,}"],
     ]
-    lines = ["## Parameters", "", "Counted on the model, tied tensors once; the shortcut matrices and the output side "
-             "are what slicing adds.", "", *_table(["", "parameters"], rows)]
+    added = "the output side is"
+    if params.get("shortcuts"):
+        rows.append(["of which shortcut matrices", f"{params['shortcuts']:,}"])
+        added = "the shortcut matrices and the output side are"
+    rows.append(["of which output side beyond the embeddings (untied head or final map)", f"{params['head']:,}"])
+    lines = ["## Parameters", "", f"Counted on the model, tied tensors once; {added} what slicing adds.", "",
+             *_table(["", "parameters"], rows)]
     if widths:
         layer_widths = sorted({layer[key] for layer in widths.get("layers", []) for key in ("in", "mid", "out")
                                if key in layer})
@@ -111,6 +115,61 @@ def finetune_section(finetune: dict) -> list[str]:
     return lines
 
 
+def size_sentence(config: dict) -> str:
+    if config.get("target_ratio") is not None:
+        return f"Sized to {config['target_ratio']} x the dense model's parameters."
+    if config.get("target_params") is not None:
+        return f"Sized to a budget of {config['target_params']:,} parameters."
+    if config.get("widths") == "variance":
+        return (f"Per-point widths keep an equal share of each point's variance, at the real size of removing "
+                f"{config.get('sparsity', 0.0):.0%} of the residual width.")
+    return f"{config.get('sparsity', 0.0):.0%} of the residual width was removed."
+
+
+LAYOUTS = {
+    "model": "One basis serves the whole residual stream",
+    "block": "Every attention and MLP block reads the stream in a basis of its own",
+    "layer": "Each layer reads the stream in a basis of its own",
+}
+
+
+def layout_sentence(config: dict, params: dict) -> str:
+    rotations = str(config.get("rotations", ""))
+    layout = LAYOUTS.get(rotations)
+    if layout is None and rotations.startswith("group:"):
+        layout = f"Each group of {rotations.split(':', 1)[1]} consecutive layers shares one basis"
+    shortcuts = params.get("shortcuts")
+    if shortcuts:
+        tail = (f"a shortcut matrix on the residual path changes basis where the basis changes "
+                f"({shortcuts:,} parameters in all)")
+    elif shortcuts == 0:
+        tail = "the model carries no shortcut matrices"
+    else:
+        tail = None
+    parts = [p for p in (layout, tail) if p]
+    if not parts:
+        return ""
+    sentence = "; ".join(parts)
+    return sentence[0].upper() + sentence[1:] + "."
+
+
+def method_section(report: dict) -> list[str]:
+    """What was done to this model, sentence by sentence from the report: size, layout, PCA, refit, RFT."""
+    config = report.get("config", {})
+    sentences = [size_sentence(config), layout_sentence(config, report.get("params") or {})]
+    if config.get("pca") == "normalized":
+        sentences.append("The PCA weighs every token equally (each token's activation scaled to unit root mean square, "
+                         "as the RMS norms that read the stream see it).")
+    elif config.get("pca") == "raw":
+        sentences.append("The PCA is of the raw activations, as in the paper.")
+    if config.get("refit"):
+        sentences.append("After slicing, each layer's output projections were refit by least squares so that "
+                         "the sliced model follows the dense one on the calibration text.")
+    if report.get("finetune"):
+        sentences.append("Recovery fine-tuning (LoRA, merged back into the weights) followed; see below.")
+    return [" ".join(s for s in sentences if s), ""]
+
+
 def usage_section() -> list[str]:
     return ["## Usage", "", "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -124,13 +183,11 @@ def usage_section() -> list[str]:
 def model_card(report: dict) -> str:
     config = report.get("config", {})
     name = config.get("base_model") or config.get("model", "Model")
-    sparsity = config.get("sparsity", 0.0)
-    lines = [f"# {name}, sliced with SliceGPT at {100 * sparsity:.0f}%", "",
+    lines = [f"# {name}, sliced with SliceGPT", "",
              "[SliceGPT](https://arxiv.org/abs/2401.15024) (Ashkboos et al., ICLR 2024) folds every norm into "
              "the neighbouring weights, rotates the residual stream into the principal components of "
-             f"calibration activations, and removes the least-variance directions. Here {sparsity:.0%} "
-             "of the residual width was removed; the model stays dense, and each residual path carries a small "
-             "shortcut matrix (a change of basis between blocks).", ""]
+             "calibration activations, and removes the least-variance directions; the model stays dense.", "",
+             *method_section(report)]
     if config.get("model"):
         lines += [f"Sliced from `{config['model']}`.", ""]
     lines += configuration_section(report)
