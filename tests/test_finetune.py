@@ -51,6 +51,7 @@ def test_finetune_writes_report_loss_curve_and_card(finetuned_dir):
     assert report["ppl"]["sliced"] == pytest.approx(rft["ppl"]["before"])  # the slicing report carries over
     curve = json.loads((finetuned_dir / "loss_curve.json").read_text())
     assert len(curve["loss"]) == 6 and curve["loss"][0] == pytest.approx(rft["loss_first"])
+    assert curve["heldout"] == [] and not list(finetuned_dir.parent.glob(".*rft-partial"))  # checkpoints cleared
     for name in ("loss_curve.png", "spectra.png", "variance_kept.png", "zeroshot.png"):
         assert (finetuned_dir / name).read_bytes().startswith(b"\x89PNG"), name
     card = (finetuned_dir / "README.md").read_text()
@@ -125,3 +126,56 @@ def test_plain_export_can_be_finetuned(tiny_model_dir, tmp_path):
     ids = torch.arange(1, 13).view(1, 12)
     assert (after(ids).logits - before(ids).logits).abs().max() > 1e-4
     assert "## Recovery fine-tuning" in (tuned / "README.md").read_text()
+
+
+def _tiny_stream_texts():
+    return [" ".join(f"w{i % 50}" for i in range(3000))]
+
+
+class _Tokenizer:
+    """Whitespace words mod the tiny vocabulary: enough text for training windows, no files."""
+
+    def __call__(self, text, add_special_tokens=False, **_):
+        return {"input_ids": [sum(map(ord, word)) % 90 + 1 for word in text.split()]}
+
+
+def test_stopped_finetune_resumes_to_the_same_weights(tiny_sliced_dir, tmp_path, monkeypatch):
+    config = finetune_module.FinetuneConfig(steps=5, seqlen=16, batch_size=2, lr=1e-3, heldout_fraction=0.2,
+                                            heldout_windows=4, eval_every=2)
+    texts = _tiny_stream_texts()
+    tokenizer = _Tokenizer()
+    whole, record = finetune_module.finetune(load_sliced(tiny_sliced_dir), tokenizer, texts, config, progress=False)
+    assert [p["step"] for p in record["heldout_losses"]] == [0, 2, 4, 5]
+
+    real_clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def stop_at_step_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", stop_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        finetune_module.finetune(load_sliced(tiny_sliced_dir), tokenizer, texts, config, progress=False,
+                                 checkpoint_dir=tmp_path / "ckpt", checkpoint_every=2)
+    assert (tmp_path / "ckpt" / "rft_checkpoint.safetensors").is_file()
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
+    resumed, again = finetune_module.finetune(load_sliced(tiny_sliced_dir), tokenizer, texts, config, progress=False,
+                                              checkpoint_dir=tmp_path / "ckpt", checkpoint_every=2)
+    assert again["losses"] == pytest.approx(record["losses"], abs=1e-6)
+    assert [p["step"] for p in again["heldout_losses"]] == [0, 2, 4, 5]
+    assert [p["loss"] for p in again["heldout_losses"]] == pytest.approx([p["loss"] for p in record["heldout_losses"]])
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+    other = finetune_module.FinetuneConfig(**{**config.to_dict(), "lr": 2e-3})
+    with pytest.raises(SliceGPTError, match="other settings .*lr"):
+        finetune_module.finetune(load_sliced(tiny_sliced_dir), tokenizer, texts, other, progress=False,
+                                 checkpoint_dir=tmp_path / "ckpt")
+
+
+def test_heldout_needs_enough_text():
+    config = finetune_module.FinetuneConfig(seqlen=16, heldout_fraction=0.01)
+    with pytest.raises(SliceGPTError, match="too little text to hold out"):
+        finetune_module.split_heldout(torch.arange(100), config)

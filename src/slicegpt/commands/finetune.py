@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from slicegpt.io.checkpoint import REPORT_FILE, check_output_dir, save_sliced
@@ -38,6 +39,14 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--lora-dropout", type=float, default=defaults.lora_dropout,
                         help=f"LoRA dropout (default {defaults.lora_dropout})")
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"sampling seed (default {defaults.seed})")
+    parser.add_argument("--heldout-fraction", type=float, default=defaults.heldout_fraction, metavar="F",
+                        help="keep the last F of the training text out of training and record its loss "
+                             "(default: none)")
+    parser.add_argument("--eval-every", type=int, default=50, metavar="N",
+                        help="held-out loss every N steps, with --heldout-fraction (default 50)")
+    parser.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                        help="save the LoRA and optimizer state every N steps beside the output; the same command "
+                             "continues a stopped run from there (default 50)")
     parser.add_argument("--eval-ppl", action="store_true", help="measure perplexity before and after fine-tuning")
     add_ppl_options(parser, prefix="ppl-")
     add_zeroshot_options(parser)
@@ -58,9 +67,13 @@ def run(args) -> int:
         raise SliceGPTError(f"{args.model} is not a sliced checkpoint directory (slice a model first)")
     config = FinetuneConfig(steps=args.steps, lr=args.lr, seqlen=args.seqlen, batch_size=args.batch_size,
                             lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                            seed=args.seed, data=args.data)
+                            seed=args.seed, data=args.data, heldout_fraction=args.heldout_fraction,
+                            eval_every=args.eval_every if args.heldout_fraction else 0)
     out = Path(args.out)
     check_output_dir(out, args.overwrite)
+    if args.checkpoint_every < 1:
+        raise SliceGPTError(f"checkpoint-every must be at least 1, got {args.checkpoint_every}")
+    partial = out.parent / f".{out.name}.rft-partial"  # training checkpoints; removed once the output is written
     tasks = zeroshot_tasks(args)
     texts = load_texts(args.data, split="train")
     check_usable_text(texts, args.data)
@@ -84,7 +97,8 @@ def run(args) -> int:
     ppl, zeroshot = {}, {}
     measure("before", ppl, zeroshot)
     with timed(timings, "finetune"):
-        model, record = finetune(model, tokenizer, texts, config)
+        model, record = finetune(model, tokenizer, texts, config, checkpoint_dir=partial,
+                                 checkpoint_every=args.checkpoint_every)
     measure("after", ppl, zeroshot)
 
     losses = record.pop("losses")
@@ -105,11 +119,13 @@ def run(args) -> int:
     }
     spectra_path = source / "spectra.json"
     spectra = json.loads(spectra_path.read_text()) if spectra_path.is_file() else None
-    files = {"loss_curve.json": json.dumps({"step": list(range(1, len(losses) + 1)), "loss": losses}) + "\n",
+    files = {"loss_curve.json": json.dumps({"step": list(range(1, len(losses) + 1)), "loss": losses,
+                                            "heldout": record["heldout_losses"]}) + "\n",
              **report_plots(report, spectra, losses)}
     if spectra is not None:
         files["spectra.json"] = spectra_path.read_text()
     save_sliced(model, tokenizer, out, report=report, overwrite=args.overwrite, extra_files=files)
+    shutil.rmtree(partial, ignore_errors=True)
     print_summary(source, out, report["finetune"])
     return 0
 
@@ -120,6 +136,8 @@ def print_summary(source: Path, out: Path, finetune: dict) -> None:
     print(f"  {config['steps']} steps of {config['batch_size']} x {config['seqlen']} tokens from {config['data']}; "
           f"{finetune['trainable_params']:,} LoRA parameters, merged")
     print(f"  loss  first {finetune['loss_first']:.4f}  last {finetune['loss_last']:.4f}")
+    if finetune.get("heldout_losses"):
+        print("  held-out loss  " + "  ".join(f"step {p['step']} {p['loss']:.4f}" for p in finetune["heldout_losses"]))
     if finetune["ppl"]:
         print("  perplexity  " + "  ".join(f"{k} {v:.3f}" for k, v in finetune["ppl"].items()))
     if finetune["zeroshot"]:

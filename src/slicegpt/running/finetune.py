@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,6 +25,7 @@ from slicegpt.architectures.families import family_for
 from slicegpt.architectures.modeling_sliced import layer_family
 from slicegpt.errors import SliceGPTError
 from slicegpt.io.data import tokenize_joined
+from slicegpt.running.finetune_checkpoint import load_state, save_state
 
 
 @dataclass
@@ -40,6 +43,11 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     data: str = "wikitext2"
+    # The last `heldout_fraction` of the token stream is kept out of training; every
+    # `eval_every` steps the loss on up to `heldout_windows` of its windows is recorded.
+    heldout_fraction: float = 0.0
+    heldout_windows: int = 16
+    eval_every: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps", "seqlen", "batch_size", "lora_r"):
@@ -47,6 +55,8 @@ class FinetuneConfig:
                 raise SliceGPTError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise SliceGPTError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.heldout_fraction < 1:
+            raise SliceGPTError(f"heldout fraction must be in [0, 1), got {self.heldout_fraction}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -119,27 +129,78 @@ def _schedule(config: FinetuneConfig):
     return factor
 
 
-def finetune(model: nn.Module, tokenizer, texts: list[str], config: FinetuneConfig,
-             progress: bool = True) -> tuple[nn.Module, dict]:
-    """LoRA-fine-tune a sliced model on `texts` and merge the adapters; (merged model, training record)."""
+def split_heldout(stream: torch.Tensor, config: FinetuneConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(training stream, held-out windows or None): the held-out part is the stream's tail."""
+    if config.heldout_fraction == 0:
+        return stream, None
+    cut = int(len(stream) * (1 - config.heldout_fraction))
+    tail = stream[cut:]
+    count = min(config.heldout_windows, len(tail) // config.seqlen)
+    if count == 0 or cut < config.seqlen:
+        raise SliceGPTError(f"too little text to hold out {config.heldout_fraction} of {len(stream)} tokens in "
+                            f"windows of {config.seqlen} and still train")
+    return stream[:cut], tail[:count * config.seqlen].view(count, config.seqlen)
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, windows: torch.Tensor, batch_size: int) -> float:
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = 0.0
+    for batch in windows.split(batch_size):
+        batch = batch.to(device)
+        total += model(input_ids=batch, labels=batch, use_cache=False).loss.item() * len(batch)
+    model.train(was_training)
+    return total / len(windows)
+
+
+def finetune(model: nn.Module, tokenizer, texts: list[str], config: FinetuneConfig, progress: bool = True,
+             checkpoint_dir: str | None = None, checkpoint_every: int = 50) -> tuple[nn.Module, dict]:
+    """LoRA-fine-tune a sliced model on `texts` and merge the adapters; (merged model, training record).
+
+    With `checkpoint_dir`, the LoRA and optimizer state is saved there every `checkpoint_every`
+    steps, and a run finding a checkpoint there continues from it.
+    """
     from peft import LoraConfig, get_peft_model
 
-    stream = training_stream(tokenizer, texts, config.seqlen, config.data)
+    stream, heldout = split_heldout(training_stream(tokenizer, texts, config.seqlen, config.data), config)
     targets = lora_targets(model)
     torch.manual_seed(config.seed)
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=targets, bias="none")
     peft_model = get_peft_model(model, lora)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
+    named = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+    params = list(named.values())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(config.seed)
+    settings = config.to_dict() | {"data_tokens": len(stream)}
 
     losses: list[float] = []
+    curve: list[dict] = []
+    done = 0
+    if checkpoint_dir is not None:
+        restored = load_state(Path(checkpoint_dir), named, optimizer, generator, settings)
+        if restored is not None:
+            done, saved = restored
+            losses, curve = saved["losses"], saved["heldout"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config), last_epoch=-1)
+    with warnings.catch_warnings():  # stepping the schedule alone to catch up warns; it is meant
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(done):  # the schedule is a function of the step alone
+            scheduler.step()
+
+    def evaluate(step: int) -> None:
+        if heldout is not None and config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+            curve.append({"step": step, "loss": heldout_loss(peft_model, heldout, config.batch_size)})
+
     peft_model.train()
-    bar = tqdm(range(config.steps), desc="Fine-tuning", unit="step", disable=not progress)
-    for _ in bar:
+    if done == 0:
+        evaluate(0)
+    bar = tqdm(range(done, config.steps), desc="Fine-tuning", unit="step", disable=not progress,
+               initial=done, total=config.steps)
+    for step in bar:
         starts = torch.randint(0, len(stream) - config.seqlen + 1, (config.batch_size,), generator=generator)
         batch = torch.stack([stream[s:s + config.seqlen] for s in starts.tolist()]).to(device)
         loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
@@ -151,7 +212,11 @@ def finetune(model: nn.Module, tokenizer, texts: list[str], config: FinetuneConf
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        evaluate(step + 1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", **({"heldout": f"{curve[-1]['loss']:.3f}"} if curve else {}))
+        if checkpoint_dir is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == config.steps):
+            save_state(Path(checkpoint_dir), step + 1, named, optimizer, generator,
+                       {"losses": losses, "heldout": curve}, settings)
 
     merged = peft_model.merge_and_unload()
     merged.eval()
@@ -160,6 +225,7 @@ def finetune(model: nn.Module, tokenizer, texts: list[str], config: FinetuneConf
         "losses": losses,
         "loss_first": losses[0],
         "loss_last": sum(tail) / len(tail),
+        "heldout_losses": curve,
         "trainable_params": sum(p.numel() for p in params),
         "tokens_seen": config.steps * config.batch_size * config.seqlen,
         "data_tokens": len(stream),
