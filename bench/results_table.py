@@ -1,0 +1,201 @@
+"""The README's results table, generated from the JSON in bench/results (never typed by hand).
+
+    python bench/results_table.py            # rewrite the block in README.md (and the plot)
+    python bench/results_table.py --check    # exit 1 if README.md's block differs from the JSON
+
+The block sits between `<!-- results:start -->` and `<!-- results:end -->`. A figure that no
+finished run recorded shows as "not measured". Each figure names its source file, the
+command that wrote it and the commit that recorded it (zero-shot rows carry their own
+commit and date).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "README.md"
+PLOT = RESULTS / "zeroshot_vs_params.png"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+NOT_MEASURED = "not measured"
+
+# Recorded runs the table reads: file -> (command, commit that recorded it, date).
+SOURCES = {
+    "protocol_p.json": ("python bench/protocol_p.py", "ce447a9", "2026-11-28"),
+    "protocol_p_auto.json": ("python bench/protocol_p.py --sparsities 0.25", "6341f84", "2026-11-28"),
+    "size_quality_p_c.json": ("python bench/size_quality.py --variants ...", "7d4cecc", "2026-11-28"),
+    "speed_auto.json": ("python bench/speed.py --sparsities 0.25 --variants block --no-ablation", "c0cfd31",
+                        "2026-11-28"),
+}
+# The models of bench/zeroshot.py, with where each one's perplexity and speed were measured.
+MODELS = [
+    ("dense", "SmolLM2-135M, dense",
+     ("protocol_p_auto.json", "dense"), ("speed_auto.json", "dense")),
+    ("default-25", "`--sparsity 0.25` (default: one basis, normalized PCA)",
+     ("size_quality_p_c.json", "model-b25-normalized"), ("speed_auto.json", "25%")),
+    ("paper-25", "`--sparsity 0.25 --rotations block --pca raw` (the paper's method)",
+     ("protocol_p.json", 0.25), ("speed_auto.json", "25% block")),
+    ("default-25+rft", "`--sparsity 0.25`, then `finetune`", None, None),
+    ("dense+rft", "dense, then the same fine-tuning", None, None),
+    ("default-20", "`--sparsity 0.20`", None, None),
+    ("default-30", "`--sparsity 0.30`", None, None),
+]
+
+
+def load(name: str, results: Path) -> dict | None:
+    path = results / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def perplexity(source, results: Path) -> tuple[float, int] | None:
+    """(WikiText-2 test perplexity, real parameters) from a protocol P file, or None."""
+    if source is None:
+        return None
+    name, key = source
+    data = load(name, results)
+    if data is None:
+        return None
+    if name.startswith("protocol_p"):
+        for row in data["rows"]:
+            if key == "dense":
+                return row["ppl_dense"], row["params_dense"]
+            if row["sparsity"] == key:
+                return row["ppl_sliced"], row["params_sliced"]
+        return None
+    for row in data["rows"]:
+        if row["key"] == key:
+            return row["ppl"], row["params"]
+    return None
+
+
+def decode_speed(source, results: Path) -> tuple[float, float] | None:
+    """(batch-1 decode tokens/s, ratio to dense) from a speed file, or None."""
+    if source is None:
+        return None
+    name, key = source
+    data = load(name, results)
+    if data is None:
+        return None
+    dense = next(m for m in data["models"] if m["name"] == "dense")["decode_tok_s"]["1"]
+    if key == "dense":
+        return dense, 1.0
+    ratio = data.get("vs_first", {}).get(key, {}).get("decode", {}).get("1")
+    return (dense * ratio, ratio) if ratio else None
+
+
+def zeroshot_summary(results: Path) -> tuple[dict, dict]:
+    """bench/zeroshot.py's summary of results/zeroshot.jsonl at its largest limit, and that run's facts."""
+    spec = importlib.util.spec_from_file_location("bench_zeroshot", ROOT / "bench" / "zeroshot.py")
+    zeroshot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(zeroshot)
+    rows = zeroshot.read_rows(results / "zeroshot.jsonl")
+    if not rows:
+        return {}, {}
+    limit = max((r["limit"] or 10**9) for r in rows)
+    limit = None if limit == 10**9 else limit
+    rows = [r for r in rows if r["limit"] == limit]
+    facts = {"limit": limit, "tasks": zeroshot.TASKS, "commits": sorted({r.get("commit", "?") for r in rows}),
+             "dates": sorted({r["finished"][:10] for r in rows if r.get("finished")})}
+    return zeroshot.summarize(rows, zeroshot.TASKS, limit), facts
+
+
+def table(results: Path = RESULTS) -> str:
+    summary, facts = zeroshot_summary(results)
+    lines = ["| model | real parameters | WikiText-2 perplexity | zero-shot average (above chance; retention) "
+             "| decode, batch 1 |", "|---|---|---|---|---|"]
+    for key, label, ppl_source, speed_source in MODELS:
+        ppl = perplexity(ppl_source, results)
+        speed = decode_speed(speed_source, results)
+        entry = summary.get(key)
+        params = ppl[1] if ppl else (entry["params"] if entry else None)
+        if entry and entry.get("complete"):
+            retention = f"; {100 * entry['retention']:.0f}%" if "retention" in entry else ""
+            accuracy = f"{100 * entry['average']:.2f} ({100 * entry['above_chance']:.2f}{retention})"
+        elif entry:
+            accuracy = f"{NOT_MEASURED} ({len(entry['tasks'])} of {len(facts['tasks'])} tasks so far)"
+        else:
+            accuracy = NOT_MEASURED
+        lines.append(" | ".join([
+            f"| {label}",
+            f"{params / 1e6:.2f}M" if params else NOT_MEASURED,
+            f"{ppl[0]:.2f}" if ppl else NOT_MEASURED,
+            accuracy,
+            (f"{speed[0]:.1f} tok/s ({speed[1]:.2f} ×)" if speed else NOT_MEASURED) + " |",
+        ]))
+    notes = ["", "Generated by `python bench/results_table.py` from `bench/results/`:",
+             "- real parameters: every parameter counted; perplexity: protocol P (64 × 2048 calibration tokens of "
+             "WikiText-2 validation, the first 16 chunks of 2048 tokens of WikiText-2 test, seed 42)."]
+    for name, (command, commit, date) in SOURCES.items():
+        if (results / name).is_file():
+            notes.append(f"- `{name}`: `{command}`, {date}, commit {commit}.")
+    if facts:
+        limit = f"the first {facts['limit']}" if facts["limit"] else "all"
+        notes.append(f"- zero-shot: `python bench/zeroshot.py` → `zeroshot.jsonl`, lm-eval 0.4.13, 0-shot, {limit} "
+                     f"examples of each of {', '.join(facts['tasks'])}; the paper's metric (acc_norm; acc for "
+                     f"WinoGrande and LAMBADA) averaged; above chance: minus 50% (PIQA, WinoGrande), 25% (ARC, "
+                     f"HellaSwag), 0 (LAMBADA); retention: above chance over dense's; runs of "
+                     f"{', '.join(facts['dates'])}, commits {', '.join(facts['commits'])}.")
+    else:
+        notes.append("- zero-shot: no row of `python bench/zeroshot.py` has finished yet.")
+    notes.append("- decode: CPU, 2 threads, float32, prompt 128 tokens, 32 new tokens with a KV cache, median "
+                 "of 5 repeats; the ratio is to dense in the same run.")
+    return "\n".join(lines + notes)
+
+
+def plot(results: Path = RESULTS, out: Path = PLOT) -> Path | None:
+    """Zero-shot average against real parameters for the models with every task measured."""
+    summary, facts = zeroshot_summary(results)
+    points = {k: v for k, v in summary.items() if v.get("complete")}
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, entry in points.items():
+        marker = "*" if name == "dense" else ("s" if name == "paper-25" else "o")
+        ax.scatter(entry["params"] / 1e6, 100 * entry["average"], marker=marker, s=80 if marker == "*" else 40)
+        ax.annotate(name, (entry["params"] / 1e6, 100 * entry["average"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("real parameters (M)")
+    ax.set_ylabel("zero-shot average (%)")
+    ax.set_title(f"SmolLM2-135M, {len(facts['tasks'])} tasks, first {facts['limit']} examples each", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def replace_block(text: str, block: str) -> str:
+    if START not in text or END not in text:
+        raise SystemExit(f"README.md has no {START} ... {END} block")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{block}\n{END}{tail}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when README.md differs")
+    args = parser.parse_args()
+    current = README.read_text()
+    wanted = replace_block(current, table())
+    if args.check:
+        sys.exit(0 if wanted == current else 1)
+    README.write_text(wanted)
+    made = plot()
+    print(table())
+    if made:
+        print(f"\nwrote {made}")
+
+
+if __name__ == "__main__":
+    main()
