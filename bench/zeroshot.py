@@ -203,20 +203,23 @@ def build_model(name: str, load_dense, cal_texts: list, specs: dict = MODELS, ca
     return model, tokenizer, count_parameters(model)
 
 
-def probe_batch_sizes(sizes: list[int], task: str, limit: int, threads: int) -> dict:
-    """Seconds to evaluate dense on `task` at each lm-eval batch size (same examples each time)."""
+def probe_batch_sizes(sizes: list[int], task: str, limit: int, threads: int, out: Path) -> dict:
+    """Seconds to evaluate dense on `task` at each lm-eval batch size (same examples each time, task
+    loading included); `out` is rewritten after each size, so a stopped probe keeps what it measured."""
     from slicegpt import load_model
     from slicegpt.evaluation.zeroshot import evaluate_zeroshot
 
     model, tokenizer = load_model("smollm2-135m")
-    timings = {}
+    probe = {"task": task, "limit": limit, "threads": threads, "commit": git_commit(),
+             "date": datetime.date.today().isoformat(), "batch_sizes": {}}
     for size in sizes:
         start = time.perf_counter()
         scores = evaluate_zeroshot(model, tokenizer, [task], limit=limit, batch_size=size)
-        timings[str(size)] = {"seconds": round(time.perf_counter() - start, 1),
-                              "acc": scores["tasks"][task].get("acc")}
-        print(f"batch {size}: {timings[str(size)]['seconds']} s", file=sys.stderr)
-    return {"task": task, "limit": limit, "threads": threads, "batch_sizes": timings}
+        probe["batch_sizes"][str(size)] = {"seconds": round(time.perf_counter() - start, 1),
+                                           "acc": scores["tasks"][task].get("acc")}
+        out.write_text(json.dumps(probe, indent=2) + "\n")
+        print(f"batch {size}: {probe['batch_sizes'][str(size)]['seconds']} s", file=sys.stderr)
+    return probe
 
 
 def parse_args() -> argparse.Namespace:
@@ -224,7 +227,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, from: " + ", ".join(MODELS))
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--limit", type=int, default=500, help="examples per task (default 500; 0: all)")
-    parser.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default 8, measured fastest)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="lm-eval batch size (default 8: faster than 1, bench/README.md)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", default=str(ROWS), help="JSON-lines file of results (appended to)")
     parser.add_argument("--summary", action="store_true", help="only print and write the summary")
@@ -248,11 +252,8 @@ def main() -> None:
     rows_path = Path(args.rows)
     if args.probe_batch_sizes:
         sizes = [int(s) for s in args.probe_batch_sizes.split(",")]
-        probe = probe_batch_sizes(sizes, args.probe_task, args.probe_limit, args.threads)
-        probe |= {"commit": git_commit(), "date": datetime.date.today().isoformat()}
         out = ROOT / "bench" / "results" / "zeroshot_batch_sizes.json"
-        out.write_text(json.dumps(probe, indent=2) + "\n")
-        print(json.dumps(probe, indent=2))
+        print(json.dumps(probe_batch_sizes(sizes, args.probe_task, args.probe_limit, args.threads, out), indent=2))
         return
     if not args.summary:
         from slicegpt import load_model
