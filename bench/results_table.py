@@ -4,10 +4,10 @@
     python bench/results_table.py --check    # exit 1 if a block differs from the JSON
 
 README.md's block sits between `<!-- results:start -->` and `<!-- results:end -->`;
-bench/README.md's per-task zero-shot table between `<!-- zeroshot:start -->` and `<!-- zeroshot:end -->`. A figure that no
-finished run recorded shows as "not measured". Each figure names its source file, the
-command that wrote it and the commit that recorded it (zero-shot rows carry their own
-commit and date).
+bench/README.md's per-task zero-shot table between `<!-- zeroshot:start -->` and
+`<!-- zeroshot:end -->`. A figure that no finished run recorded shows as "not measured".
+Each figure names its source file, the command that wrote it and the commit that recorded
+it (zero-shot rows carry their own commit and date).
 """
 
 from __future__ import annotations
