@@ -106,3 +106,25 @@ def test_build_model_slices_once_and_reuses_the_saved_model(zs, tmp_path):
     ids = torch.randint(0, 96, (1, 8))
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, again(input_ids=ids).logits, atol=1e-5)
+
+
+class _WordTokenizer:
+    def __call__(self, text, add_special_tokens=False, **_):
+        return {"input_ids": [sum(map(ord, word)) % 90 + 1 for word in text.split()]}
+
+    def save_pretrained(self, directory):
+        pass
+
+
+def test_build_model_fine_tunes_the_dense_model_and_keeps_it(zs, tmp_path):
+    pytest.importorskip("peft")
+    specs = {"d+rft": {"rft": {"steps": 2, "seqlen": 8, "batch_size": 1, "lr": 1e-3, "seed": 0}}}
+    texts = [" ".join(f"w{i % 40}" for i in range(200))]
+    dense = make_tiny_model("LlamaForCausalLM", tied=True)
+    model, _, params = zs.build_model("d+rft", lambda: (make_tiny_model("LlamaForCausalLM", tied=True),
+                                                        _WordTokenizer()), texts, specs=specs, cache=tmp_path)
+    assert (tmp_path / "d+rft" / "model.safetensors").is_file()
+    assert params == sum(p.numel() for p in dense.parameters())  # merged back: no extra parameters
+    ids = torch.randint(1, 90, (1, 8))
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - dense(input_ids=ids).logits).abs().max() > 1e-5
