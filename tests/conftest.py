@@ -98,6 +98,13 @@ TINY_CONFIGS = {
         vocab_size=96, n_embd=64, n_inner=112, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0,
         tie_word_embeddings=tied),
     "GemmaForCausalLM": lambda tied: transformers.GemmaConfig(**_GQA, head_dim=16, tie_word_embeddings=tied),
+    # Gemma 2/3: norms after each branch too; sliding and global layers, soft-capping (2), q/k norms (3).
+    "Gemma2ForCausalLM": lambda tied: transformers.Gemma2Config(
+        **_GQA, head_dim=16, tie_word_embeddings=tied, sliding_window=8, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
+    "Gemma3ForCausalLM": lambda tied: transformers.Gemma3TextConfig(
+        **_GQA, head_dim=16, tie_word_embeddings=tied, sliding_window=8, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention"]),
     "MixtralForCausalLM": lambda tied: transformers.MixtralConfig(
         **dict(_GQA, intermediate_size=32), num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=tied),
     "Qwen2MoeForCausalLM": lambda tied: transformers.Qwen2MoeConfig(

@@ -93,14 +93,20 @@ def test_moe_with_dense_layers_is_refused():
     _fails_before_any_work(_tiny("Qwen2MoeForCausalLM", mlp_only_layers=[1]), "mlp_only_layers")
 
 
-@pytest.mark.parametrize("arch", ["Gemma2ForCausalLM", "Gemma3ForCausalLM"])
-def test_sandwich_norm_models_are_refused(arch):
-    config_class = {"Gemma2ForCausalLM": transformers.Gemma2Config,
-                    "Gemma3ForCausalLM": transformers.Gemma3TextConfig}[arch]
-    config = config_class(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    model = getattr(transformers, arch)(config).eval()
-    _fails_before_any_work(model, "inside the residual branch")
+def test_gemma3_vision_language_model_is_refused():
+    class Gemma3ForConditionalGeneration(nn.Module):  # stands in for the real class (slow to build)
+        pass
+
+    with pytest.raises(SliceGPTError, match="vision-language model; slice its text model"):
+        family_for(Gemma3ForConditionalGeneration())
+
+
+def test_post_norm_of_another_formula_is_refused():
+    """A post-norm's scale becomes a map: it too must compute the (1 + w) formula the family names."""
+    model = _tiny("Gemma3ForCausalLM")
+    layer = model.model.layers[1]
+    layer.post_feedforward_layernorm = transformers.models.llama.modeling_llama.LlamaRMSNorm(64)
+    _fails_before_any_work(model, r"norm 'post_feedforward_layernorm' is a LlamaRMSNorm, not an RMSNorm scaled by \(1 \+ w\) in layer 1")
 
 
 def test_deepseek_v3_dense_first_layers_have_their_own_description():

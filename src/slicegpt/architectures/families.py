@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from slicegpt.errors import SliceGPTError
-from slicegpt.architectures.modeling_sliced import stream_weight
+from slicegpt.architectures.modeling_sliced import branch_writers, stream_weight
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,12 @@ class Family:
     attn_outputs: tuple[str, ...] = ("self_attn.o_proj",)
     mlp_inputs: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
     mlp_outputs: tuple[str, ...] = ("mlp.down_proj",)
+    # Norms on a branch's output, before the residual add (Gemma 2/3, OLMo-2). Their scale
+    # cannot fold into a rotated weight, so fusion turns each into a bare norm over the
+    # dense output followed by a map (dense -> stream width) holding the scale; that map,
+    # not the branch's output projections, writes the stream (see `branch_writers`).
+    attn_post_norm: str | None = None
+    mlp_post_norm: str | None = None
     # Integer attributes inside the layer that hold the width the MLP reads (MoE routers
     # reshape their input by it), so they must follow the sliced width.
     mlp_width_attrs: tuple[str, ...] = ()
@@ -81,6 +87,10 @@ class Family:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def writers(self, part: str) -> tuple[str, ...]:
+        """The weights that write branch `part` ("attn" or "mlp") into the stream after fusion."""
+        return branch_writers(self.to_dict(), part)
 
     def for_config(self, config) -> "Family":
         """This description with config-dependent choices (block shape, norm names) made."""
@@ -314,15 +324,19 @@ FAMILIES: dict[str, Family] = {
     **RECENT_FAMILIES,
 }
 
-_SANDWICH = ("puts norms after attention and after the MLP, inside the residual branch; their scale cannot be "
-             "folded into any weight, so the rotation would not be exact (replacing each such scale by its mean, "
-             "the closest choice that commutes with a rotation, moves a tiny random Gemma-2's logits by half "
-             "their largest value: see docs/architectures.md)")
+# Gemma 2/3: (1 + w) norms before and after each branch ("sandwich"). Sliding-window and
+# global layers, attention and final-logit soft-capping, q/k norms (Gemma 3) and the scalar
+# embedding scale all act off the stream or commute with the rotation.
+GEMMA2 = dataclasses.replace(LLAMA, name="gemma2", norm_kind="rms_plus_one", mlp_norm="pre_feedforward_layernorm",
+                             attn_post_norm="post_attention_layernorm", mlp_post_norm="post_feedforward_layernorm")
+FAMILIES.update({
+    "Gemma2ForCausalLM": GEMMA2,
+    "Gemma3ForCausalLM": dataclasses.replace(GEMMA2, name="gemma3"),
+})
+
 # Architectures refused on purpose, with the reason.
 UNSUPPORTED: dict[str, str] = {
-    "Gemma2ForCausalLM": _SANDWICH,
-    "Gemma3ForCausalLM": _SANDWICH,
-    "Gemma3ForConditionalGeneration": _SANDWICH,
+    "Gemma3ForConditionalGeneration": "is a vision-language model; slice its text model (Gemma3ForCausalLM)",
 }
 
 
@@ -424,7 +438,7 @@ def check_structure(model: nn.Module, family: Family) -> None:
         layer_family = family.for_layer(index)
         where = f"layer {index}"
         modules = [layer_family.attn, layer_family.attn_norm, layer_family.mlp, layer_family.mlp_norm,
-                   *layer_family.mlp_chain]
+                   layer_family.attn_post_norm, layer_family.mlp_post_norm, *layer_family.mlp_chain]
         for path in filter(None, modules):
             require(layer, path, where)
         for path in (*layer_family.attn_inputs, *layer_family.mlp_inputs):
@@ -438,7 +452,8 @@ def check_structure(model: nn.Module, family: Family) -> None:
             parent, _, name = path.rpartition(".")
             if not _exists(layer, parent) or not isinstance(getattr(get_module(layer, parent), name, None), int):
                 raise mismatch(f"integer attribute '{path}' not found", where)
-        for path in filter(None, (layer_family.attn_norm, layer_family.mlp_norm)):
+        for path in filter(None, (layer_family.attn_norm, layer_family.mlp_norm, layer_family.attn_post_norm,
+                                  layer_family.mlp_post_norm)):
             norm = get_module(layer, path)
             check_norm(norm, layer_family.norm_kind, mismatch(
                 f"norm '{path}' is a {type(norm).__name__}, not {NORM_KINDS[layer_family.norm_kind]}", where))

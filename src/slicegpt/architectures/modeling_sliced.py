@@ -163,6 +163,13 @@ def conv1d_as_linear(module: nn.Module) -> nn.Linear:
     return linear
 
 
+def branch_writers(family: dict, part: str) -> tuple[str, ...]:
+    """The weights that write branch `part` ("attn" or "mlp") into the stream once fused:
+    its output projections, or the map after its post-norm where it has one."""
+    post = family.get(f"{part}_post_norm")
+    return (f"{post}.map",) if post else tuple(family[f"{part}_outputs"])
+
+
 def stream_linear_paths(family: dict) -> list[str]:
     return [*family["attn_inputs"], *family["attn_outputs"], *family["mlp_inputs"], *family["mlp_outputs"]]
 
@@ -200,6 +207,8 @@ class SlicedDecoderLayer(nn.Module):
     def __init__(self, modules: dict[str, nn.Module], family: dict, attention_type: str | None = None):
         super().__init__()
         self.names = {key: family[key] for key in ("attn", "attn_norm", "mlp_norm")}
+        # Norms on the branch outputs (NormThenMap once fused); absent in older checkpoints.
+        self.names.update({key: family.get(key) for key in ("attn_post_norm", "mlp_post_norm")})
         # The MLP is one module, or (OPT) a chain of the layer's own children applied in order.
         self.mlp_names = [family["mlp"]] if family["mlp"] else list(family["mlp_chain"])
         self.parallel = bool(family["parallel"])
@@ -214,6 +223,9 @@ class SlicedDecoderLayer(nn.Module):
 
     def _part(self, key: str) -> nn.Module:
         return getattr(self, self.names[key])
+
+    def _post(self, key: str, out: torch.Tensor) -> torch.Tensor:
+        return out if self.names[key] is None else self._part(key)(out)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         for name in self.mlp_names:
@@ -243,10 +255,11 @@ class SlicedDecoderLayer(nn.Module):
 
     def attention_half(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         out = first_output(self._part("attn")(hidden_states=self._part("attn_norm")(x), **kwargs))
-        return self._residual(self.attn_shortcut, x, out)
+        return self._residual(self.attn_shortcut, x, self._post("attn_post_norm", out))
 
     def mlp_half(self, x: torch.Tensor) -> torch.Tensor:
-        return self._residual(self.mlp_shortcut, x, self._mlp(self._part("mlp_norm")(x)))
+        out = self._post("mlp_post_norm", self._mlp(self._part("mlp_norm")(x)))
+        return self._residual(self.mlp_shortcut, x, out)
 
     def parallel_block(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         attn_in = self._part("attn_norm")(x)
@@ -273,7 +286,8 @@ def _set(root: nn.Module, path: str, module: nn.Module) -> None:
 
 def wrap_layer(layer: nn.Module, family: dict) -> SlicedDecoderLayer:
     """Turn an original decoder layer into a SlicedDecoderLayer holding the same modules."""
-    names = [family["attn"], family["attn_norm"], family["mlp_norm"], family["mlp"], *family["mlp_chain"]]
+    names = [family["attn"], family["attn_norm"], family["mlp_norm"], family["mlp"], *family["mlp_chain"],
+             family.get("attn_post_norm"), family.get("mlp_post_norm")]
     modules = {name: layer.get_submodule(name) for name in names if name}
     return SlicedDecoderLayer(modules, family, getattr(layer, "attention_type", None))
 
@@ -292,7 +306,7 @@ def _narrow(root: nn.Module, path: str, width: int, reads: bool) -> None:
 
 # Fields added in format 2, with the values that format-1 checkpoints (Llama-style) imply.
 _FORMAT_2_DEFAULTS = {"mlp_chain": (), "mlp_width_attrs": (), "mlp_keeps_width": False, "conv1d": False,
-                      "layer_args": ()}
+                      "layer_args": (), "attn_post_norm": None, "mlp_post_norm": None}
 
 
 def family_fields(family: dict) -> dict:
@@ -331,12 +345,16 @@ def apply_sliced_structure(model: nn.Module, slicing: dict) -> None:
         w_mid = w_in if described["parallel"] else widths["mid"]  # the width the MLP reads
         for path in described["attn_inputs"]:
             _narrow(layer, path, w_in, reads=True)
-        for path in described["attn_outputs"]:
-            _narrow(layer, path, w_out if described["parallel"] else w_mid, reads=False)
+        attn_to = w_out if described["parallel"] else w_mid
         for path in described["mlp_inputs"]:
             _narrow(layer, path, w_mid, reads=True)
-        for path in described["mlp_outputs"]:
-            _narrow(layer, path, w_out, reads=False)
+        for part, width in (("attn", attn_to), ("mlp", w_out)):
+            post = described.get(f"{part}_post_norm")
+            if post:  # the branch's projections stay dense; the post-norm's map writes the stream
+                _set(layer, post, NormThenMap(dense, eps, dense, width, device=parameter.device,
+                                              dtype=parameter.dtype))
+            for path in () if post else described[f"{part}_outputs"]:
+                _narrow(layer, path, width, reads=False)
         set_width_attrs(layer, described["mlp_width_attrs"], w_mid)
         for key in ("attn_norm", "mlp_norm"):
             if described[key]:

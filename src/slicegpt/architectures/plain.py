@@ -28,6 +28,8 @@ def check_plain_exportable(model: nn.Module, family: Family) -> int:
     slicing = getattr(model.config, "slicing", None)
     if slicing is None:
         raise SliceGPTError("only a sliced model can be exported as a plain one")
+    if family.attn_post_norm or family.mlp_post_norm:
+        raise SliceGPTError(f"plain export cannot hold the {family.name} family's post-norm maps")
     if family.norm_kind != "rms":
         raise SliceGPTError(f"plain export needs plain RMSNorm; the {family.name} family's norms differ")
     widths = {slicing["embedding_width"], slicing["head_in"]}

@@ -172,7 +172,7 @@ def branch_scale(layer: nn.Module, attr: str) -> float:
 def scale_writers(layer: nn.Module, family: Family, scale: float) -> None:
     """x + scale * branch(x) == x + branch'(x): the scale moves into every writer's weight and bias
     (Granite's residual_multiplier); the sliced layer then adds the branch unscaled."""
-    for path in (*family.attn_outputs, *family.mlp_outputs):
+    for path in (*family.writers("attn"), *family.writers("mlp")):
         writer = stream_weight(layer, path)
         bias = writer.bias
         writer.replace(writer.weight.double() * scale, None if bias is None else bias.double() * scale)
@@ -191,10 +191,18 @@ def fuse_layer(layer: nn.Module, family: Family, dense: int, eps: float,
     else:
         gained = _fold(layer, family, family.attn_norm, family.attn_inputs, dense, eps, mean_axis)
         gained += _fold(layer, family, family.mlp_norm, family.mlp_inputs, dense, eps, mean_axis)
+    for post in filter(None, (family.attn_post_norm, family.mlp_post_norm)):
+        norm = get_module(layer, post)
+        if norm_module_eps(norm) != eps:
+            raise SliceGPTError(f"norm '{post}' has epsilon {norm_module_eps(norm)}, the final norm {eps}: "
+                                "one epsilon for every norm is assumed")
+        like = next(norm.parameters(), None)
+        like = like if like is not None else stream_weight(layer, family.attn_inputs[0]).weight
+        set_module(layer, post, final_map(norm, family.norm_kind, dense, eps, like=like))
     if family.branch_scale_attr is not None:
         scale_writers(layer, family, branch_scale(layer, family.branch_scale_attr))
     if family.norm_kind == "layer":
-        for path in (*family.attn_outputs, *family.mlp_outputs):
+        for path in (*family.writers("attn"), *family.writers("mlp")):
             (reflect_output if mean_axis else centre_output)(stream_weight(layer, path))
     return wrap_layer(layer, family.to_dict()), gained
 

@@ -132,7 +132,7 @@ def refit_layer(dense: nn.Module, sliced: nn.Module, family: Family, dense_acts:
     layer's, like the MLP's, to the stream after the layer.
     """
     sequential = not sliced.parallel and family.mlp_norm is not None
-    attention, mlp = refittable(sliced, family.attn_outputs), refittable(sliced, family.mlp_outputs)
+    attention, mlp = refittable(sliced, family.writers("attn")), refittable(sliced, family.writers("mlp"))
     mid_targets, out_targets = [], []  # the dense stream, in the kept coordinates
     mid_tap = _Tap(get_module(dense, family.mlp_norm)) if sequential and attention is not None else None
 

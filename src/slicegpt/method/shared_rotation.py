@@ -156,7 +156,7 @@ def rotate_layer(layer: nn.Module, family: Family, index: int, bases: dict[str, 
     Points of one group share the same tensor, and no shortcut is made between them.
     """
     family = family.for_layer(index)
-    dtype = stream_weight(layer, family.attn_outputs[0]).weight.dtype
+    dtype = stream_weight(layer, family.attn_inputs[0]).weight.dtype
     Q_in = bases[basis_before(index)]
     Q_out = bases[f"layer {index} output"]
     Q_mid = Q_in if layer.parallel else bases[f"layer {index} mlp input"]
@@ -167,9 +167,9 @@ def rotate_layer(layer: nn.Module, family: Family, index: int, bases: dict[str, 
         rotate_input(stream_weight(layer, path), Q_in)
     for path in family.mlp_inputs:
         rotate_input(stream_weight(layer, path), Q_mid)
-    for path in family.attn_outputs:
+    for path in family.writers("attn"):
         rotate_output(stream_weight(layer, path), attn_to)
-    for path in family.mlp_outputs:
+    for path in family.writers("mlp"):
         rotate_output(stream_weight(layer, path), Q_out)
     set_width_attrs(layer, family.mlp_width_attrs, Q_mid.shape[1])
     layer.attn_shortcut = None if attn_to is Q_in else shortcut(Q_in, attn_to, dtype)

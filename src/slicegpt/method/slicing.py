@@ -228,11 +228,11 @@ class Slicer:
         family, dtype = self.family.for_layer(index), acts.hidden[0].dtype
         layer.attn_shortcut = layer.mlp_shortcut = None
         Q_mid = self._block(f"layer {index} mlp input", family, layer, layer.attention_half, acts, kwargs, Q_in,
-                            family.attn_inputs, family.attn_outputs, has_mlp=False, skip="attn_shortcut")
+                            family.attn_inputs, family.writers("attn"), has_mlp=False, skip="attn_shortcut")
         layer.attn_shortcut = shortcut(Q_in, Q_mid, dtype)
         no_kwargs = [{} for _ in kwargs]
         Q_out = self._block(f"layer {index} output", family, layer, layer.mlp_half, acts, no_kwargs, Q_mid,
-                            family.mlp_inputs, family.mlp_outputs, has_mlp=True, skip="mlp_shortcut")
+                            family.mlp_inputs, family.writers("mlp"), has_mlp=True, skip="mlp_shortcut")
         layer.mlp_shortcut = shortcut(Q_mid, Q_out, dtype)
         self._mid_basis = Q_mid
         self.result.layer_widths.append(layer_record(layer, Q_in, Q_out, Q_mid))
@@ -243,7 +243,7 @@ class Slicer:
         family, dtype = self.family.for_layer(index), acts.hidden[0].dtype
         layer.attn_shortcut = None
         Q_out = self._block(f"layer {index} output", family, layer, layer.parallel_block, acts, kwargs, Q_in,
-                            (*family.attn_inputs, *family.mlp_inputs), (*family.attn_outputs, *family.mlp_outputs),
+                            (*family.attn_inputs, *family.mlp_inputs), (*family.writers("attn"), *family.writers("mlp")),
                             has_mlp=True, skip="attn_shortcut")
         layer.attn_shortcut = shortcut(Q_in, Q_out, dtype)
         self._mid_basis = None
