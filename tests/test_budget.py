@@ -12,8 +12,9 @@ from conftest import make_tiny_model, random_batches
 
 @pytest.mark.parametrize("rotations", ["block", "layer", "model"])
 @pytest.mark.parametrize("tied", [True, False])
-def test_predicted_count_matches_the_sliced_model(rotations, tied):
-    model = make_tiny_model("Qwen2ForCausalLM", tied=tied)
+@pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "Gemma3ForCausalLM"])  # Gemma: post-norm maps
+def test_predicted_count_matches_the_sliced_model(arch, rotations, tied):
+    model = make_tiny_model(arch, tied=tied)
     family = family_for(model)
     config = SliceConfig(sparsity=0.25, rotations=rotations)
     predicted = predicted_parameters(model, family, config, uniform_widths(model, family, 48))

