@@ -105,6 +105,7 @@ TINY_CONFIGS = {
     "Gemma3ForCausalLM": lambda tied: transformers.Gemma3TextConfig(
         **_GQA, head_dim=16, tie_word_embeddings=tied, sliding_window=8, query_pre_attn_scalar=16,
         layer_types=["sliding_attention", "full_attention"]),
+    "Olmo2ForCausalLM": lambda tied: transformers.Olmo2Config(**_GQA, tie_word_embeddings=tied),
     "MixtralForCausalLM": lambda tied: transformers.MixtralConfig(
         **dict(_GQA, intermediate_size=32), num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=tied),
     "Qwen2MoeForCausalLM": lambda tied: transformers.Qwen2MoeConfig(

@@ -12,7 +12,7 @@ from conftest import make_tiny_model, random_batches
 
 @pytest.mark.parametrize("rotations", ["block", "layer", "model"])
 @pytest.mark.parametrize("tied", [True, False])
-@pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "Gemma3ForCausalLM"])  # Gemma: post-norm maps
+@pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM"])  # post-norm maps
 def test_predicted_count_matches_the_sliced_model(arch, rotations, tied):
     model = make_tiny_model(arch, tied=tied)
     family = family_for(model)

@@ -53,7 +53,7 @@ def _assert_same(a, b, atol=0.0):
 
 @pytest.mark.parametrize("arch,tied,spill", [("LlamaForCausalLM", False, "never"), ("LlamaForCausalLM", True, "never"),
                                               ("LlamaForCausalLM", True, "always"), ("Qwen2ForCausalLM", False, "always"),
-                                              ("Gemma3ForCausalLM", True, "never")])
+                                              ("Gemma3ForCausalLM", True, "never"), ("Olmo2ForCausalLM", True, "never")])
 def test_streamed_equals_in_memory(tmp_path, arch, tied, spill):
     path = _sharded(tmp_path, arch, tied)
     config = SliceConfig(sparsity=0.25)
@@ -100,6 +100,7 @@ def test_streamed_equals_in_memory_with_options(tmp_path, settings):
     ("LlamaForCausalLM", True, dict(rotations="group:2", tied_head_basis="input"), "never"),
     ("Qwen2ForCausalLM", False, dict(rotations="model", pca="normalized"), "always"),
     ("Gemma2ForCausalLM", True, dict(rotations="layer"), "never"),
+    ("Olmo2ForCausalLM", False, dict(rotations="model"), "never"),
 ])
 def test_streamed_shared_rotations_equal_in_memory(tmp_path, arch, tied, settings, spill):
     path = _sharded(tmp_path, arch, tied)

@@ -47,6 +47,9 @@ class Family:
     # not the branch's output projections, writes the stream (see `branch_writers`).
     attn_post_norm: str | None = None
     mlp_post_norm: str | None = None
+    # False: the branches read the stream with no norm before them (OLMo-2); fusion then puts
+    # parameter-free identities at attn_norm / mlp_norm, which mark where each block reads.
+    pre_norms: bool = True
     # Integer attributes inside the layer that hold the width the MLP reads (MoE routers
     # reshape their input by it), so they must follow the sliced width.
     mlp_width_attrs: tuple[str, ...] = ()
@@ -329,9 +332,14 @@ FAMILIES: dict[str, Family] = {
 # embedding scale all act off the stream or commute with the rotation.
 GEMMA2 = dataclasses.replace(LLAMA, name="gemma2", norm_kind="rms_plus_one", mlp_norm="pre_feedforward_layernorm",
                              attn_post_norm="post_attention_layernorm", mlp_post_norm="post_feedforward_layernorm")
+# OLMo-2: no norms before the branches, RMSNorms after them (the same maps as Gemma's);
+# its q/k norms act on the q/k projections' outputs, inside attention.
 FAMILIES.update({
     "Gemma2ForCausalLM": GEMMA2,
     "Gemma3ForCausalLM": dataclasses.replace(GEMMA2, name="gemma3"),
+    "Olmo2ForCausalLM": dataclasses.replace(LLAMA, name="olmo2", attn_norm="attn_input", mlp_norm="mlp_input",
+                                            pre_norms=False, attn_post_norm="post_attention_layernorm",
+                                            mlp_post_norm="post_feedforward_layernorm"),
 })
 
 # Architectures refused on purpose, with the reason.
@@ -437,8 +445,9 @@ def check_structure(model: nn.Module, family: Family) -> None:
     for index, layer in enumerate(get_module(model, family.layers)):
         layer_family = family.for_layer(index)
         where = f"layer {index}"
-        modules = [layer_family.attn, layer_family.attn_norm, layer_family.mlp, layer_family.mlp_norm,
-                   layer_family.attn_post_norm, layer_family.mlp_post_norm, *layer_family.mlp_chain]
+        pre_norms = (layer_family.attn_norm, layer_family.mlp_norm) if layer_family.pre_norms else ()
+        modules = [layer_family.attn, layer_family.mlp, *pre_norms, layer_family.attn_post_norm,
+                   layer_family.mlp_post_norm, *layer_family.mlp_chain]
         for path in filter(None, modules):
             require(layer, path, where)
         for path in (*layer_family.attn_inputs, *layer_family.mlp_inputs):
@@ -452,8 +461,7 @@ def check_structure(model: nn.Module, family: Family) -> None:
             parent, _, name = path.rpartition(".")
             if not _exists(layer, parent) or not isinstance(getattr(get_module(layer, parent), name, None), int):
                 raise mismatch(f"integer attribute '{path}' not found", where)
-        for path in filter(None, (layer_family.attn_norm, layer_family.mlp_norm, layer_family.attn_post_norm,
-                                  layer_family.mlp_post_norm)):
+        for path in filter(None, (*pre_norms, layer_family.attn_post_norm, layer_family.mlp_post_norm)):
             norm = get_module(layer, path)
             check_norm(norm, layer_family.norm_kind, mismatch(
                 f"norm '{path}' is a {type(norm).__name__}, not {NORM_KINDS[layer_family.norm_kind]}", where))

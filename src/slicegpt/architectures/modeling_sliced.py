@@ -306,7 +306,8 @@ def _narrow(root: nn.Module, path: str, width: int, reads: bool) -> None:
 
 # Fields added in format 2, with the values that format-1 checkpoints (Llama-style) imply.
 _FORMAT_2_DEFAULTS = {"mlp_chain": (), "mlp_width_attrs": (), "mlp_keeps_width": False, "conv1d": False,
-                      "layer_args": (), "attn_post_norm": None, "mlp_post_norm": None}
+                      "layer_args": (), "attn_post_norm": None, "mlp_post_norm": None,
+                      "pre_norms": True}
 
 
 def family_fields(family: dict) -> dict:
@@ -357,8 +358,9 @@ def apply_sliced_structure(model: nn.Module, slicing: dict) -> None:
                 _narrow(layer, path, width, reads=False)
         set_width_attrs(layer, described["mlp_width_attrs"], w_mid)
         for key in ("attn_norm", "mlp_norm"):
-            if described[key]:
-                _set(layer, described[key], SlicedRMSNorm(dense, eps, skip_first))
+            if described[key]:  # identities where the branches read the stream without a norm
+                _set(layer, described[key],
+                     SlicedRMSNorm(dense, eps, skip_first) if described["pre_norms"] else nn.Identity())
         wrapped = wrap_layer(layer, described)
         absent = widths.get("no_shortcut", [])
         if "attn" not in absent:

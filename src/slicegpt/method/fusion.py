@@ -185,7 +185,11 @@ def fuse_layer(layer: nn.Module, family: Family, dense: int, eps: float,
     and the paths (inside the layer) of the linears that gained a bias. `mean_axis`: see
     `uses_mean_axis`."""
     linearise_conv1d(layer, family.to_dict())
-    if family.mlp_norm is None:  # one norm feeds both branches
+    if not family.pre_norms:  # the branches read the stream as it is
+        gained = []
+        set_module(layer, family.attn_norm, nn.Identity())
+        set_module(layer, family.mlp_norm, nn.Identity())
+    elif family.mlp_norm is None:  # one norm feeds both branches
         gained = _fold(layer, family, family.attn_norm, (*family.attn_inputs, *family.mlp_inputs), dense, eps,
                        mean_axis)
     else:
