@@ -13,6 +13,20 @@ from slicegpt.io.data import tokenize_joined
 from slicegpt.errors import SliceGPTError
 
 
+LOSS_POSITIONS = 512  # positions per cross-entropy call: a 262k vocabulary's copies stay small
+
+
+def _summed_loss(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed next-token loss, a slice of positions at a time (each slice's float copy and
+    log-softmax are a fraction of the logits' size)."""
+    total = 0.0
+    for start in range(0, logits.shape[1], LOSS_POSITIONS):
+        piece = logits[:, start:start + LOSS_POSITIONS]
+        total += F.cross_entropy(piece.flatten(0, 1).float(), targets[:, start:start + LOSS_POSITIONS].flatten(),
+                                 reduction="sum").item()
+    return total
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, tokenizer, texts: list[str], seqlen: int = 2048, chunks: int | None = None,
                batch_size: int = 1, progress: bool = True) -> dict:
@@ -28,8 +42,7 @@ def perplexity(model: nn.Module, tokenizer, texts: list[str], seqlen: int = 2048
     for batch in tqdm(windows.split(batch_size), desc="Perplexity", unit="batch", disable=not progress):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
-        total_loss += loss.item()
+        total_loss += _summed_loss(logits[:, :-1], batch[:, 1:])
         total_tokens += batch[:, 1:].numel()
     ppl = math.exp(total_loss / total_tokens)
     if not math.isfinite(ppl):
