@@ -82,3 +82,12 @@ def test_the_default_is_smaller_than_dense_for_every_tied_family(arch, sparsity)
     slice_model(model, None, SliceConfig(sparsity=sparsity), random_batches(96), progress=False)
     assert count_parameters(model) < dense
     assert model.config.slicing["tied_head"]
+
+
+@pytest.mark.parametrize("arch", ["Gemma3ForCausalLM", "Olmo2ForCausalLM"])
+@pytest.mark.parametrize("settings", [dict(sparsity=0.25, round_to=1), dict(target_ratio=0.85)])
+def test_post_norm_families_keep_a_basis_per_block(arch, settings):
+    """Where a Llama's size would buy one wide basis, post-norm families keep per-block bases."""
+    model = make_tiny_model(arch, tied=True)
+    config = resolve_layout(model, family_for(model), SliceConfig(**settings))
+    assert (config.rotations, config.pca) == ("block", "raw")

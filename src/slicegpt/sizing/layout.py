@@ -11,7 +11,9 @@ best there (protocol P on SmolLM2-135M, bench/README.md):
 - at 0.75-0.77 x, per-block bases: one basis cannot follow the stream through every layer
   once this much is cut (71.14 at 0.751 x, against 57.34 at 0.767 x).
 
-The switch sits between the two, at 0.8 x dense.
+The switch sits between the two, at 0.8 x dense. Families with post-norms (Gemma-2/3,
+OLMo-2) always keep per-block bases: on Gemma 3 270M one basis for the whole model gave
+perplexities above 1e9 at 0.85 x dense where per-block bases stay finite (bench/README.md).
 
 A positive sparsity never gives a model larger than dense: where the per-block layout at S
 would be (small models, where the shortcuts outweigh what slicing saves; mild cuts), the
@@ -79,6 +81,8 @@ def _resolve_rotations(model: nn.Module, family: Family, config: SliceConfig) ->
     asked = config.target_params is not None or config.target_ratio is not None
     # The per-block layout at the sparsity would be larger than dense: a budget replaces it.
     capped = not asked and size < uniform_size(model, family, block)
+    if family.attn_post_norm or family.mlp_post_norm:  # one basis broke Gemma 3 270M (bench/README.md)
+        return dataclasses.replace(block, target_params=size) if capped else block
     if size < SHARED_FROM * count_parameters(model) and (not capped or _fits(model, family, block, size)):
         return dataclasses.replace(block, target_params=size) if capped else block
     if not asked:  # the same size, spent on width
