@@ -1,4 +1,4 @@
-"""Gemma 3 270M on protocol P's data and settings: dense, --sparsity 0.25, --target-ratio 0.85.
+"""Gemma 3 270M on protocol P's data and settings: dense, --target-ratio 0.85, --sparsity 0.25.
 
 gemma3-270m (the Q4_K_M GGUF, dequantised to float32), 2 threads, seed 42, calibration
 64 x 2048 tokens of WikiText-2 (v1) validation, perplexity on the first 16 chunks of
@@ -33,8 +33,8 @@ MODEL = "gemma3-270m"
 # one scale that commutes with a rotation), measured on the dense model, before any slicing.
 MEAN_SCALE = "dense-mean-post-norm-scale"
 CONFIGS = {
-    "sparsity-0.25": dict(sparsity=0.25),
     "ratio-0.85": dict(target_ratio=0.85),
+    "sparsity-0.25": dict(sparsity=0.25),
     MEAN_SCALE: None,
 }
 
