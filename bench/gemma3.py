@@ -32,11 +32,63 @@ MODEL = "gemma3-270m"
 # alternative to the exact post-norm maps: each post-norm's scale replaced by its mean (the
 # one scale that commutes with a rotation), measured on the dense model, before any slicing.
 MEAN_SCALE = "dense-mean-post-norm-scale"
+# Another alternative: slice only the tied embedding (63% of this model). Its PCA basis Q
+# (w of 640 directions, from the embedding outputs and the head inputs, as slicegpt's joint
+# tied-head basis) factorises the table as (E Q) Q^T: stored, that is a V x w table, a w x D
+# map after it and a D x w map before the head; the body stays dense. The run computes
+# the same function with E Q Q^T in place of E and counts the factorised parameters.
+EMBEDDING_ONLY = "embedding-only-480"
+EMBEDDING_WIDTH = 480
 CONFIGS = {
     "ratio-0.85": dict(target_ratio=0.85),
+    EMBEDDING_ONLY: None,
     "sparsity-0.25": dict(sparsity=0.25),
     MEAN_SCALE: None,
 }
+
+
+@torch.no_grad()
+def embedding_only_run(args) -> dict:
+    from slicegpt import SliceConfig, load_model, perplexity
+    from slicegpt.io.data import load_texts
+    from slicegpt.method.pca import principal_basis
+    from slicegpt.running.in_memory import calibration_data
+    from slicegpt.sizing.counts import count_parameters
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(MODEL)
+    config = SliceConfig(sparsity=0.25, cal_samples=args.cal_samples, cal_seqlen=args.cal_seqlen,
+                         cal_batch_size=args.cal_batch_size, seed=42)
+    batches = calibration_data(tokenizer, config, load_texts(str(CAL_DATA)))
+    dense_params = count_parameters(model)
+    start = time.perf_counter()
+    sums = {}
+
+    def keep(name):
+        def hook(module, inputs, output):
+            x = output.double().flatten(0, -2)
+            sums[name] = sums.get(name, 0) + x.T @ x
+        return hook
+
+    handles = [model.model.embed_tokens.register_forward_hook(keep("embeddings")),
+               model.model.norm.register_forward_hook(keep("head input"))]
+    for batch in batches:
+        model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    for handle in handles:
+        handle.remove()
+    joint = sums["embeddings"] / sums["embeddings"].trace() + sums["head input"] / sums["head input"].trace()
+    eigenvalues, vectors = principal_basis(joint)
+    Q = vectors[:, :EMBEDDING_WIDTH]
+    weight = model.model.embed_tokens.weight
+    weight.copy_((weight.double() @ Q @ Q.T).to(weight.dtype))  # the tied head reads the same table
+    seconds = time.perf_counter() - start
+    ppl = perplexity(model, tokenizer, load_texts(str(PPL_DATA)), chunks=args.ppl_chunks, progress=False)["ppl"]
+    vocab, dense = weight.shape
+    params = dense_params - vocab * dense + vocab * EMBEDDING_WIDTH + 2 * dense * EMBEDDING_WIDTH
+    return {"config": EMBEDDING_ONLY, "width": EMBEDDING_WIDTH, "ppl": ppl, "params_dense": dense_params,
+            "params_factorised": params, "calibrate_and_factorise_s": seconds,
+            "variance_kept": (eigenvalues[:EMBEDDING_WIDTH].sum() / eigenvalues.sum()).item(),
+            "peak_rss_gib": peak_rss_gib()}
 
 
 @torch.no_grad()
@@ -63,6 +115,8 @@ def one_run(name: str, args) -> dict:
 
     if name == MEAN_SCALE:
         return mean_scale_run(args)
+    if name == EMBEDDING_ONLY:
+        return embedding_only_run(args)
     from slicegpt.architectures.families import family_for
     from slicegpt.io.data import load_texts
     from slicegpt.running.in_memory import calibration_data
@@ -100,6 +154,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny settings, to check the script runs")
     parser.add_argument("--fresh", action="store_true", help="drop the rows already measured")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", help="comma-separated configurations, written to gemma3_<first>.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration
     parser.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cal-samples", type=int, default=64, help=argparse.SUPPRESS)
@@ -111,15 +166,17 @@ def main() -> None:
         print(json.dumps(one_run(args.one, args)))
         return
 
-    out = ROOT / "bench" / "results" / f"gemma3{'_quick' if args.quick else ''}.json"
+    names = args.only.split(",") if args.only else list(CONFIGS)
+    tag = f"_{names[0]}" if args.only else ""
+    out = ROOT / "bench" / "results" / f"gemma3{tag}{'_quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = [] if args.fresh or not out.exists() else json.loads(out.read_text())["rows"]
     sizes = ["--cal-samples", "2", "--cal-seqlen", "128", "--ppl-chunks", "1"] if args.quick else []
-    for index, name in enumerate(CONFIGS):
+    for name in names:
         if any(row["config"] == name for row in rows):
             continue
         command = [sys.executable, __file__, "--one", name, "--threads", str(args.threads),
-                   *(["--dense"] if index == 0 else []), *sizes]
+                   *(["--dense"] if name == next(iter(CONFIGS)) else []), *sizes]
         print(f"running {name} ...", file=sys.stderr, flush=True)
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
@@ -145,6 +202,12 @@ def summarise(rows: list[dict]) -> dict:
             if dense is not None:
                 summary[f"ppl_ratio_{MEAN_SCALE}"] = r["ppl"] / dense["ppl_dense"]
             continue
+        if r["config"] == EMBEDDING_ONLY:
+            summary[f"params_ratio_{EMBEDDING_ONLY}"] = r["params_factorised"] / r["params_dense"]
+            if dense is not None:
+                summary[f"ppl_ratio_{EMBEDDING_ONLY}"] = r["ppl"] / dense["ppl_dense"]
+                summary[f"cost_ratio_{EMBEDDING_ONLY}"] = r["calibrate_and_factorise_s"] / dense["dense_forward_s"]
+            continue
         name = r["config"]
         summary[f"params_ratio_{name}"] = r["params_sliced"] / r["params_dense"]
         if dense is not None:
@@ -163,6 +226,10 @@ def print_table(rows: list[dict], summary: dict) -> None:
         if r["config"] == MEAN_SCALE:
             print(f"{r['config']}: ppl {r['ppl']:.2f} (post-norm scale CV {r['post_norm_scale_cv_min']:.2f} to "
                   f"{r['post_norm_scale_cv_max']:.2f})")
+            continue
+        if r["config"] == EMBEDDING_ONLY:
+            print(f"{r['config']}: ppl {r['ppl']:.2f}, {r['params_factorised']:,} parameters "
+                  f"({r['params_factorised'] / r['params_dense']:.3f} x dense), {r['calibrate_and_factorise_s']:.1f} s")
             continue
         print(f"{r['config']:>14} {r['rotations']:>9} {r['width']:>5} {r.get('ppl_dense', float('nan')):>10.2f} "
               f"{r['ppl_sliced']:>10.2f} {r['calibrate_and_slice_s']:>8.1f} "
