@@ -40,9 +40,11 @@ def test_sliced_gemma3_perplexity_is_sane(gemma3_dir):
     model = AutoModelForCausalLM.from_pretrained(gemma3_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(gemma3_dir)
     test_texts = load_texts(str(WIKITEXT_TEST))
-    dense = perplexity(model, tokenizer, test_texts, seqlen=512, chunks=2, progress=False)["ppl"]
-    config = SliceConfig(sparsity=0.25, cal_samples=4, cal_seqlen=512, cal_batch_size=4)
+    dense = perplexity(model, tokenizer, test_texts, seqlen=256, chunks=2, progress=False)["ppl"]
+    # 1024 calibration tokens: more than the width (640), so every covariance has full rank.
+    config = SliceConfig(sparsity=0.25, cal_samples=4, cal_seqlen=256, cal_batch_size=4)
     slice_model(model, tokenizer, config, load_texts(str(WIKITEXT_VALIDATION)), progress=False)
-    sliced = perplexity(model, tokenizer, test_texts, seqlen=512, chunks=2, progress=False)["ppl"]
-    assert 5 < dense < 80
-    assert dense * 1.02 < sliced < dense * 8
+    assert model.config.slicing["config"]["rotations"] == "block"  # auto, for a family with post-norms
+    sliced = perplexity(model, tokenizer, test_texts, seqlen=256, chunks=2, progress=False)["ppl"]
+    assert 5 < dense < 100
+    assert dense * 1.02 < sliced < dense * 10  # bench/README.md: about 5.4 x on a reduced protocol
