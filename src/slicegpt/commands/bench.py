@@ -18,7 +18,7 @@ from slicegpt.commands.common import add_model_options, apply_threads, print_jso
 def add_parser(subparsers) -> None:
     defaults = BenchSettings()
     parser = subparsers.add_parser("bench", help="measure prefill/decode speed and peak memory, dense against sliced")
-    parser.add_argument("model", metavar="MODEL_OR_DIR", help="smollm2-135m, a model or sliced directory, a hub id")
+    parser.add_argument("model", metavar="MODEL_OR_DIR", help="smollm2-135m, gemma3-270m, a model or sliced directory, a hub id")
     parser.add_argument("--compare", metavar="OTHER", help="a second model measured in the same run (ratios: OTHER/MODEL)")
     parser.add_argument("--batch-sizes", default=",".join(map(str, defaults.batch_sizes)), metavar="B,B",
                         help="batch sizes (default 1,8)")

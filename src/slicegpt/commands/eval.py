@@ -21,7 +21,7 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="evaluate a dense or sliced model")
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
     zeroshot = kinds.add_parser("zeroshot", help="zero-shot tasks through lm-evaluation-harness")
-    zeroshot.add_argument("model", metavar="MODEL_OR_DIR", help="smollm2-135m, a model directory, a .gguf file or a hub id")
+    zeroshot.add_argument("model", metavar="MODEL_OR_DIR", help="smollm2-135m, gemma3-270m, a model directory, a .gguf file or a hub id")
     zeroshot.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated tasks (default {DEFAULT_TASKS})")
     zeroshot.add_argument("--limit", type=int, default=None, metavar="N",
                           help="evaluate only the first N examples of each task (default: all)")

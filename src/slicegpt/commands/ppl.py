@@ -11,7 +11,7 @@ from slicegpt.commands.common import add_model_options, add_ppl_options, apply_t
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("ppl", help="measure WikiText-2 perplexity of a model or sliced directory")
-    parser.add_argument("model", metavar="MODEL_OR_DIR", help="smollm2-135m, a model directory, a .gguf file or a hub id")
+    parser.add_argument("model", metavar="MODEL_OR_DIR", help="smollm2-135m, gemma3-270m, a model directory, a .gguf file or a hub id")
     add_ppl_options(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
     add_model_options(parser)

@@ -33,7 +33,7 @@ from slicegpt.commands.common import (add_model_options, add_ppl_options, add_ze
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("slice", help="rotate and slice a model, save it as a Hugging Face directory")
-    parser.add_argument("model", metavar="MODEL", help="smollm2-135m, a model directory, a .gguf file or a hub id")
+    parser.add_argument("model", metavar="MODEL", help="smollm2-135m, gemma3-270m, a model directory, a .gguf file or a hub id")
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--sparsity", type=float,
                       help="the paper's knob, in [0, 1): remove this fraction of the residual width with a basis "

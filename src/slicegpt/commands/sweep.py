@@ -21,7 +21,7 @@ from slicegpt.commands.slice import add_slice_options, check_plain, slice_and_sa
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("sweep", help="slice at several sparsities; plot perplexity against slicing")
-    parser.add_argument("model", metavar="MODEL", help="smollm2-135m, a model directory, a .gguf file or a hub id")
+    parser.add_argument("model", metavar="MODEL", help="smollm2-135m, gemma3-270m, a model directory, a .gguf file or a hub id")
     parser.add_argument("--sparsities", required=True, metavar="S1,S2,...",
                         help="comma-separated fractions of the residual width to remove, e.g. 0.1,0.2,0.3")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (one checkpoint per sparsity)")
