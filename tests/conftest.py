@@ -297,3 +297,14 @@ def tiny_sliced_dir(tmp_path_factory, tiny_model_dir):
                                                         "--zeroshot-limit", str(ZEROSHOT_LIMIT)])
     assert code == 0
     return out
+
+
+def load_bench_script(name: str):
+    """A script under bench/ imported as a module (bench/ is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,6 +1,5 @@
 """bench/zeroshot.py: rows appended as they finish, skipped on a rerun, and the summary's arithmetic."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,17 +8,13 @@ import torch
 
 from slicegpt import load_sliced
 
-from conftest import make_tiny_model, random_batches
+from conftest import load_bench_script, make_tiny_model, random_batches
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def zs():
-    spec = importlib.util.spec_from_file_location("bench_zeroshot", ROOT / "bench" / "zeroshot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("zeroshot")
 
 
 SPECS = {"dense": {}, "sliced": {"slice": {"sparsity": 0.25}}}

@@ -1,21 +1,19 @@
 """bench/results_table.py: the README's results block is what the JSON says, and nothing is invented."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 
+from conftest import load_bench_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def rt():
-    spec = importlib.util.spec_from_file_location("bench_results_table", ROOT / "bench" / "results_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("results_table")
 
 
 def test_readme_block_is_generated_from_the_results(rt):
