@@ -1,7 +1,6 @@
 """bench/zeroshot.py: rows appended as they finish, skipped on a rerun, and the summary's arithmetic."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
