@@ -24,8 +24,8 @@ def main() -> None:
     from slicegpt import SliceConfig, load_model, perplexity, slice_model
     from slicegpt.architectures.families import family_for
     from slicegpt.io.data import load_texts
-    from slicegpt.method.fusion import fuse
-    from slicegpt.method.slicing import Slicer
+    from slicegpt.running.driver import slice_layers
+    from slicegpt.running.layer_store import ResidentStore
     from slicegpt.running.in_memory import calibration_data
 
     torch.set_num_threads(2)
@@ -38,12 +38,11 @@ def main() -> None:
         batches = calibration_data(tokenizer, config, load_texts(str(CAL)))
         note = ""
         if case in ("embeddings-only", "body-only"):  # one part at WIDTH, the rest at full width
-            family = family_for(model)
-            fuse(model, family)
             sliced_part = (lambda name: name == "embeddings") if case == "embeddings-only" else \
                 (lambda name: name != "embeddings")
-            Slicer(model, family, lambda name, ev: WIDTH if sliced_part(name) else ev.shape[0],
-                   progress=False).run(batches)
+            config = SliceConfig(sparsity=0.25, rotations="block")
+            slice_layers(ResidentStore(model, family_for(model), config, progress=False), config, batches,
+                         width_rule=lambda name, ev: WIDTH if sliced_part(name) else ev.shape[0])
         elif case != "dense":
             slice_model(model, tokenizer, config, batches, progress=False)
             slicing = model.config.slicing

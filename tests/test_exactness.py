@@ -4,8 +4,11 @@ import pytest
 import torch
 
 from slicegpt.architectures.families import family_for
+from slicegpt.config import SliceConfig
 from slicegpt.method.fusion import fuse
-from slicegpt.method.slicing import Slicer, constant_width
+from slicegpt.method.slicing import constant_width
+from slicegpt.running.driver import slice_layers
+from slicegpt.running.layer_store import ResidentStore
 
 from conftest import TINY_CONFIGS, full_precision_norms, make_tiny_model, random_batches
 
@@ -40,10 +43,9 @@ def test_rotation_without_slicing_is_exact(arch, tied, dtype):
     ids = _ids(model.config.vocab_size)
     reference = model(ids).logits
     dense_embedding = model.get_input_embeddings().weight.detach().clone()
-    family = family_for(model)
-    fuse(model, family)
-    Slicer(model, family, constant_width(model.config.hidden_size), progress=False).run(
-        random_batches(model.config.vocab_size))
+    config = SliceConfig(sparsity=0.0, rotations="block")
+    slice_layers(ResidentStore(model, family_for(model), config, progress=False), config,
+                 random_batches(model.config.vocab_size), width_rule=constant_width(model.config.hidden_size))
     assert (model(ids).logits - reference).abs().max().item() <= TOLERANCE[dtype]
     # The rotation really happened: same width, different embedding matrix.
     rotated = model.get_input_embeddings().weight

@@ -7,8 +7,9 @@ from transformers import AutoModelForCausalLM
 from slicegpt import SliceConfig, perplexity, slice_model
 from slicegpt.architectures.families import family_for
 from slicegpt.io.data import load_texts
-from slicegpt.method.fusion import fuse
-from slicegpt.method.slicing import Slicer, constant_width
+from slicegpt.method.slicing import constant_width
+from slicegpt.running.driver import slice_layers
+from slicegpt.running.layer_store import ResidentStore
 
 from conftest import WIKITEXT_TEST, WIKITEXT_VALIDATION, full_precision_norms, random_batches
 
@@ -24,10 +25,12 @@ def test_fusion_and_rotation_are_exact_on_gemma3_in_float64(gemma3_dir):
     family = family_for(model)
     with torch.no_grad():
         reference = model(ids).logits
-        fuse(model, family)
+        config = SliceConfig(sparsity=0.0, rotations="block")
+        store = ResidentStore(model, family, config, progress=False)
+        store.open()  # fuses
         fused = model(ids).logits
-        Slicer(model, family, constant_width(model.config.hidden_size), progress=False).run(
-            random_batches(model.config.vocab_size, count=1, batch=1, seqlen=32))
+        slice_layers(store, config, random_batches(model.config.vocab_size, count=1, batch=1, seqlen=32),
+                     width_rule=constant_width(model.config.hidden_size))
         rotated = model(ids).logits
     scale = reference.abs().max().item()
     assert (fused - reference).abs().max().item() <= 1e-10 * scale

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from slicegpt import SliceConfig, slice_model
-from slicegpt.errors import SliceGPTError
 from slicegpt.method.refit import LeastSquares
 
 from conftest import TINY_CONFIGS, full_precision_norms, make_tiny_model, random_batches
@@ -66,10 +65,3 @@ def test_refit_without_slicing_is_exact_for_every_rotation_mode(rotations):
     slice_model(model, None, SliceConfig(sparsity=0.0, rotations=rotations, refit=True),
                 random_batches(model.config.vocab_size), progress=False)
     assert (model(ids).logits - reference).abs().max().item() <= 1e-9
-
-
-def test_streaming_refuses_refit(tmp_path):
-    from slicegpt.running.streaming import check_streamable
-
-    with pytest.raises(SliceGPTError, match="--refit"):
-        check_streamable(SliceConfig(refit=True))

@@ -127,10 +127,28 @@ def test_streamed_recent_families_equal_in_memory(tmp_path, arch, rotations):
     _assert_same(reference, _streamed(path, config, batches, tmp_path / "streamed"))
 
 
-def test_streaming_refuses_widths_that_need_every_spectrum_first(tmp_path):
-    path = _sharded(tmp_path)
-    with pytest.raises(SliceGPTError, match="streaming supports"):
-        StreamingRun(path, tmp_path / "out", SliceConfig(sparsity=0.25, widths="variance"), progress=False)
+@pytest.mark.parametrize("arch,tied,settings,spill", [
+    ("LlamaForCausalLM", True, dict(widths="variance", rotations="block"), "never"),
+    ("Qwen2ForCausalLM", False, dict(widths="variance", rotations="group:2"), "always"),
+    ("LlamaForCausalLM", True, dict(refit=True, rotations="block"), "always"),
+    ("LlamaForCausalLM", False, dict(refit=True, rotations="model"), "never"),
+    ("Qwen2ForCausalLM", True, dict(refit=True, rotations="model", widths="variance"), "always"),
+    ("OPTForCausalLM", True, dict(refit=True, rotations="block"), "never"),
+    ("PhiForCausalLM", True, dict(refit=True, rotations="model"), "always"),
+    ("Gemma3ForCausalLM", True, dict(refit=True, rotations="block"), "never"),
+    ("MixtralForCausalLM", False, dict(refit=True, rotations="layer"), "never"),
+])
+def test_streamed_refit_and_variance_widths_equal_in_memory(tmp_path, arch, tied, settings, spill):
+    """The options that need the dense stream (the refit) or every spectrum first (variance
+    widths) run streamed too, with the same driver, and give the in-memory tensors."""
+    path = _sharded(tmp_path, arch, tied)
+    config = SliceConfig(**{"sparsity": 0.25, **settings})
+    batches = random_batches(96)
+    reference = _in_memory(path, config, batches, tmp_path / "memory")
+    streamed = _streamed(path, config, batches, tmp_path / "streamed", spill=spill)
+    _assert_same(reference, streamed)
+    assert streamed.config.slicing == reference.config.slicing
+    assert not partial_dir(tmp_path / "streamed").exists()
 
 
 def test_loads_with_remote_code(tmp_path):
@@ -148,7 +166,7 @@ def test_one_layer_in_memory_at_a_time(tmp_path, monkeypatch, rotations, reads):
     path = _sharded(tmp_path)
     job = StreamingRun(path, tmp_path / "out", SliceConfig(sparsity=0.25, rotations=rotations), progress=False)
     seen = []
-    original = job._materialize
+    original = job.store._materialize
 
     def watching(module_path, **kwargs):
         original(module_path, **kwargs)
@@ -156,7 +174,7 @@ def test_one_layer_in_memory_at_a_time(tmp_path, monkeypatch, rotations, reads):
         real = [i for i, layer in enumerate(layers) if any(p.device.type != "meta" for p in layer.parameters())]
         seen.append(real)
 
-    monkeypatch.setattr(job, "_materialize", watching)
+    monkeypatch.setattr(job.store, "_materialize", watching)
     batches = random_batches(96)
     job.plan(batches)
     job.run(batches)
@@ -233,7 +251,7 @@ def test_not_enough_disk_is_refused_before_work(tiny_model_dir, tmp_path, capsys
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr("slicegpt.running.resources.shutil.disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
-    for name in ("slicegpt.method.slicing.Slicer.run", "slicegpt.running.streaming.StreamingRun.run"):
+    for name in ("slicegpt.running.in_memory.slice_layers", "slicegpt.running.streaming.slice_layers"):
         monkeypatch.setattr(name, lambda *a, **k: pytest.fail("work started"))
     code = main(["slice", str(tiny_model_dir), "--sparsity", "0.25", "--out", str(tmp_path / "o"), *CAL, streaming])
     err = capsys.readouterr().err

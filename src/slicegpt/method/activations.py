@@ -23,3 +23,7 @@ class Activations:
         """
         for index, extras in enumerate(zip(*per_batch) if per_batch else [()] * len(self.hidden)):
             self.hidden[index] = fn(self.hidden[index], *extras)
+
+    def adopt(self, other: "Activations") -> None:
+        """Take over `other`'s batches (the two are the same stream, computed twice)."""
+        self.hidden[:] = list(other.hidden)

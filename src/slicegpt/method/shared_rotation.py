@@ -1,28 +1,22 @@
-"""Rotations shared across layers, from one pass over the fused dense model.
+"""Rotations shared across layers: stream points, their groups, and one layer's rotation.
 
-Every point where a block reads the stream is the input of a norm, so hooks on the
-norms collect each point's covariance in one forward. Points in a group share one
-basis (the PCA of their summed, trace-normalised covariances), and no shortcut is
+Points in a group share one basis (the PCA of their summed, trace-normalised
+covariances, collected in one pass over the fused dense model), and no shortcut is
 needed between blocks that share a basis. With one group for the whole model there
-are no shortcuts at all.
+are no shortcuts at all. The driver (running/driver.py) runs the two passes.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from slicegpt.architectures.families import Family
+from slicegpt.architectures.modeling_sliced import set_width_attrs, stream_weight
 from slicegpt.errors import SliceGPTError
-from slicegpt.architectures.families import Family, get_module
-from slicegpt.architectures.modeling_sliced import NormThenMap, set_width_attrs, stream_weight
-from slicegpt.method.fusion import has_mean_axis
-from slicegpt.method.pca import CovarianceAccumulator, principal_basis
-from slicegpt.method.refit import dense_copy, refit_layer
-from slicegpt.method.rotation import change_basis, rotate_input, rotate_output, shortcut
-from slicegpt.method.activations import Activations
-from slicegpt.method.slicing import (Activations, SliceResult, StreamPoint, WidthRule, capture_layer_inputs, layer_record, 
-                      rotate_head)
+from slicegpt.method.pca import principal_basis
+from slicegpt.method.rotation import rotate_input, rotate_output, shortcut
+from slicegpt.method.slicing import StreamPoint, WidthRule, layer_record
 
 
 def stream_points(family: Family, layers: int) -> list[str]:
@@ -36,58 +30,6 @@ def stream_points(family: Family, layers: int) -> list[str]:
 
 
 HEAD_INPUT = "head input"
-
-
-def _norm_hooks(model: nn.Module, family: Family) -> list[tuple[nn.Module, str]]:
-    layers = get_module(model, family.layers)
-    hooks = []
-    for index, layer in enumerate(layers):
-        before = "embeddings" if index == 0 else f"layer {index - 1} output"
-        hooks.append((get_module(layer, family.attn_norm), before))
-        if family.mlp_norm is not None and not family.parallel:
-            hooks.append((get_module(layer, family.mlp_norm), f"layer {index} mlp input"))
-    final = get_module(model, family.final_norm)
-    hooks.append((final.norm if isinstance(final, NormThenMap) else final, f"layer {len(layers) - 1} output"))
-    return hooks
-
-
-@torch.no_grad()
-def collect_covariances(model: nn.Module, family: Family, batches: list[dict], progress: bool = True,
-                        normalize: bool = False, head_only: bool = False) -> dict[str, CovarianceAccumulator]:
-    """Each stream point's covariance on the fused model, from one forward of the body
-    (with `head_only`, just a tied head's input)."""
-    dense = model.config.hidden_size
-    device = next(model.parameters()).device
-    accumulators: dict[str, CovarianceAccumulator] = {}
-    current = {}
-    handles = []
-    for module, name in ([] if head_only else _norm_hooks(model, family)):
-        accumulators.setdefault(name, CovarianceAccumulator(dense, where=f"at {name}", device=device,
-                                                                normalize=normalize))
-
-        def hook(module, args, name=name):
-            accumulators[name].add(args[0], current["mask"])
-
-        handles.append(module.register_forward_pre_hook(hook))
-    final = get_module(model, family.final_norm)
-    if isinstance(final, NormThenMap):  # a tied head reads the map's output, in the embedding basis
-        accumulators[HEAD_INPUT] = CovarianceAccumulator(dense, where="at the head", device=device)
-
-        def head_hook(module, args, output):
-            accumulators[HEAD_INPUT].add(output, current["mask"])
-
-        handles.append(final.register_forward_hook(head_hook))
-    try:
-        for batch in tqdm(batches, desc="Collecting covariances", unit="batch", disable=not progress):
-            current["mask"] = batch.get("attention_mask")
-            model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                             use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    for accumulator in accumulators.values():
-        accumulator.all_reduce()
-    return accumulators
 
 
 def group_points(names: list[str], layers: int, group_size: int | None) -> list[list[str]]:
@@ -176,42 +118,3 @@ def rotate_layer(layer: nn.Module, family: Family, index: int, bases: dict[str, 
     if not layer.parallel:
         layer.mlp_shortcut = None if Q_out is Q_mid else shortcut(Q_mid, Q_out, dtype)
     return layer_record(layer, Q_in, Q_out, None if layer.parallel else Q_mid)
-
-
-@torch.no_grad()
-def rotate_shared(model: nn.Module, family: Family, batches: list[dict], width_rule: WidthRule,
-                  group_size: int | None = None, progress: bool = True, normalize_pca: bool = False,
-                  joint_head: bool = True, refit: bool = False) -> SliceResult:
-    """Rotate and slice a fused model with one basis per group of layers; with `refit`, refit
-    each layer's output projections on the calibration batches as it is sliced (refit.py)."""
-    layers = get_module(model, family.layers)
-    names = stream_points(family, len(layers))
-    covariances = collect_covariances(model, family, batches, progress, normalize=normalize_pca)
-    grouping = GroupBases(names, len(layers), group_size, width_rule, joint_head and HEAD_INPUT in covariances,
-                          mean_axis=has_mean_axis(model, family))
-    bases: dict[str, torch.Tensor] = {}
-    for name in [*names, HEAD_INPUT]:
-        done = grouping.add(name, covariances[name].sum) if name in covariances else None
-        if done:
-            group, basis = done
-            bases.update(dict.fromkeys(group, basis))
-    result = SliceResult(points=grouping.stream_points())
-    if refit:  # the dense stream (before the embeddings rotate) and the sliced one
-        dense_acts, kwargs = capture_layer_inputs(model, family, batches)
-        sliced_acts = Activations([change_basis(x, bases["embeddings"]) for x in dense_acts.hidden],
-                                  dense_acts.masks)
-    for path in family.embeddings:
-        rotate_input(stream_weight(model, path), bases["embeddings"])
-    result.embedding_width = bases["embeddings"].shape[1]
-    for index, layer in enumerate(tqdm(layers, desc="Rotating and refitting layers", unit="layer",
-                                       disable=not (progress and refit))):
-        reference = dense_copy(layer) if refit else None
-        result.layer_widths.append(rotate_layer(layer, family, index, bases))
-        if refit:
-            refit_layer(reference, layer, family.for_layer(index), dense_acts, sliced_acts, kwargs[index],
-                        bases.get(f"layer {index} mlp input"), bases[f"layer {index} output"])
-            del reference
-    Q_last = bases[f"layer {len(layers) - 1} output"]
-    rotate_head(model, family, Q_last, bases["embeddings"])
-    result.head_in = Q_last.shape[1]
-    return result

@@ -13,7 +13,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from slicegpt.errors import SliceGPTError
 from slicegpt.architectures.families import Family, get_module
@@ -114,7 +113,8 @@ def _principal(acts: Activations, where: str, normalize: bool = False, also: tor
 
 
 class Slicer:
-    """Runs the layer-by-layer rotation; `width_rule` picks each point's kept width.
+    """The per-layer step of per-block rotation (the driver runs it layer by layer);
+    `width_rule` picks each point's kept width.
 
     Every block gets its own output basis (two shortcuts per sequential layer); bases
     shared across blocks are shared_rotation.py's work. With `mean_axis` (a LayerNorm model
@@ -122,14 +122,16 @@ class Slicer:
     shortcuts map it to itself. By default the fused model says whether it has one.
     """
 
-    def __init__(self, model: nn.Module, family: Family, width_rule: WidthRule, progress: bool = True,
-                 normalize_pca: bool = False,
+    def __init__(self, model: nn.Module, family: Family, width_rule: WidthRule, normalize_pca: bool = False,
                  head_covariance: torch.Tensor | None = None, refit: bool = False, mean_axis: bool | None = None):
-        self.model, self.family, self.width_rule, self.progress = model, family, width_rule, progress
+        self.model, self.family, self.width_rule = model, family, width_rule
         self.mean_axis = has_mean_axis(model, family) if mean_axis is None else mean_axis
-        # Refit each sliced layer's output projections against the dense stream (refit.py).
+        # Refit each sliced layer's output projections against the dense stream (refit.py),
+        # which the driver carries in `dense_acts` beside the sliced one.
         self.refit = refit
         self.dense_acts: Activations | None = None
+        # How to copy a stream (the driver's store may keep it on disk); copies share batches.
+        self.copy_stream: Callable[[Activations], Activations] = lambda a: Activations(list(a.hidden), a.masks)
         self._mid_basis: torch.Tensor | None = None
         self.normalize_pca = normalize_pca
         # A tied head reads the embedding basis too: its input covariance shapes that basis.
@@ -143,18 +145,6 @@ class Slicer:
         width = self.width_rule(name, eigenvalues)
         self.result.points.append(StreamPoint(name, eigenvalues.tolist(), width))
         return vectors[:, :width]
-
-    @torch.no_grad()
-    def run(self, batches: list[dict]) -> SliceResult:
-        acts, layer_kwargs = capture_layer_inputs(self.model, self.family, batches)
-        if self.refit:  # the dense stream, kept beside the sliced one (map replaces, never edits, batches)
-            self.dense_acts = Activations(list(acts.hidden), acts.masks)
-        Q = self.slice_embeddings(acts)
-        layers = get_module(self.model, self.family.layers)
-        for index in tqdm(range(len(layers)), desc="Slicing layers", unit="layer", disable=not self.progress):
-            Q = self.slice_layer(index, layers[index], acts, layer_kwargs[index], Q)
-        self.slice_head(Q)
-        return self.result
 
     @torch.no_grad()
     def slice_embeddings(self, acts: Activations) -> torch.Tensor:
@@ -177,10 +167,10 @@ class Slicer:
         if not self.refit:
             return slice_one(index, layer, acts, kwargs, Q_in)
 
-        reference, inputs = dense_copy(layer), Activations(list(acts.hidden), acts.masks)
+        reference, inputs = dense_copy(layer), self.copy_stream(acts)
         Q_out = slice_one(index, layer, acts, kwargs, Q_in)
         refit_layer(reference, layer, self.family.for_layer(index), self.dense_acts, inputs, kwargs, self._mid_basis, Q_out)
-        acts.hidden[:] = inputs.hidden  # the refit layer's outputs replace the ones the bases came from
+        acts.adopt(inputs)  # the refit layer's outputs replace the ones the bases came from
         return Q_out
 
     @torch.no_grad()

@@ -1,14 +1,16 @@
 """Checkpoints of a streaming run, so that a killed run resumes where it stopped.
 
-After each layer the run records, in `<partial output>/resume/`: the settings and the next
-layer to slice, then what its layout needs to go on. Per-block bases: the current basis Q,
-the embedding basis, the calibration activations (each rank its own) and the Slicer's
-result so far. Shared bases: the file of every stream point's basis (written by the
-covariance pass) and the result so far; no activations. The sliced layers themselves are
-already in the output shards beside it. `state.json` is replaced atomically and written
-last, so it always describes files that exist; files it no longer names are deleted only
-after it is replaced. A run with other settings than the recorded ones is refused, naming
-the first setting that differs.
+After each layer the run records, in `<partial output>/resume/`: the settings, the next
+layer to slice, the parameters fusion gave a bias, the result so far, the widths where
+they came from spectra, the files of the bases the rest of the run needs, and each
+rank's activation streams (the sliced one, and the dense one under the refit). Per-block
+bases keep the basis entering the next layer and the embedding basis; shared bases keep
+every stream point's group basis (written by the covariance pass), and carry no
+activations unless the refit needs them. The sliced layers themselves are already in
+the output shards beside it. `state.json` is replaced atomically and written last, so
+it always describes files that exist; files it no longer names are deleted only after
+it is replaced. A run with other settings than the recorded ones is refused, naming the
+first setting that differs.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from slicegpt.method.slicing import SliceResult, StreamPoint
 from slicegpt.running.spill import DiskActivations
 
 STATE_FILE = "state.json"
-FORMAT = 1
+FORMAT = 2
 
 
 def result_to_dict(result: SliceResult) -> dict:
@@ -65,6 +67,9 @@ class WorkDir:
         except ValueError:
             raise SliceGPTError(f"{self.state_file} is damaged; delete {self.path.parent} (or pass --fresh) "
                                 "to start over") from None
+        if state.get("format") != FORMAT:
+            raise SliceGPTError(f"the interrupted run in {self.path.parent} was recorded by another version of "
+                                "slicegpt; pass --fresh to discard it and start over")
         recorded = state.get("settings", {})
         for key in sorted(set(recorded) | set(settings)):
             if recorded.get(key) != settings.get(key):
@@ -74,18 +79,18 @@ class WorkDir:
                     "or pass --fresh to discard it and start over")
         return state
 
-    def save_activations(self, acts, layer: int) -> dict:
-        """This rank's activations as they enter layer `layer`; returns their description."""
+    def save_activations(self, acts, layer: int, stream: str = "acts") -> dict:
+        """This rank's activations of one stream as they enter layer `layer`; returns their description."""
         if isinstance(acts, DiskActivations):
             return {"kind": "disk", **acts.pin()}
-        name = f"acts-rank{self.rank}-layer{layer:05d}.safetensors"
+        name = f"{stream}-rank{self.rank}-layer{layer:05d}.safetensors"
         tensors = {f"hidden.{i}": x for i, x in enumerate(acts.hidden)}
         self._atomic_save(tensors, name)
         return {"kind": "memory", "file": name, "batches": len(acts.hidden)}
 
-    def load_activations(self, description: dict, masks: list, device, spill_dir: Path):
+    def load_activations(self, description: dict, masks: list, device, stream: str = "acts"):
         if description["kind"] == "disk":
-            return DiskActivations.restore(spill_dir, description, masks, device, prefix=f"acts-rank{self.rank}")
+            return DiskActivations.restore(self.path, description, masks, device, prefix=f"{stream}-rank{self.rank}")
         tensors = load_file(self.path / description["file"], device="cpu")
         hidden = [tensors[f"hidden.{i}"].to(device) for i in range(description["batches"])]
         return Activations(hidden, masks)
@@ -108,19 +113,20 @@ class WorkDir:
             os.fsync(f.fileno())
         os.replace(tmp, self.state_file)
 
-    def prune(self, state: dict, acts=None) -> None:
+    def prune(self, state: dict, streams: dict) -> None:
         """Delete this rank's checkpoint files that `state` no longer names."""
         mine = state["activations"][self.rank]
-        keep = {state["basis"], mine["file"]}
-        for path in self.path.glob(f"acts-rank{self.rank}-layer*.safetensors"):
+        keep = {*state["bases"].values(), *(description["file"] for description in mine.values())}
+        for path in self.path.glob(f"*-rank{self.rank}-layer*.safetensors"):
             if path.name not in keep:
                 path.unlink(missing_ok=True)
         if self.rank == 0:
             for path in self.path.glob("basis-layer*.safetensors"):
                 if path.name not in keep:
                     path.unlink(missing_ok=True)
-        if isinstance(acts, DiskActivations):
-            acts.release(keep=mine)
+        for name, acts in streams.items():
+            if isinstance(acts, DiskActivations):
+                acts.release(keep=mine[name])
 
     def _atomic_save(self, tensors: dict, name: str) -> None:
         final = self.path / name

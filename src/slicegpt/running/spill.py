@@ -9,6 +9,7 @@ writes a new file and deletes the old one, unless a checkpoint still needs it (`
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+# Numbers the files of every store in this process, so two stores in one folder never collide.
+_FILE_SERIALS = itertools.count(1)
 _DTYPES = {str(t): t for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
@@ -61,7 +64,6 @@ class DiskActivations:
         self.offsets: list[int] = []
         self.dtype = torch.float32
         self.pinned: set[Path] = set()
-        self._serial = 0
 
     @property
     def itemsize(self) -> int:
@@ -85,8 +87,7 @@ class DiskActivations:
         self._write(fn(x, *e) for x, e in zip(self.hidden, extras))
 
     def _write(self, batches: Iterator[torch.Tensor]) -> None:
-        self._serial += 1
-        path = self.directory / f"{self.prefix}-{os.getpid()}-{self._serial}.bin"
+        path = self.directory / f"{self.prefix}-{os.getpid()}-{next(_FILE_SERIALS)}.bin"
         shapes, offsets, dtype, offset = [], [], None, 0
         with open(path, "wb") as f:
             for batch in batches:
@@ -102,6 +103,17 @@ class DiskActivations:
         old = self.file
         self.file, self.shapes, self.offsets = path, shapes, offsets
         self.dtype = dtype or self.dtype
+        if old is not None and old not in self.pinned:
+            old.unlink(missing_ok=True)
+
+    def adopt(self, other: "DiskActivations") -> None:
+        """Take over `other`'s file (the two are the same stream, computed twice); `other` is spent."""
+        if not isinstance(other, DiskActivations):
+            self.hidden = other.hidden
+            return
+        old = self.file
+        self.file, self.shapes, self.offsets, self.dtype = other.file, other.shapes, other.offsets, other.dtype
+        other.file = None
         if old is not None and old not in self.pinned:
             old.unlink(missing_ok=True)
 

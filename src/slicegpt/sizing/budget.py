@@ -27,8 +27,22 @@ def basis_owner(config: SliceConfig, names: list[str], layers: int) -> dict[str,
     return {name: group[0] for group in group_points(names, layers, config.group_size) for name in group}
 
 
-def planned_slicing(model: nn.Module, family: Family, config: SliceConfig, widths: dict[str, int]) -> dict:
-    """The `config.slicing` record a run with these per-point widths would produce."""
+def sizing_facts(model: nn.Module, family: Family, config: SliceConfig) -> dict:
+    """What a sliced model's size depends on besides its widths, read off the model before
+    fusion (which unties, folds norms and adds biases) or streaming (which unties on read)."""
+    tied = config.tied_head and can_keep_tied(model, family)
+    return {
+        "tied_head": tied,
+        "final_map_bias": tied and _has_shift(model, family.final_norm),
+        "mean_axis": uses_mean_axis(family, tied),
+        "added_biases": biases_to_gain(model, family, tied),
+    }
+
+
+def planned_slicing(model: nn.Module, family: Family, config: SliceConfig, widths: dict[str, int],
+                    facts: dict | None = None) -> dict:
+    """The `config.slicing` record a run with these per-point widths would produce; `facts`
+    (`sizing_facts`) where the model is no longer as it was before fusion."""
     layers = len(get_module(model, family.layers))
     names = stream_points(family, layers)
     owner = basis_owner(config, names, layers)
@@ -46,7 +60,6 @@ def planned_slicing(model: nn.Module, family: Family, config: SliceConfig, width
         if absent:
             record["no_shortcut"] = absent
         records.append(record)
-    tied = config.tied_head and can_keep_tied(model, family)
     return {
         "family": family.to_dict(),
         "base_architecture": type(model).__name__,
@@ -55,10 +68,7 @@ def planned_slicing(model: nn.Module, family: Family, config: SliceConfig, width
         "embedding_width": widths["embeddings"],
         "layers": records,
         "head_in": widths[f"layer {layers - 1} output"],
-        "tied_head": tied,
-        "final_map_bias": tied and _has_shift(model, family.final_norm),
-        "mean_axis": uses_mean_axis(family, tied),
-        "added_biases": biases_to_gain(model, family, tied),
+        **(facts or sizing_facts(model, family, config)),
     }
 
 
@@ -83,9 +93,10 @@ def biases_to_gain(model: nn.Module, family: Family, tied: bool) -> list[str]:
     return gained
 
 
-def predicted_parameters(model: nn.Module, family: Family, config: SliceConfig, widths: dict[str, int]) -> int:
+def predicted_parameters(model: nn.Module, family: Family, config: SliceConfig, widths: dict[str, int],
+                         facts: dict | None = None) -> int:
     model_config = copy.deepcopy(model.config)
-    model_config.slicing = planned_slicing(model, family, config, widths)
+    model_config.slicing = planned_slicing(model, family, config, widths, facts)
     with torch.device("meta"):
         skeleton = sliced_class_for(type(model))(model_config)
     return count_parameters(skeleton)

@@ -44,7 +44,7 @@ def spectra_of(covariances: dict[str, CovarianceAccumulator], mean_axis: bool = 
 
 
 def variance_schedule(model: nn.Module, family: Family, config: SliceConfig, spectra: dict[str, torch.Tensor],
-                      target: int) -> dict[str, int]:
+                      target: int, facts: dict | None = None) -> dict[str, int]:
     """Per-point widths holding an equal variance fraction, the largest that fits `target` parameters."""
     layers = len(get_module(model, family.layers))
     names = stream_points(family, layers)
@@ -53,7 +53,7 @@ def variance_schedule(model: nn.Module, family: Family, config: SliceConfig, spe
 
     def size(fraction: float) -> tuple[int, dict[str, int]]:
         widths = widths_for_fraction(spectra, owner, fraction, config.round_to)
-        return predicted_parameters(model, family, config, widths), widths
+        return predicted_parameters(model, family, config, widths, facts), widths
 
     low, high = 0.0, 1.0
     if size(low)[0] > target:

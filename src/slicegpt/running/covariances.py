@@ -1,0 +1,68 @@
+"""Covariances at the stream points of the fused dense model, collected layer by layer.
+
+Layer by layer rather than in one model forward, so that the same code reads a resident
+model and one streamed from disk: the first layer's inputs move through each fused layer
+in turn, and each point's covariance is taken as the stream passes it. A tied head's
+input (the final map's output) comes last.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from slicegpt.architectures.families import get_module
+from slicegpt.architectures.modeling_sliced import first_output
+from slicegpt.method.pca import CovarianceAccumulator
+from slicegpt.method.shared_rotation import HEAD_INPUT
+
+PointSink = Callable[[str, CovarianceAccumulator], None]
+
+
+def collect_covariances(store, acts, layer_kwargs: list[list[dict]], names: list[str], on_point: PointSink, *,
+                        normalize: bool = False, head: bool = False,
+                        description: str = "Collecting covariances") -> None:
+    """Hand each point in `names` (and, with `head`, the head's input) to `on_point` in stream
+    order, all-reduced across ranks, as soon as it is complete. `acts` (the first layer's
+    inputs) end as the last layer's outputs."""
+    wanted = set(names)
+
+    def accumulator(name: str) -> CovarianceAccumulator:
+        return CovarianceAccumulator(store.dense, where=f"at {name}", device=store.device, normalize=normalize)
+
+    def complete(name: str, found: CovarianceAccumulator) -> None:
+        found.all_reduce()
+        on_point(name, found)
+
+    if "embeddings" in wanted:
+        first = accumulator("embeddings")
+        for x, mask in zip(acts.hidden, acts.masks):
+            first.add(x, mask)
+        complete("embeddings", first)
+    for index, layer in store.dense_layers(description):
+        mid, out = f"layer {index} mlp input", f"layer {index} output"
+        found = {name: accumulator(name) for name in (mid, out) if name in wanted}
+        current, handle = {}, None
+        if mid in found:
+            handle = get_module(layer, store.family.mlp_norm).register_forward_pre_hook(
+                lambda module, args: found[mid].add(args[0], current["mask"]))
+
+        def run(x, kwargs, mask):
+            current["mask"] = mask
+            y = first_output(layer(x, **kwargs))
+            if out in found:
+                found[out].add(y, mask)
+            return y
+
+        try:
+            acts.map(run, layer_kwargs[index], acts.masks)
+        finally:
+            if handle is not None:
+                handle.remove()
+        for name, accumulated in found.items():
+            complete(name, accumulated)
+    if head:
+        head_map = store.head_map()
+        at_head = CovarianceAccumulator(store.dense, where="at the head", device=store.device)
+        for x, mask in zip(acts.hidden, acts.masks):
+            at_head.add(head_map(x), mask)
+        complete(HEAD_INPUT, at_head)
