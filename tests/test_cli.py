@@ -159,3 +159,19 @@ def test_plain_export_from_the_cli(tiny_model_dir, tmp_path, capsys):
     aggressive = slice_args(tiny_model_dir, tmp_path / "o3", "--plain")
     aggressive[aggressive.index("--sparsity") + 1] = "0.5"
     assert_clean_error(capsys, main(aggressive), "auto picks a basis per block")
+
+
+def test_paper_preset_is_the_papers_method(tiny_model_dir, tmp_path):
+    assert main(["slice", str(tiny_model_dir), "--sparsity", "0.25", "--out", str(tmp_path / "o"), *CAL, "--paper"]) == 0
+    config = json.loads((tmp_path / "o" / REPORT_FILE).read_text())["config"]
+    assert (config["rotations"], config["pca"], config["widths"], config["refit"], config["tied_head"]) == \
+        ("block", "raw", "uniform", False, False)
+
+
+@pytest.mark.parametrize("flag", [["--rotations", "model"], ["--refit"], ["--pca", "normalized"]])
+def test_paper_preset_refuses_other_method_options(tiny_model_dir, tmp_path, capsys, flag):
+    code = main(["slice", str(tiny_model_dir), "--sparsity", "0.25", "--out", str(tmp_path / "o"), *CAL, "--paper",
+                 *flag])
+    err = capsys.readouterr().err
+    assert code == 2 and "--paper uses" in err, err
+    assert not (tmp_path / "o").exists()

@@ -96,3 +96,9 @@ class SliceConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# The method as the paper describes it, for comparisons: a basis per block (two shortcuts
+# per layer), PCA of the raw stream, one width everywhere, no refit, and a tied head untied
+# (its own sliced matrix), as the original code does.
+PAPER_METHOD = {"rotations": "block", "pca": "raw", "widths": "uniform", "refit": False, "tied_head": False}

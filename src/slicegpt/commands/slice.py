@@ -14,7 +14,7 @@ from slicegpt.io.checkpoint import CARD_FILE, REPORT_FILE, check_output_dir, sav
 from slicegpt.io.export import plain_model
 from slicegpt.io.model_card import model_card
 from slicegpt.io.permissions import ordinary_permissions
-from slicegpt.config import SliceConfig
+from slicegpt.config import PAPER_METHOD, SliceConfig
 from slicegpt.io.data import load_texts
 from slicegpt.errors import SliceGPTError
 from slicegpt.architectures.families import family_for
@@ -91,9 +91,12 @@ def add_slice_options(parser) -> None:
     parser.add_argument("--pca", default=defaults.pca, choices=["auto", "raw", "normalized"],
                         help="raw: PCA of the stream as it is; normalized: every token weighed equally; "
                              "auto (default): normalized with one basis for the whole model, else raw")
-    parser.add_argument("--refit", action=argparse.BooleanOptionalAction, default=defaults.refit,
+    parser.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
                         help="refit each layer's output projections by least squares on the calibration text "
-                             "(about three more forward passes; not in streaming mode yet)")
+                             f"(default {'on' if defaults.refit else 'off'})")
+    parser.add_argument("--paper", action="store_true",
+                        help="the paper's method exactly, for comparisons: --rotations block --pca raw "
+                             "--widths uniform --no-refit --untie-head")
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"sampling seed (default {defaults.seed})")
     add_ppl_options(parser, prefix="ppl-")
     add_zeroshot_options(parser)
@@ -105,13 +108,27 @@ def add_slice_options(parser) -> None:
     add_model_options(parser)
 
 
+def method_settings(args) -> dict:
+    """The method options as given; `--paper` fixes them all, and refuses any that disagree."""
+    given = {"rotations": args.rotations, "pca": args.pca, "widths": args.widths,
+             "refit": SliceConfig.refit if args.refit is None else args.refit, "tied_head": not args.untie_head}
+    if not getattr(args, "paper", False):
+        return given
+    defaults = {"rotations": "auto", "pca": "auto", "widths": "uniform", "refit": None, "tied_head": True}
+    explicit = {**given, "refit": args.refit}
+    for name, value in PAPER_METHOD.items():
+        if explicit[name] not in (defaults[name], value):
+            flag = {"tied_head": "--untie-head", "refit": "--refit"}.get(name, f"--{name}")
+            raise SliceGPTError(f"--paper uses {name}={value}; drop {flag} (given: {explicit[name]})")
+    return dict(PAPER_METHOD)
+
+
 def slice_config(args, sparsity: float | None, target_params: int | None = None,
                  target_ratio: float | None = None) -> SliceConfig:
     return SliceConfig(sparsity=sparsity or 0.0, target_params=target_params, target_ratio=target_ratio,
                        round_to=args.round_to, cal_data=args.cal_data, cal_samples=args.cal_samples,
                        cal_seqlen=args.cal_seqlen, cal_batch_size=args.cal_batch_size, seed=args.seed,
-                       tied_head=not args.untie_head, rotations=args.rotations, widths=args.widths,
-                       pca=args.pca, tied_head_basis=args.tied_head_basis, refit=args.refit)
+                       tied_head_basis=args.tied_head_basis, **method_settings(args))
 
 
 def check_plain(args, config: SliceConfig) -> None:
