@@ -23,7 +23,8 @@ def slice_args(model, out, *extra):
     return ["slice", str(model), "--sparsity", "0.25", "--out", str(out), *CAL, *extra]
 
 
-@pytest.mark.parametrize("mode", ["--no-streaming", "--streaming", "--streaming --rotations model"])
+@pytest.mark.parametrize("mode", ["--no-streaming", "--streaming", "--streaming --rotations model",
+                                  "--streaming --rotations block --refit"])
 def test_two_ranks_match_one_process(three_layer_dir, tmp_path, mode):
     mode = mode.split()
     assert main(slice_args(three_layer_dir, tmp_path / "single", *mode)) == 0

@@ -36,7 +36,9 @@ def assert_same_weights(a, b):
         assert torch.equal(sa[key], sb[key]), key
 
 
-@pytest.mark.parametrize("options", [["--spill", "never"], ["--spill", "always"], ["--rotations", "model"]])
+@pytest.mark.parametrize("options", [["--spill", "never"], ["--spill", "always"], ["--rotations", "model"],
+                                     ["--refit", "--rotations", "block", "--spill", "always"],
+                                     ["--refit", "--rotations", "model", "--widths", "variance"]])
 def test_kill_then_resume_gives_the_same_weights(three_layer_dir, tmp_path, capsys, options):
     assert main(slice_args(three_layer_dir, tmp_path / "reference", *options)) == 0
     out = tmp_path / "out"
