@@ -15,21 +15,9 @@ from slicegpt.architectures.families import Family
 from slicegpt.architectures.modeling_sliced import set_width_attrs, stream_weight
 from slicegpt.errors import SliceGPTError
 from slicegpt.method.pca import principal_basis
+from slicegpt.method.points import EMBEDDINGS, HEAD_INPUT, layer_input, layer_of, layer_output, mlp_input
 from slicegpt.method.rotation import rotate_input, rotate_output, shortcut
 from slicegpt.method.slicing import StreamPoint, WidthRule, layer_record
-
-
-def stream_points(family: Family, layers: int) -> list[str]:
-    """The points in stream order; a layer's output is the next layer's input."""
-    names = ["embeddings"]
-    for index in range(layers):
-        if family.mlp_norm is not None and not family.parallel:
-            names.append(f"layer {index} mlp input")
-        names.append(f"layer {index} output")
-    return names
-
-
-HEAD_INPUT = "head input"
 
 
 def group_points(names: list[str], layers: int, group_size: int | None) -> list[list[str]]:
@@ -38,8 +26,7 @@ def group_points(names: list[str], layers: int, group_size: int | None) -> list[
         return [names]
     groups: dict[int, list[str]] = {}
     for name in names:
-        index = 0 if name == "embeddings" else int(name.split()[1])
-        groups.setdefault(index // group_size, []).append(name)
+        groups.setdefault(layer_of(name) // group_size, []).append(name)
     return list(groups.values())
 
 
@@ -60,8 +47,8 @@ class GroupBases:
         self.group_of = {name: g for g, group in enumerate(self.groups) for name in group}
         self.waiting = [len(group) for group in self.groups]
         if joint_head:
-            self.group_of[HEAD_INPUT] = self.group_of["embeddings"]
-            self.waiting[self.group_of["embeddings"]] += 1
+            self.group_of[HEAD_INPUT] = self.group_of[EMBEDDINGS]
+            self.waiting[self.group_of[EMBEDDINGS]] += 1
         self.totals: dict[int, torch.Tensor] = {}
         self.points: dict[str, StreamPoint] = {}
 
@@ -86,11 +73,6 @@ class GroupBases:
         return [self.points[name] for name in self.names]
 
 
-def basis_before(index: int) -> str:
-    """The stream point a layer reads first."""
-    return "embeddings" if index == 0 else f"layer {index - 1} output"
-
-
 @torch.no_grad()
 def rotate_layer(layer: nn.Module, family: Family, index: int, bases: dict[str, torch.Tensor]) -> dict:
     """Rotate and slice one fused layer into the bases of its points; returns its width record.
@@ -99,9 +81,9 @@ def rotate_layer(layer: nn.Module, family: Family, index: int, bases: dict[str, 
     """
     family = family.for_layer(index)
     dtype = stream_weight(layer, family.attn_inputs[0]).weight.dtype
-    Q_in = bases[basis_before(index)]
-    Q_out = bases[f"layer {index} output"]
-    Q_mid = Q_in if layer.parallel else bases[f"layer {index} mlp input"]
+    Q_in = bases[layer_input(index)]
+    Q_out = bases[layer_output(index)]
+    Q_mid = Q_in if layer.parallel else bases[mlp_input(index)]
     attn_to = Q_out if layer.parallel else Q_mid
     if family.mlp_keeps_width and Q_mid.shape[1] != Q_out.shape[1]:
         raise SliceGPTError(f"{family.name} needs the same width before and after its MLP")

@@ -20,6 +20,7 @@ from slicegpt.architectures.modeling_sliced import NormThenMap, SlicedDecoderLay
 from slicegpt.method.activations import Activations
 from slicegpt.method.fusion import has_mean_axis
 from slicegpt.method.pca import CovarianceAccumulator, principal_basis
+from slicegpt.method.points import EMBEDDINGS, layer_output, mlp_input
 from slicegpt.method.refit import dense_copy, refit_layer
 from slicegpt.method.rotation import change_basis, rotate_input, rotate_output, shortcut, to_dense
 
@@ -149,7 +150,7 @@ class Slicer:
     @torch.no_grad()
     def slice_embeddings(self, acts: Activations) -> torch.Tensor:
         """Rotate the embeddings into the PCA basis of the first layer's input; returns that basis."""
-        Q = self._basis(acts, "embeddings", also=self.head_covariance)
+        Q = self._basis(acts, EMBEDDINGS, also=self.head_covariance)
         for path in self.family.embeddings:
             rotate_input(stream_weight(self.model, path), Q)
         acts.map(lambda x: change_basis(x, Q))
@@ -217,11 +218,11 @@ class Slicer:
                           kwargs: list[dict], Q_in: torch.Tensor) -> torch.Tensor:
         family, dtype = self.family.for_layer(index), acts.hidden[0].dtype
         layer.attn_shortcut = layer.mlp_shortcut = None
-        Q_mid = self._block(f"layer {index} mlp input", family, layer, layer.attention_half, acts, kwargs, Q_in,
+        Q_mid = self._block(mlp_input(index), family, layer, layer.attention_half, acts, kwargs, Q_in,
                             family.attn_inputs, family.writers("attn"), has_mlp=False, skip="attn_shortcut")
         layer.attn_shortcut = shortcut(Q_in, Q_mid, dtype)
         no_kwargs = [{} for _ in kwargs]
-        Q_out = self._block(f"layer {index} output", family, layer, layer.mlp_half, acts, no_kwargs, Q_mid,
+        Q_out = self._block(layer_output(index), family, layer, layer.mlp_half, acts, no_kwargs, Q_mid,
                             family.mlp_inputs, family.writers("mlp"), has_mlp=True, skip="mlp_shortcut")
         layer.mlp_shortcut = shortcut(Q_mid, Q_out, dtype)
         self._mid_basis = Q_mid
@@ -232,7 +233,7 @@ class Slicer:
                         kwargs: list[dict], Q_in: torch.Tensor) -> torch.Tensor:
         family, dtype = self.family.for_layer(index), acts.hidden[0].dtype
         layer.attn_shortcut = None
-        Q_out = self._block(f"layer {index} output", family, layer, layer.parallel_block, acts, kwargs, Q_in,
+        Q_out = self._block(layer_output(index), family, layer, layer.parallel_block, acts, kwargs, Q_in,
                             (*family.attn_inputs, *family.mlp_inputs), (*family.writers("attn"), *family.writers("mlp")),
                             has_mlp=True, skip="attn_shortcut")
         layer.attn_shortcut = shortcut(Q_in, Q_out, dtype)

@@ -13,7 +13,7 @@ from typing import Callable
 from slicegpt.architectures.families import get_module
 from slicegpt.architectures.modeling_sliced import first_output
 from slicegpt.method.pca import CovarianceAccumulator
-from slicegpt.method.shared_rotation import HEAD_INPUT
+from slicegpt.method.points import EMBEDDINGS, HEAD_INPUT, layer_output, mlp_input
 
 PointSink = Callable[[str, CovarianceAccumulator], None]
 
@@ -33,13 +33,13 @@ def collect_covariances(store, acts, layer_kwargs: list[list[dict]], names: list
         found.all_reduce()
         on_point(name, found)
 
-    if "embeddings" in wanted:
-        first = accumulator("embeddings")
+    if EMBEDDINGS in wanted:
+        first = accumulator(EMBEDDINGS)
         for x, mask in zip(acts.hidden, acts.masks):
             first.add(x, mask)
-        complete("embeddings", first)
+        complete(EMBEDDINGS, first)
     for index, layer in store.dense_layers(description):
-        mid, out = f"layer {index} mlp input", f"layer {index} output"
+        mid, out = mlp_input(index), layer_output(index)
         found = {name: accumulator(name) for name in (mid, out) if name in wanted}
         current, handle = {}, None
         if mid in found:

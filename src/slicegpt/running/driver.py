@@ -25,7 +25,8 @@ from slicegpt.config import SliceConfig
 from slicegpt.method.pca import CovarianceAccumulator
 from slicegpt.method.refit import dense_copy, refit_layer
 from slicegpt.method.rotation import change_basis, rotate_input
-from slicegpt.method.shared_rotation import HEAD_INPUT, GroupBases, basis_before, rotate_layer, stream_points
+from slicegpt.method.points import EMBEDDINGS, HEAD_INPUT, layer_input, layer_output, mlp_input, stream_points
+from slicegpt.method.shared_rotation import GroupBases, rotate_layer
 from slicegpt.method.slicing import SliceResult, Slicer, WidthRule, constant_width, rotate_head, slicing_metadata
 from slicegpt.running.covariances import collect_covariances
 from slicegpt.running.distributed import leading_share
@@ -134,9 +135,9 @@ def _per_block(store, config: SliceConfig, batches, budget, state, override) -> 
             slicer.dense_acts = store.copy(acts, DENSE)
         Q = slicer.slice_embeddings(acts)
         store.close_embeddings()
-        start, embedding = 0, store.keep_basis(slicer.embedding_basis, "embeddings")
+        start, embedding = 0, store.keep_basis(slicer.embedding_basis, EMBEDDINGS)
     else:
-        start, embedding = state["next_layer"], state["bases"]["embeddings"]
+        start, embedding = state["next_layer"], state["bases"][EMBEDDINGS]
         Q = store.basis(state["bases"]["current"])
         slicer.embedding_basis = store.basis(embedding)
         slicer.result = result_from_dict(state["result"])
@@ -147,7 +148,7 @@ def _per_block(store, config: SliceConfig, batches, budget, state, override) -> 
     def checkpoint(next_layer: int) -> None:
         streams = {SLICED: acts, **({DENSE: slicer.dense_acts} if config.refit else {})}
         store.checkpoint(next_layer, lambda: {
-            "bases": {"current": store.keep_basis(Q, f"layer{next_layer:05d}"), "embeddings": embedding},
+            "bases": {"current": store.keep_basis(Q, f"layer{next_layer:05d}"), EMBEDDINGS: embedding},
             "widths": widths, "result": result_to_dict(slicer.result)}, streams)
 
     if state is None:
@@ -194,7 +195,7 @@ def _shared(store, config: SliceConfig, batches, budget, state, override) -> Sli
         handles, points = _shared_bases(store, config, acts, kwargs, _rule(budget, widths, override))
         _drop(acts)  # the first pass moved them past the last layer
         result = SliceResult(points=points)
-        Q_embedding = store.basis(handles["embeddings"])
+        Q_embedding = store.basis(handles[EMBEDDINGS])
         if refit:  # the first layer's inputs again: dense, and in the embedding basis
             dense, kwargs = store.capture(batches)
             streams = {DENSE: dense, SLICED: store.copy(dense, SLICED, lambda x: change_basis(x, Q_embedding))}
@@ -228,8 +229,8 @@ def _shared(store, config: SliceConfig, batches, budget, state, override) -> Sli
         checkpoint(0)
     for index in _layers(store, start):
         layer = store.layer(index)
-        mid, out = f"layer {index} mlp input", f"layer {index} output"
-        bases = bases_for([basis_before(index), mid, out])
+        mid, out = mlp_input(index), layer_output(index)
+        bases = bases_for([layer_input(index), mid, out])
         reference = dense_copy(layer) if refit else None
         result.layer_widths.append(rotate_layer(layer, family, index, bases))
         if refit:
@@ -239,9 +240,9 @@ def _shared(store, config: SliceConfig, batches, budget, state, override) -> Sli
         kwargs[index] = None
         store.close_layer(index, layer)
         checkpoint(index + 1)
-    last = f"layer {store.layer_count - 1} output"
-    bases = bases_for([last, "embeddings"])
-    store.close_head(lambda: rotate_head(store.model, family, bases[last], bases["embeddings"]))
+    last = layer_output(store.layer_count - 1)
+    bases = bases_for([last, EMBEDDINGS])
+    store.close_head(lambda: rotate_head(store.model, family, bases[last], bases[EMBEDDINGS]))
     result.head_in = bases[last].shape[1]
     for stream in streams.values():
         _drop(stream)

@@ -17,7 +17,8 @@ from slicegpt.architectures.families import Family, get_module
 from slicegpt.method.fusion import can_keep_tied, uses_mean_axis
 from slicegpt.architectures.modeling_sliced import sliced_class_for, stream_weight
 from slicegpt.sizing.counts import count_parameters
-from slicegpt.method.shared_rotation import group_points, stream_points
+from slicegpt.method.points import EMBEDDINGS, layer_input, layer_output, mlp_input, stream_points
+from slicegpt.method.shared_rotation import group_points
 
 
 def basis_owner(config: SliceConfig, names: list[str], layers: int) -> dict[str, str]:
@@ -48,9 +49,8 @@ def planned_slicing(model: nn.Module, family: Family, config: SliceConfig, width
     owner = basis_owner(config, names, layers)
     records = []
     for index in range(layers):
-        before = "embeddings" if index == 0 else f"layer {index - 1} output"
-        after = f"layer {index} output"
-        middle = after if family.parallel else f"layer {index} mlp input"
+        before, after = layer_input(index), layer_output(index)
+        middle = after if family.parallel else mlp_input(index)
         record = {"in": widths[before]}
         if not family.parallel:
             record["mid"] = widths[middle]
@@ -65,9 +65,9 @@ def planned_slicing(model: nn.Module, family: Family, config: SliceConfig, width
         "base_architecture": type(model).__name__,
         "dense_hidden_size": model.config.hidden_size,
         "norm_eps": 1e-6,  # irrelevant to the count
-        "embedding_width": widths["embeddings"],
+        "embedding_width": widths[EMBEDDINGS],
         "layers": records,
-        "head_in": widths[f"layer {layers - 1} output"],
+        "head_in": widths[layer_output(layers - 1)],
         **(facts or sizing_facts(model, family, config)),
     }
 

@@ -16,7 +16,7 @@ from slicegpt.config import SliceConfig
 from slicegpt.errors import SliceGPTError
 from slicegpt.architectures.families import Family, get_module
 from slicegpt.method.pca import CovarianceAccumulator, principal_basis
-from slicegpt.method.shared_rotation import HEAD_INPUT, stream_points
+from slicegpt.method.points import HEAD_INPUT, stream_points
 
 
 def width_for_fraction(eigenvalues: torch.Tensor, fraction: float, round_to: int) -> int:
