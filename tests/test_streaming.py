@@ -9,7 +9,7 @@ import transformers
 from slicegpt import SliceConfig, load_sliced, save_sliced, slice_model
 from slicegpt.cli import main
 from slicegpt.errors import SliceGPTError
-from slicegpt.architectures.families import get_module
+from slicegpt.architectures.family import get_module
 from slicegpt.io.shards import INDEX_FILE
 from slicegpt.running.streaming import StreamingRun, partial_dir
 

@@ -1,117 +1,19 @@
-"""What slicegpt needs to know about each model family, as data.
+"""Every supported model family, as data, and the checks that a model matches its entry.
 
-A family description names the modules that read from and write to the residual
-stream. The algorithm (fusion, rotation, slicing) and the sliced modeling code read
-these names and never mention a family by itself. Adding an architecture means adding
-one `Family` entry to `FAMILIES` (see docs/adding-an-architecture.md).
-
-All paths inside a layer are relative to the decoder layer module. A stream "input" or
-"output" path names a module with a `weight` (nn.Linear, a MoE router) or a bare
-parameter (a fused expert tensor); see `modeling_sliced.StreamWeight`.
+Adding an architecture means adding one `Family` (family.py) entry to `FAMILIES`
+(see docs/adding-an-architecture.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
-import torch
 from torch import nn
 
+from slicegpt.architectures.family import Family, comparable, get_module
+from slicegpt.architectures.modeling_sliced import stream_weight
+from slicegpt.architectures.norms import NORM_KINDS, check_norm
 from slicegpt.errors import SliceGPTError
-from slicegpt.architectures.modeling_sliced import branch_writers, stream_weight
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    # Module paths relative to the model.
-    layers: str = "model.layers"
-    embeddings: tuple[str, ...] = ("model.embed_tokens",)  # token and learned-position tables
-    final_norm: str = "model.norm"
-    head: str = "lm_head"
-    # Module paths relative to one decoder layer.
-    attn: str = "self_attn"
-    mlp: str | None = "mlp"
-    # Where the MLP is not one module but the layer's own children applied in order (OPT).
-    mlp_chain: tuple[str, ...] = ()
-    attn_norm: str = "input_layernorm"
-    mlp_norm: str | None = "post_attention_layernorm"  # None: one norm feeds both branches
-    attn_inputs: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-    attn_outputs: tuple[str, ...] = ("self_attn.o_proj",)
-    mlp_inputs: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
-    mlp_outputs: tuple[str, ...] = ("mlp.down_proj",)
-    # Norms on a branch's output, before the residual add (Gemma 2/3, OLMo-2). Their scale
-    # cannot fold into a rotated weight, so fusion turns each into a bare norm over the
-    # dense output followed by a map (dense -> stream width) holding the scale; that map,
-    # not the branch's output projections, writes the stream (see `branch_writers`).
-    attn_post_norm: str | None = None
-    mlp_post_norm: str | None = None
-    # False: the branches read the stream with no norm before them (OLMo-2); fusion then puts
-    # parameter-free identities at attn_norm / mlp_norm, which mark where each block reads.
-    pre_norms: bool = True
-    # Integer attributes inside the layer that hold the width the MLP reads (MoE routers
-    # reshape their input by it), so they must follow the sliced width.
-    mlp_width_attrs: tuple[str, ...] = ()
-    # The MLP's output must be as wide as its input (MoE blocks allocate one from the other).
-    mlp_keeps_width: bool = False
-    # "rms": RMSNorm x / rms(x) * w; "layer": LayerNorm (needs a mean-free stream);
-    # "rms_plus_one": RMSNorm scaled by (1 + w), as in Gemma.
-    norm_kind: str = "rms"
-    # Parallel blocks feed attention and MLP from the same input (Phi-2, GPT-NeoX).
-    parallel: bool = False
-    # A boolean config attribute that chooses parallel (True) or sequential, where one
-    # family has both shapes (GPT-NeoX's use_parallel_residual). Overrides `parallel`.
-    parallel_attr: str | None = None
-    # The stream linears are transformers Conv1D, weight stored (in, out) (GPT-2). They
-    # become nn.Linear before fusion, and the sliced model is rebuilt with nn.Linear.
-    conv1d: bool = False
-    # Names of the arguments the model passes a decoder layer positionally after
-    # hidden_states (GPT-2 passes cache, mask and encoder states that way).
-    layer_args: tuple[str, ...] = ()
-    # (config attribute, required value, why): configurations the method cannot handle.
-    requires: tuple[tuple[str, object, str], ...] = ()
-    # (module path, why): modules whose presence means an unsupported variant.
-    forbidden: tuple[tuple[str, str], ...] = ()
-    # Config-dependent shapes beyond one boolean: (conditions, changes) pairs, each a tuple of
-    # (name, value); where every config attribute in `conditions` has its value, the fields in
-    # `changes` take theirs. The first match wins (Falcon's three block shapes, StableLM's).
-    variants: tuple[tuple[tuple[tuple[str, object], ...], tuple[tuple[str, object], ...]], ...] = ()
-    # A scalar attribute of the decoder layer that multiplies each branch's output before the
-    # residual add (Granite's residual_multiplier); fusion folds it into the writers.
-    branch_scale_attr: str | None = None
-    # The model reads a decoder layer's result as `outputs[0]` (Falcon): the sliced layer returns a tuple.
-    layer_returns_tuple: bool = False
-    # Leading layers built another way (DeepSeek-V3's first_k_dense_replace dense MLPs before the MoE
-    # ones): (config attribute holding how many, field changes for them), and that count, which
-    # for_config reads from the config. `for_layer` gives one layer's description.
-    leading_layers: tuple[str, tuple[tuple[str, object], ...]] | tuple[()] = ()
-    leading_count: int = 0
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def writers(self, part: str) -> tuple[str, ...]:
-        """The weights that write branch `part` ("attn" or "mlp") into the stream after fusion."""
-        return branch_writers(self.to_dict(), part)
-
-    def for_config(self, config) -> "Family":
-        """This description with config-dependent choices (block shape, norm names) made."""
-        family = self
-        if self.parallel_attr is not None:
-            family = dataclasses.replace(family, parallel=bool(getattr(config, self.parallel_attr)))
-        if self.leading_layers:
-            family = dataclasses.replace(family, leading_count=int(getattr(config, self.leading_layers[0], 0) or 0))
-        for conditions, changes in self.variants:
-            if all(_comparable(getattr(config, attr, None)) == value for attr, value in conditions):
-                return dataclasses.replace(family, **dict(changes))
-        return family
-
-    def for_layer(self, index: int) -> "Family":
-        """The description of decoder layer `index` (see `leading_layers`)."""
-        if index < self.leading_count:
-            return dataclasses.replace(self, **dict(self.leading_layers[1]))
-        return self
 
 
 LLAMA = Family(name="llama")
@@ -376,15 +278,6 @@ def family_of_sliced(model: nn.Module) -> Family:
     return FAMILIES[base].for_config(model.config)
 
 
-def get_module(root: nn.Module, path: str) -> nn.Module:
-    return root.get_submodule(path)
-
-
-def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
-
-
 def _exists(root: nn.Module, path: str) -> bool:
     try:
         return root.get_submodule(path) is not None
@@ -392,14 +285,10 @@ def _exists(root: nn.Module, path: str) -> bool:
         return False
 
 
-def _comparable(value):
-    return tuple(value) if isinstance(value, list) else value
-
-
 def check_config(model: nn.Module, family: Family) -> None:
     arch = type(model).__name__
     for attr, value, why in family.requires:
-        if _comparable(getattr(model.config, attr, value)) != value:
+        if comparable(getattr(model.config, attr, value)) != value:
             raise SliceGPTError(f"{arch} with {attr}={getattr(model.config, attr)!r}: {why}")
     if family.parallel_attr and not hasattr(model.config, family.parallel_attr):
         raise SliceGPTError(f"{arch}'s config has no '{family.parallel_attr}', which picks its block shape")
@@ -465,63 +354,3 @@ def check_structure(model: nn.Module, family: Family) -> None:
             norm = get_module(layer, path)
             check_norm(norm, layer_family.norm_kind, mismatch(
                 f"norm '{path}' is a {type(norm).__name__}, not {NORM_KINDS[layer_family.norm_kind]}", where))
-
-
-NORM_KINDS = {"rms": "an RMSNorm (x / rms(x) * w)", "rms_plus_one": "an RMSNorm scaled by (1 + w)",
-              "layer": "a LayerNorm"}
-
-
-def norm_module_eps(norm: nn.Module) -> float | None:
-    for attr in ("eps", "variance_epsilon"):
-        value = getattr(norm, attr, None)
-        if isinstance(value, (int, float)):
-            return float(value)
-    return None
-
-
-def norm_scale_and_shift(norm: nn.Module, kind: str, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The affine part of a norm, as (scale, shift) in float64 (a norm without a weight scales by 1)."""
-    weight = getattr(norm, "weight", None)
-    if weight is None:
-        size = dim if dim is not None else norm.normalized_shape[-1]
-        weight = torch.ones(size, dtype=torch.float64)
-    weight = weight.detach().double()
-    if kind == "rms":
-        return weight, None
-    if kind == "rms_plus_one":
-        return 1.0 + weight, None
-    if kind == "layer":
-        bias = getattr(norm, "bias", None)
-        return weight, None if bias is None else bias.detach().double()
-    raise ValueError(f"unknown norm kind {kind!r}")
-
-
-@torch.no_grad()
-def check_norm(norm: nn.Module, kind: str, error: SliceGPTError) -> None:
-    """Probe the norm: it must compute the formula `kind` names, since that is what fusion folds."""
-    eps = norm_module_eps(norm)
-    weight = getattr(norm, "weight", None)
-    if eps is None or (weight is not None and not isinstance(weight, torch.Tensor)):
-        raise error
-    if weight is not None and weight.is_meta:
-        return  # no values to probe; the module checks above still apply
-    dim = weight.shape[-1] if weight is not None else getattr(norm, "normalized_shape", (None,))[-1]
-    if dim is None:
-        raise error
-    device = weight.device if weight is not None else "cpu"
-    dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
-    # A non-zero mean separates LayerNorm from RMSNorm; two rows of different scale.
-    x = torch.randn(2, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5
-    x[1] *= 3.0
-    try:
-        actual = norm(x.to(device, dtype)).double().cpu()
-        scale, shift = norm_scale_and_shift(norm, kind, dim)
-    except Exception:
-        raise error from None
-    centred = x - x.mean(-1, keepdim=True) if kind == "layer" else x
-    expected = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps) * scale.cpu()
-    if shift is not None:
-        expected = expected + shift.cpu()
-    tolerance = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
-    if not torch.allclose(actual, expected, rtol=tolerance, atol=tolerance):
-        raise error

@@ -20,7 +20,7 @@ import transformers
 from torch import nn
 
 from slicegpt.errors import SliceGPTError
-from slicegpt.architectures.families import Family, get_module
+from slicegpt.architectures.family import Family, get_module
 
 
 def check_plain_exportable(model: nn.Module, family: Family) -> int:

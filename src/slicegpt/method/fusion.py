@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from slicegpt.errors import SliceGPTError
-from slicegpt.architectures.families import Family, get_module, norm_module_eps, norm_scale_and_shift, set_module
+from slicegpt.architectures.family import Family, get_module, set_module
+from slicegpt.architectures.norms import norm_module_eps, norm_scale_and_shift
 from slicegpt.architectures.modeling_sliced import (NormThenMap, SlicedDecoderLayer, SlicedRMSNorm, StreamWeight,
                                                     linearise_conv1d, stream_weight, wrap_layer)
 from slicegpt.method.rotation import reflect

@@ -6,7 +6,7 @@ variance kept, spectra.json, resume checkpoints). Only this module builds or rea
 
 from __future__ import annotations
 
-from slicegpt.architectures.families import Family
+from slicegpt.architectures.family import Family
 
 EMBEDDINGS = "embeddings"  # the first layer's input
 HEAD_INPUT = "head input"  # what a tied head reads: the final map's output

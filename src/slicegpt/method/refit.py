@@ -23,7 +23,7 @@ import copy
 import torch
 from torch import nn
 
-from slicegpt.architectures.families import Family, get_module
+from slicegpt.architectures.family import Family, get_module
 from slicegpt.architectures.modeling_sliced import first_output
 from slicegpt.method.pca import _comm_device, _distributed
 from slicegpt.method.activations import Activations

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slicegpt.architectures.families import Family
+from slicegpt.architectures.family import Family
 from slicegpt.architectures.modeling_sliced import set_width_attrs, stream_weight
 from slicegpt.errors import SliceGPTError
 from slicegpt.method.pca import principal_basis

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from slicegpt.errors import SliceGPTError
-from slicegpt.architectures.families import Family, get_module
+from slicegpt.architectures.family import Family, get_module
 from slicegpt.architectures.modeling_sliced import NormThenMap, SlicedDecoderLayer, set_width_attrs, stream_weight
 from slicegpt.method.activations import Activations
 from slicegpt.method.fusion import has_mean_axis

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from slicegpt.architectures.families import get_module
+from slicegpt.architectures.family import get_module
 from slicegpt.architectures.modeling_sliced import first_output
 from slicegpt.method.pca import CovarianceAccumulator
 from slicegpt.method.points import EMBEDDINGS, HEAD_INPUT, layer_output, mlp_input

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slicegpt.architectures.families import Family, get_module
+from slicegpt.architectures.family import Family, get_module
 from slicegpt.config import SliceConfig
 from slicegpt.method.activations import Activations
 from slicegpt.method.fusion import fuse, keep_head_tied, norm_eps, uses_mean_axis

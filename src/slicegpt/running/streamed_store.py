@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slicegpt.architectures.families import get_module
+from slicegpt.architectures.family import get_module
 from slicegpt.io.converted import ConvertedCheckpoint
 from slicegpt.io.shards import SafetensorsCheckpoint, shard_name, write_shard
 from slicegpt.method.activations import Activations

@@ -13,7 +13,7 @@ from torch import nn
 
 from slicegpt.config import SliceConfig
 from slicegpt.errors import SliceGPTError
-from slicegpt.architectures.families import Family, get_module
+from slicegpt.architectures.family import Family, get_module
 from slicegpt.method.fusion import can_keep_tied, uses_mean_axis
 from slicegpt.architectures.modeling_sliced import sliced_class_for, stream_weight
 from slicegpt.sizing.counts import count_parameters

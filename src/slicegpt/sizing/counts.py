@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from slicegpt.architectures.families import Family, get_module
+from slicegpt.architectures.family import Family, get_module
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -36,7 +36,7 @@ from torch import nn
 from slicegpt.errors import SliceGPTError
 from slicegpt.sizing.budget import parameter_budget, uniform_size, width_for_budget
 from slicegpt.config import SliceConfig
-from slicegpt.architectures.families import Family
+from slicegpt.architectures.family import Family
 from slicegpt.sizing.counts import count_parameters
 
 SHARED_FROM = 0.8  # real size / dense size from which one shared basis is used

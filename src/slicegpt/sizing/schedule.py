@@ -14,7 +14,7 @@ from torch import nn
 from slicegpt.sizing.budget import basis_owner, predicted_parameters
 from slicegpt.config import SliceConfig
 from slicegpt.errors import SliceGPTError
-from slicegpt.architectures.families import Family, get_module
+from slicegpt.architectures.family import Family, get_module
 from slicegpt.method.pca import CovarianceAccumulator, principal_basis
 from slicegpt.method.points import HEAD_INPUT, stream_points
 
