@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 demo: setup
 	$(VENV)/bin/slicegpt slice smollm2-135m --sparsity 0.25 --out out/smollm2-135m-sliced-25 --overwrite \
-		--cal-data $(CAL_DATA) --cal-samples 8 --cal-seqlen 2048 --cal-batch-size 4 \
+		--cal-data $(CAL_DATA) --cal-samples 8 --cal-seqlen 2048 \
 		--eval-ppl --ppl-data $(PPL_DATA) --ppl-chunks 4 --threads 2
 
 test: setup

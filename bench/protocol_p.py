@@ -71,7 +71,7 @@ def one_run(args) -> dict:
     model, tokenizer = load_model("smollm2-135m", device=args.device)
     family = family_for(model)
     config = SliceConfig(sparsity=args.sparsity, cal_samples=args.cal_samples, cal_seqlen=args.cal_seqlen,
-                         cal_batch_size=args.cal_batch_size, seed=42, **parse_variant(args.variant))
+                         cal_batch_size=args.cal_batch_size or SliceConfig.cal_batch_size, seed=42, **parse_variant(args.variant))
     batches = calibration_data(tokenizer, config, load_texts(str(CAL_DATA)))
     ppl_texts = load_texts(str(PPL_DATA))
     second_texts = load_texts(str(SECOND_CORPUS)) if SECOND_CORPUS.is_file() else None
@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cal-samples", type=int, default=64, help=argparse.SUPPRESS)
     parser.add_argument("--cal-seqlen", type=int, default=2048, help=argparse.SUPPRESS)
-    parser.add_argument("--cal-batch-size", type=int, default=8, help=argparse.SUPPRESS)
+    parser.add_argument("--cal-batch-size", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--ppl-chunks", type=int, default=16, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
