@@ -13,6 +13,7 @@ own (wait4), and a sampler records RSS over time.
     python bench/scale.py --layers 2             # estimate the time per layer first
     python bench/scale.py --layers 8,16          # the depth sweep (peak RSS flat in depth)
     python bench/scale.py --layers 32            # the whole model, when time allows
+    python bench/scale.py --layers 2,4 --generate-layers 4 --extra=--refit --tag refit   # the refit, streamed
 Writes bench/results/scale.json (merging cases across runs) and prints a table.
 """
 
@@ -134,7 +135,7 @@ def slice_case(model: Path, out: Path, args) -> dict:
     command = [sys.executable, "-m", "slicegpt.cli", "slice", str(model), "--sparsity", "0.25", "--out", str(out),
                "--streaming", "--overwrite", "--fresh", "--dtype", args.dtype, "--threads", str(args.threads),
                "--cal-data", str(CAL_DATA), "--cal-samples", str(args.cal_samples),
-               "--cal-seqlen", str(args.cal_seqlen), "--cal-batch-size", str(args.cal_samples)]
+               "--cal-seqlen", str(args.cal_seqlen), "--cal-batch-size", str(args.cal_samples), *args.extra.split()]
     start = time.monotonic()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sampler = RssSampler(proc.pid)
@@ -163,19 +164,25 @@ def main() -> None:
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--keep-output", action="store_true", help="keep the sliced directories")
+    parser.add_argument("--extra", default="", help='more slice options, e.g. "--refit" (use --extra=--refit)')
+    parser.add_argument("--tag", default="", help="keep these cases apart in the results (scale_TAG.json)")
+    parser.add_argument("--generate-layers", type=int, default=32,
+                        help="layers of the generated model (fewer: less disk, for shallow cases only)")
     args = parser.parse_args()
+    results_file = RESULTS.with_name(f"scale_{args.tag}.json") if args.tag else RESULTS
 
-    full = args.scratch / "llama-7b-shape-32"
+    full = args.scratch / f"llama-7b-shape-{args.generate_layers}"
     start = time.monotonic()
-    generate(full)
+    generate(full, layers=args.generate_layers)
     print(f"model ready in {full} ({time.monotonic() - start:.0f} s)", file=sys.stderr)
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"cases": {}}
+    results = json.loads(results_file.read_text()) if results_file.exists() else {"cases": {}}
     for layers in [int(n) for n in args.layers.split(",")]:
-        model = full if layers == 32 else cut(full, layers, args.scratch / f"llama-7b-shape-{layers}")
+        model = full if layers == args.generate_layers else cut(full, layers, args.scratch / f"cut-{layers}")
         out = args.scratch / f"sliced-{layers}"
         print(f"slicing {layers} layers ...", file=sys.stderr, flush=True)
         case = slice_case(model, out, args)
-        case.update(layers=layers, cal=f"{args.cal_samples}x{args.cal_seqlen}", dtype=args.dtype, threads=args.threads)
+        case.update(layers=layers, cal=f"{args.cal_samples}x{args.cal_seqlen}", dtype=args.dtype, threads=args.threads,
+                    options=args.extra)
         results["cases"][str(layers)] = case
         if not args.keep_output:
             shutil.rmtree(out)
@@ -185,8 +192,8 @@ def main() -> None:
     results["model"] = {"shape": SHAPE, "dtype": "float16", "disk_gib": round(
         sum(p.stat().st_size for p in full.glob("*.safetensors")) / 2**30, 2)}
     results["torch"] = torch.__version__
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    results_file.parent.mkdir(parents=True, exist_ok=True)
+    results_file.write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
 
 
