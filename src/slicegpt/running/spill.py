@@ -1,7 +1,7 @@
 """Calibration activations that live in a file on disk instead of in memory.
 
-`DiskActivations` has the interface of `slicing.Activations` (`hidden`, `masks`, `map`),
-so the Slicer runs on it unchanged. Batches are written with plain sequential writes and
+`DiskActivations` has the interface of `activations.Activations` (`hidden`, `masks`, `map`, `adopt`),
+so the driver and the Slicer run on it unchanged. Batches are written with plain sequential writes and
 read back memory-mapped, one batch at a time: a batch's mapping goes away when the
 tensor read from it is freed, so resident memory stays at about one batch. Each `map`
 writes a new file and deletes the old one, unless a checkpoint still needs it (`pin`).

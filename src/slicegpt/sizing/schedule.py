@@ -37,7 +37,7 @@ def widths_for_fraction(spectra: dict[str, torch.Tensor], owner: dict[str, str],
 
 
 def spectra_of(covariances: dict[str, CovarianceAccumulator], mean_axis: bool = False) -> dict[str, torch.Tensor]:
-    """Eigenvalues at every stream point (from `collect_covariances` on the fused dense model);
+    """Eigenvalues at every stream point (from `running.covariances.collect_covariances` on the fused dense model);
     `mean_axis`: as the bases will be, coordinate 0 first (pca.principal_basis)."""
     return {name: principal_basis(acc.sum, keep_first=mean_axis)[0] for name, acc in covariances.items()
             if name != HEAD_INPUT}
