@@ -3,74 +3,32 @@
 Slicing drops the stream's least-used directions, and each layer then reads a slightly
 wrong input; the errors add up with depth. After a layer is rotated and sliced, the
 linear maps that write its blocks' outputs (attention's output projection, the MLP's down
-projection) are refit so that the sliced layer, fed the sliced model's own stream, comes
-as close as it can, in least squares over the calibration tokens, to what the dense layer
-writes on the dense stream (in the kept coordinates). A ridge term pulls the weights
-towards the ones they replace, so directions the calibration text hardly visits keep
-their rotated values.
+projection, or the map after a post-norm) are refit so that the sliced layer, fed the
+sliced model's own stream, comes as close as it can, in least squares over the calibration
+tokens, to what the dense layer writes on the dense stream (in the kept coordinates). A
+ridge term pulls the weights towards the ones they replace, so directions the calibration
+text hardly visits keep their rotated values.
 
-Each refit needs the inputs of the projection (the Z below) and a target: the dense
-stream after the block, minus everything of the sliced block's output that does not come
-from the projection. Hooks read both while the layer runs as it is, so this works for
-any layer the families describe; a sequential (non-parallel) layer runs three times:
-once to refit the attention output, once the MLP's, once to move the stream on.
+A block's output is (what does not depend on its writer W) + Z W^T, where Z is W's input,
+so each block runs once: hooks keep Z while the block runs, the least-squares sums are
+taken against the dense target, and once W is solved the block's output is corrected by
+Z (W_new - W_old)^T instead of running it again. A sequential layer refits its attention
+output against the stream between its blocks, corrects that stream, then runs its MLP half
+on it; a parallel layer's writers read the same input and are refit one after the other
+from one set of sums. Each layer thus costs one dense and one sliced forward.
 """
 
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import torch
 from torch import nn
 
 from slicegpt.architectures.family import Family, get_module
-from slicegpt.architectures.modeling_sliced import first_output
-from slicegpt.method.pca import _comm_device, _distributed
 from slicegpt.method.activations import Activations
-
-# Ridge weight, relative to the mean of diag(Z^T Z): small enough that well-visited
-# directions follow the data, large enough to keep the solve well conditioned.
-DAMPING = 1e-2
-
-
-class LeastSquares:
-    """Sums Z^T Z and Z^T R over the tokens it is shown; solves for W in Z W^T ~ R."""
-
-    CHUNK = 4096
-
-    def __init__(self, inputs: int, outputs: int, device):
-        self.gram = torch.zeros(inputs, inputs, dtype=torch.float64, device=device)
-        self.cross = torch.zeros(inputs, outputs, dtype=torch.float64, device=device)
-
-    @torch.no_grad()
-    def add(self, Z: torch.Tensor, R: torch.Tensor, mask: torch.Tensor | None) -> None:
-        Z, R = Z.reshape(-1, Z.shape[-1]), R.reshape(-1, R.shape[-1])
-        if mask is not None:
-            keep = mask.reshape(-1).to(torch.bool)
-            Z, R = Z[keep], R[keep]
-        # Products in float32 (float64 where the activations are), summed in float64, as pca does.
-        compute = torch.float64 if Z.dtype == torch.float64 else torch.float32
-        for z, r in zip(Z.split(self.CHUNK), R.split(self.CHUNK)):
-            z, r = z.to(self.gram.device, compute), r.to(self.gram.device, compute)
-            self.gram += z.T @ z
-            self.cross += z.T @ r
-
-    def all_reduce(self) -> None:
-        if not _distributed():
-            return
-        import torch.distributed as dist
-
-        for name in ("gram", "cross"):
-            total = getattr(self, name).to(_comm_device(self.gram.device))
-            dist.all_reduce(total)
-            setattr(self, name, total.to(self.gram.device))
-
-    def solve(self, previous: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
-        """argmin_W |Z W^T - R|^2 + lam |W - previous|^2, lam = damping x mean(diag(Z^T Z))."""
-        previous = previous.to(self.gram.device, torch.float64)
-        lam = damping * self.gram.diagonal().mean().clamp(min=1e-12)
-        system = self.gram + lam * torch.eye(self.gram.shape[0], dtype=torch.float64, device=self.gram.device)
-        return torch.linalg.solve(system, self.cross + lam * previous.T).T
+from slicegpt.method.least_squares import DAMPING, LeastSquares  # noqa: F401  (LeastSquares: the refit's solver)
 
 
 def refittable(layer: nn.Module, paths: tuple[str, ...]) -> nn.Linear | None:
@@ -82,86 +40,143 @@ def refittable(layer: nn.Module, paths: tuple[str, ...]) -> nn.Linear | None:
     return module if isinstance(module, nn.Linear) else None
 
 
-class _Tap:
-    """Records a module's input (pre-hook) or output while the layer runs."""
-
-    def __init__(self, module: nn.Module, output: bool = False):
-        self.value = None
-        if output:
-            self.handle = module.register_forward_hook(lambda m, args, out: self._keep(first_output(out)))
-        else:
-            self.handle = module.register_forward_pre_hook(lambda m, args: self._keep(args[0]))
-
-    def _keep(self, value):
-        self.value = value
-
-    def remove(self):
-        self.handle.remove()
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
 
 
-@torch.no_grad()
-def _refit_projection(projection: nn.Linear, run, targets: list[torch.Tensor], masks: list, where: nn.Module,
-                      where_output: bool, damping: float) -> None:
-    """Refit `projection` so the stream at `where` (a module's input, or its output) comes
-    closest to `targets`, batch by batch, while `run(index)` runs the layer on batch `index`."""
-    solver = LeastSquares(projection.weight.shape[1], projection.weight.shape[0], projection.weight.device)
-    inputs, stream = _Tap(projection), _Tap(where, output=where_output)
-    try:
-        for index, target in enumerate(targets):
-            run(index)
-            Z, after = inputs.value, stream.value
-            written = Z @ projection.weight.T  # the projection's share of the stream (its bias stays)
-            solver.add(Z, target - (after - written), masks[index])
-    finally:
-        inputs.remove()
-        stream.remove()
-    solver.all_reduce()
-    weight = solver.solve(projection.weight, damping)
-    projection.weight.data = weight.to(projection.weight.dtype).contiguous()
+class _BlockFit:
+    """The refit of the maps that write one block's output: hooks record their inputs Z while
+    the block runs, batch by batch; the sums go to one least-squares problem, and each Z is
+    kept to correct the block's output once the new weights are known."""
+
+    def __init__(self, writers: list[nn.Linear]):
+        self.writers = writers
+        self.inputs: list[list[torch.Tensor] | None] = []  # per batch, each writer's Z
+        self.deltas: list[torch.Tensor] = []  # W_new - W_old, once solved
+        self._latest: list[torch.Tensor | None] = [None] * len(writers)
+        self._handles = [w.register_forward_pre_hook(partial(self._record, k)) for k, w in enumerate(writers)]
+        if writers:
+            weight = writers[0].weight
+            self.solver = LeastSquares(sum(w.weight.shape[1] for w in writers), weight.shape[0], weight.device)
+
+    def _record(self, k: int, module: nn.Module, args: tuple) -> None:
+        self._latest[k] = args[0]
+
+    def add(self, output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Count one batch the block has just run on: its output, and what it should have been."""
+        if not self.writers:
+            return
+        Z, self._latest = self._latest, [None] * len(self.writers)
+        if any(z is None for z in Z):
+            raise RuntimeError("a refit writer did not run with its block")
+        self.inputs.append(Z)
+        compute = _compute_dtype(output.dtype)
+        self.solver.add(Z[0] if len(Z) == 1 else torch.cat(Z, dim=-1), target.to(compute) - output.to(compute),
+                        mask)
+
+    def solve(self, damping: float) -> None:
+        self.close()
+        if not self.writers:
+            return
+        self.solver.all_reduce()
+        solved = self.solver.solve_in_turn([w.weight for w in self.writers], damping)
+        for writer, weight in zip(self.writers, solved):
+            old = writer.weight.data  # the tensor itself, which the assignment below leaves alone
+            writer.weight.data = weight.to(old.dtype).contiguous()
+            compute = _compute_dtype(old.dtype)
+            self.deltas.append(writer.weight.to(compute) - old.to(compute))
+        del self.solver
+
+    def corrected(self, output: torch.Tensor, index: int) -> torch.Tensor:
+        """Batch `index`'s output as the block with the new weights writes it (a new tensor;
+        the arguments in the order Activations.map passes them)."""
+        if not self.writers:
+            return output
+        Z, self.inputs[index] = self.inputs[index], None
+        compute = _compute_dtype(output.dtype)
+        result = output.to(compute)
+        for z, delta in zip(Z, self.deltas):
+            result = result + z.to(compute) @ delta.to(z.device).T
+        return result.to(output.dtype)
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 @torch.no_grad()
 def refit_layer(dense: nn.Module, sliced: nn.Module, family: Family, dense_acts: Activations,
                 sliced_acts: Activations, kwargs: list[dict], Q_mid: torch.Tensor | None, Q_out: torch.Tensor,
-                damping: float = DAMPING) -> None:
+                damping: float | None = None) -> None:
     """Refit `sliced` (a layer rotated and sliced) against `dense` (the same layer fused but not
     rotated); then move both streams past the layer. Q_mid and Q_out are the kept bases after
-    the attention block (None for a parallel layer) and after the layer.
+    the attention block (None for a parallel layer) and after the layer. `damping`: the ridge
+    weight (default DAMPING, read when called).
 
     A sequential layer's attention output is fit to the stream between its blocks; a parallel
     layer's, like the MLP's, to the stream after the layer.
     """
-    sequential = not sliced.parallel and family.mlp_norm is not None
-    attention, mlp = refittable(sliced, family.writers("attn")), refittable(sliced, family.writers("mlp"))
-    mid_targets, out_targets = [], []  # the dense stream, in the kept coordinates
-    mid_tap = _Tap(get_module(dense, family.mlp_norm)) if sequential and attention is not None else None
+    damping = DAMPING if damping is None else damping
+    writers = [refittable(sliced, family.writers(part)) for part in ("attn", "mlp")]
+    if sliced.parallel:
+        _refit_parallel(dense, sliced, dense_acts, sliced_acts, kwargs, Q_out,
+                        _BlockFit([w for w in writers if w is not None]), damping)
+        return
+    attention, mlp = (_BlockFit([] if w is None else [w]) for w in writers)
+    masks, batches = sliced_acts.masks, range(len(kwargs))
+    mid_targets: list[torch.Tensor | None] = []  # the dense stream between the blocks, in the kept coordinates
 
-    def advance(x, kw):
-        y = first_output(dense(x, **kw))
-        if mid_tap is not None:
-            mid_targets.append(mid_tap.value @ Q_mid.to(y.device, y.dtype))
-        out_targets.append(y @ Q_out.to(y.device, y.dtype))
-        return y
+    def advance_dense(x, kw):
+        mid = dense.attention_half(x, **kw)
+        if attention.writers:
+            mid_targets.append(mid @ Q_mid.to(mid.device, mid.dtype))
+        return dense.mlp_half(mid)
+
+    def attention_half(x, kw, index):
+        mid = sliced.attention_half(x, **kw)
+        if attention.writers:
+            attention.add(mid, mid_targets[index], masks[index])
+            mid_targets[index] = None
+        return mid
+
+    def mlp_half(x, index):  # on the stream the refit attention writes
+        out = sliced.mlp_half(attention.corrected(x, index))
+        if mlp.writers:
+            mlp.add(out, dense_acts.hidden[index] @ Q_out.to(out.device, out.dtype), masks[index])
+        return out
 
     try:
-        dense_acts.map(advance, kwargs)
+        dense_acts.map(advance_dense, kwargs)
+        sliced_acts.map(attention_half, kwargs, batches)
+        attention.solve(damping)
+        sliced_acts.map(mlp_half, batches)
+        mlp.solve(damping)
     finally:
-        if mid_tap is not None:
-            mid_tap.remove()
+        attention.close()
+        mlp.close()
+    if mlp.writers:
+        sliced_acts.map(mlp.corrected, batches)
 
-    def run_sliced(index: int) -> torch.Tensor:
-        return first_output(sliced(sliced_acts.hidden[index], **kwargs[index]))
 
-    if attention is not None and sequential:
-        _refit_projection(attention, run_sliced, mid_targets, sliced_acts.masks, get_module(sliced, family.mlp_norm),
-                          False, damping)
-    elif attention is not None:
-        _refit_projection(attention, run_sliced, out_targets, sliced_acts.masks, sliced, True, damping)
-    mid_targets.clear()
-    if mlp is not None:
-        _refit_projection(mlp, run_sliced, out_targets, sliced_acts.masks, sliced, True, damping)
-    out_targets.clear()
-    sliced_acts.map(lambda x, kw: first_output(sliced(x, **kw)), kwargs)
+def _refit_parallel(dense: nn.Module, sliced: nn.Module, dense_acts: Activations, sliced_acts: Activations,
+                    kwargs: list[dict], Q_out: torch.Tensor, fit: _BlockFit, damping: float) -> None:
+    """Both writers read the layer's input: one pass, attention's output refit first, then the MLP's."""
+
+    def block(x, kw, index):
+        out = sliced.parallel_block(x, **kw)
+        if fit.writers:
+            fit.add(out, dense_acts.hidden[index] @ Q_out.to(out.device, out.dtype), sliced_acts.masks[index])
+        return out
+
+    try:
+        dense_acts.map(lambda x, kw: dense.parallel_block(x, **kw), kwargs)
+        sliced_acts.map(block, kwargs, range(len(kwargs)))
+        fit.solve(damping)
+    finally:
+        fit.close()
+    if fit.writers:
+        sliced_acts.map(fit.corrected, range(len(kwargs)))
 
 
 def dense_copy(layer: nn.Module) -> nn.Module:
