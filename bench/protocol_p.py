@@ -11,6 +11,7 @@ same process right before slicing.
     python bench/protocol_p.py                # the full protocol (about half an hour)
     python bench/protocol_p.py --quick        # a smoke run with tiny settings
     python bench/protocol_p.py --sparsities 0.25 --variant refit=true --tag refit
+    python bench/protocol_p.py --sparsities 0.25 --variant refit=true --refit-damping 0.1 --tag refit_d01
 Writes bench/results/protocol_p[_TAG].json (or protocol_p_quick.json) and prints a table.
 Each finished sparsity is written at once; a rerun skips the sparsities already there.
 """
@@ -68,6 +69,10 @@ def one_run(args) -> dict:
     from slicegpt.sizing.counts import count_parameters, head_parameters, shortcut_parameters
 
     torch.set_num_threads(args.threads)
+    if args.refit_damping is not None:  # the refit's ridge weight (method/least_squares.DAMPING)
+        from slicegpt.method import refit
+
+        refit.DAMPING = args.refit_damping
     model, tokenizer = load_model("smollm2-135m", device=args.device)
     family = family_for(model)
     config = SliceConfig(sparsity=args.sparsity, cal_samples=args.cal_samples, cal_seqlen=args.cal_seqlen,
@@ -76,6 +81,8 @@ def one_run(args) -> dict:
     ppl_texts = load_texts(str(PPL_DATA))
     second_texts = load_texts(str(SECOND_CORPUS)) if SECOND_CORPUS.is_file() else None
     row = {"sparsity": args.sparsity, "variant": args.variant, "params_dense": count_parameters(model)}
+    if args.refit_damping is not None:
+        row["refit_damping"] = args.refit_damping
     if args.dense:
         row["ppl_dense"] = perplexity(model, tokenizer, ppl_texts, chunks=args.ppl_chunks, progress=False)["ppl"]
         if second_texts:
@@ -125,6 +132,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (results go to protocol_p_cuda.json)")
     parser.add_argument("--variant", default="", help="SliceConfig settings, e.g. refit=true,rotations=block")
     parser.add_argument("--tag", default="", help="results go to protocol_p_TAG.json")
+    parser.add_argument("--refit-damping", type=float, default=None,
+                        help="the refit's ridge weight, relative to the mean diagonal (default: the library's)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: run one sparsity
     parser.add_argument("--sparsity", type=float, default=0.25, help=argparse.SUPPRESS)
     parser.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
@@ -150,6 +159,8 @@ def main() -> None:
         flags = ["--dense", "--baseline"] if sparsity == 0.25 else []
         command = [sys.executable, __file__, "--one", "--sparsity", str(sparsity), "--threads", str(args.threads),
                    "--device", args.device, "--variant", args.variant, *flags, *sizes]
+        if args.refit_damping is not None:
+            command += ["--refit-damping", str(args.refit_damping)]
         print(f"running sparsity {sparsity} ...", file=sys.stderr, flush=True)
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
