@@ -132,6 +132,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (results go to protocol_p_cuda.json)")
     parser.add_argument("--variant", default="", help="SliceConfig settings, e.g. refit=true,rotations=block")
     parser.add_argument("--tag", default="", help="results go to protocol_p_TAG.json")
+    parser.add_argument("--no-dense", action="store_true",
+                        help="measure only the sliced model (no dense perplexity or dense forward time)")
     parser.add_argument("--refit-damping", type=float, default=None,
                         help="the refit's ridge weight, relative to the mean diagonal (default: the library's)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: run one sparsity
@@ -156,7 +158,7 @@ def main() -> None:
         if any(r["sparsity"] == sparsity and r.get("variant", "") == args.variant for r in rows):
             print(f"sparsity {sparsity}: already measured in {out.relative_to(ROOT)}", file=sys.stderr)
             continue
-        flags = ["--dense", "--baseline"] if sparsity == 0.25 else []
+        flags = ["--dense", "--baseline"] if sparsity == 0.25 and not args.no_dense else []
         command = [sys.executable, __file__, "--one", "--sparsity", str(sparsity), "--threads", str(args.threads),
                    "--device", args.device, "--variant", args.variant, *flags, *sizes]
         if args.refit_damping is not None:
