@@ -137,6 +137,7 @@ def test_streamed_recent_families_equal_in_memory(tmp_path, arch, rotations):
     ("PhiForCausalLM", True, dict(refit=True, rotations="model"), "always"),
     ("Gemma3ForCausalLM", True, dict(refit=True, rotations="block"), "never"),
     ("MixtralForCausalLM", False, dict(refit=True, rotations="layer"), "never"),
+    ("LlamaForCausalLM", True, dict(refit=True, rotations="model", basis_share=0.5), "always"),
 ])
 def test_streamed_refit_and_variance_widths_equal_in_memory(tmp_path, arch, tied, settings, spill):
     """The options that need the dense stream (the refit) or every spectrum first (variance
@@ -324,3 +325,15 @@ def test_converted_reads_touch_only_the_layer(tmp_path, monkeypatch):
         assert torch.equal(found[name], dense.get_parameter(name)), name
     with pytest.raises(SliceGPTError, match="no tensor for model.layers.1.mlp.experts.nothing"):
         tensors.read(["model.layers.1.mlp.experts.nothing"])
+
+
+def test_basis_share_fixes_the_bases_on_fewer_sequences(tmp_path):
+    path = _sharded(tmp_path)
+    batches = random_batches(96)
+    every = _in_memory(path, SliceConfig(sparsity=0.25, rotations="model"), batches, tmp_path / "every")
+    share = _in_memory(path, SliceConfig(sparsity=0.25, rotations="model", basis_share=0.3), batches, tmp_path / "s")
+    first = _in_memory(path, SliceConfig(sparsity=0.25, rotations="model"), batches[:1], tmp_path / "first")
+    _assert_same(share, first)  # 0.3 of three batches: the first one alone
+    assert not torch.equal(every.state_dict()["model.embed_tokens.weight"], share.state_dict()["model.embed_tokens.weight"])
+    with pytest.raises(SliceGPTError, match="basis-share"):
+        SliceConfig(basis_share=0.0)

@@ -48,6 +48,9 @@ class SliceConfig:
     # Refit each layer's output projections by least squares after slicing, so the sliced
     # model follows the dense one on the calibration text (see refit.py).
     refit: bool = False
+    # Shared bases (layer, group:K, model) from the covariances of this leading share of the
+    # calibration sequences (at least one batch); the refit and per-block bases use them all.
+    basis_share: float = 1.0
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -65,6 +68,8 @@ class SliceConfig:
             raise SliceGPTError(f"target-ratio must be in (0, 1], got {self.target_ratio}")
         if self.target_params is not None and self.target_params < 1:
             raise SliceGPTError(f"target-params must be positive, got {self.target_params}")
+        if not 0.0 < self.basis_share <= 1.0:
+            raise SliceGPTError(f"basis-share must be in (0, 1], got {self.basis_share}")
         if self.widths not in ("uniform", "variance"):
             raise SliceGPTError(f"widths must be uniform or variance, got {self.widths!r}")
         if self.tied_head_basis not in ("joint", "input"):

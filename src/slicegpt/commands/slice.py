@@ -94,6 +94,9 @@ def add_slice_options(parser) -> None:
     parser.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
                         help="refit each layer's output projections by least squares on the calibration text "
                              f"(default {'on' if defaults.refit else 'off'})")
+    parser.add_argument("--basis-share", type=float, default=defaults.basis_share, metavar="F",
+                        help="shared bases (layer, group:K, model) from the covariances of the first F of the "
+                             f"calibration sequences (default {defaults.basis_share:g}: all)")
     parser.add_argument("--paper", action="store_true",
                         help="the paper's method exactly, for comparisons: --rotations block --pca raw "
                              "--widths uniform --no-refit --untie-head")
@@ -128,7 +131,8 @@ def slice_config(args, sparsity: float | None, target_params: int | None = None,
     return SliceConfig(sparsity=sparsity or 0.0, target_params=target_params, target_ratio=target_ratio,
                        round_to=args.round_to, cal_data=args.cal_data, cal_samples=args.cal_samples,
                        cal_seqlen=args.cal_seqlen, cal_batch_size=args.cal_batch_size, seed=args.seed,
-                       tied_head_basis=args.tied_head_basis, **method_settings(args))
+                       tied_head_basis=args.tied_head_basis, basis_share=args.basis_share,
+                       **method_settings(args))
 
 
 def check_plain(args, config: SliceConfig) -> None:

@@ -188,10 +188,11 @@ def _shared_bases(store, config: SliceConfig, acts, kwargs, rule: WidthRule) -> 
 
 def _shared(store, config: SliceConfig, batches, budget, state, override) -> SliceResult:
     family, refit = store.family, config.refit
-    acts, kwargs = store.capture(batches, keep_hidden=state is None)
     streams: dict = {}
     if state is None:
         widths, _ = _widths(store, config, budget, batches, override)
+        # The bases may come from the leading share of the batches (--basis-share).
+        acts, kwargs = store.capture(leading_share(batches, config.basis_share) if config.basis_share < 1 else batches)
         handles, points = _shared_bases(store, config, acts, kwargs, _rule(budget, widths, override))
         _drop(acts)  # the first pass moved them past the last layer
         result = SliceResult(points=points)
@@ -207,6 +208,7 @@ def _shared(store, config: SliceConfig, batches, budget, state, override) -> Sli
     else:
         start, handles, widths = state["next_layer"], state["bases"], state["widths"]
         result = result_from_dict(state["result"])
+        acts, kwargs = store.capture(batches, keep_hidden=False)
         streams = store.restore(state, acts.masks)
         store.close_embeddings(write=False)
 
