@@ -149,8 +149,9 @@ def test_generation_with_cache_matches_full_forwards(arch, rotations, sliced):
 
 # Run in a fresh interpreter that cannot import slicegpt: the checkpoint must carry its own code.
 _CHILD = textwrap.dedent("""
-    import importlib.util, json, sys
-    sys.path[:] = [p for p in sys.path if "slicegpt" not in p and not p.rstrip("/").endswith("src")]
+    import importlib.util, json, os, sys
+    # Drop only the entries that hold the package (a checkout may itself sit in a "slicegpt" folder).
+    sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or ".", "slicegpt"))]
     sys.meta_path[:] = [f for f in sys.meta_path if "slicegpt" not in repr(f) and "editable" not in repr(f)]
     assert importlib.util.find_spec("slicegpt") is None, "slicegpt is still importable"
     sys.modules["slicegpt"] = None
