@@ -51,6 +51,18 @@ def _assert_same(a, b, atol=0.0):
     assert torch.allclose(a(ids).logits, b(ids).logits, rtol=0, atol=max(atol, 1e-6))
 
 
+def _assert_streams_as_in_memory(tmp_path, arch, tied, settings, spill="auto"):
+    """The streamed output equals the in-memory output, tensors and metadata, and leaves no partial folder."""
+    path = _sharded(tmp_path, arch, tied)
+    config = SliceConfig(**{"sparsity": 0.25, **settings})
+    batches = random_batches(96)
+    reference = _in_memory(path, config, batches, tmp_path / "memory")
+    streamed = _streamed(path, config, batches, tmp_path / "streamed", spill=spill)
+    _assert_same(reference, streamed)
+    assert streamed.config.slicing == reference.config.slicing
+    assert not partial_dir(tmp_path / "streamed").exists()
+
+
 @pytest.mark.parametrize("arch,tied,spill", [("LlamaForCausalLM", False, "never"), ("LlamaForCausalLM", True, "never"),
                                               ("LlamaForCausalLM", True, "always"), ("Qwen2ForCausalLM", False, "always"),
                                               ("Gemma3ForCausalLM", True, "never"), ("Olmo2ForCausalLM", True, "never")])
@@ -103,14 +115,7 @@ def test_streamed_equals_in_memory_with_options(tmp_path, settings):
     ("Olmo2ForCausalLM", False, dict(rotations="model"), "never"),
 ])
 def test_streamed_shared_rotations_equal_in_memory(tmp_path, arch, tied, settings, spill):
-    path = _sharded(tmp_path, arch, tied)
-    config = SliceConfig(**{"sparsity": 0.25, **settings})
-    batches = random_batches(96)
-    reference = _in_memory(path, config, batches, tmp_path / "memory")
-    streamed = _streamed(path, config, batches, tmp_path / "streamed", spill=spill)
-    _assert_same(reference, streamed)
-    assert streamed.config.slicing == reference.config.slicing
-    assert not partial_dir(tmp_path / "streamed").exists()
+    _assert_streams_as_in_memory(tmp_path, arch, tied, settings, spill)
 
 
 @pytest.mark.parametrize("arch", ["GraniteForCausalLM", "FalconForCausalLM", "FalconForCausalLM:sequential",
@@ -142,14 +147,7 @@ def test_streamed_recent_families_equal_in_memory(tmp_path, arch, rotations):
 def test_streamed_refit_and_variance_widths_equal_in_memory(tmp_path, arch, tied, settings, spill):
     """The options that need the dense stream (the refit) or every spectrum first (variance
     widths) run streamed too, with the same driver, and give the in-memory tensors."""
-    path = _sharded(tmp_path, arch, tied)
-    config = SliceConfig(**{"sparsity": 0.25, **settings})
-    batches = random_batches(96)
-    reference = _in_memory(path, config, batches, tmp_path / "memory")
-    streamed = _streamed(path, config, batches, tmp_path / "streamed", spill=spill)
-    _assert_same(reference, streamed)
-    assert streamed.config.slicing == reference.config.slicing
-    assert not partial_dir(tmp_path / "streamed").exists()
+    _assert_streams_as_in_memory(tmp_path, arch, tied, settings, spill)
 
 
 def test_loads_with_remote_code(tmp_path):

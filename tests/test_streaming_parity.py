@@ -8,10 +8,8 @@ setting once and every pairing of layout and refit is covered by many families.
 
 import pytest
 
-from slicegpt import SliceConfig
-
-from conftest import TINY_CONFIGS, random_batches
-from test_streaming import _assert_same, _in_memory, _sharded, _streamed
+from conftest import TINY_CONFIGS
+from test_streaming import _assert_streams_as_in_memory
 
 CASES = []
 for number, arch in enumerate(sorted(TINY_CONFIGS)):
@@ -22,10 +20,4 @@ for number, arch in enumerate(sorted(TINY_CONFIGS)):
 
 @pytest.mark.parametrize("arch,tied,rotations,refit", CASES)
 def test_streamed_equals_in_memory_for_every_family(tmp_path, arch, tied, rotations, refit):
-    path = _sharded(tmp_path, arch, tied)
-    config = SliceConfig(sparsity=0.25, rotations=rotations, refit=refit)
-    batches = random_batches(96)
-    reference = _in_memory(path, config, batches, tmp_path / "memory")
-    streamed = _streamed(path, config, batches, tmp_path / "streamed")
-    _assert_same(reference, streamed)
-    assert streamed.config.slicing == reference.config.slicing
+    _assert_streams_as_in_memory(tmp_path, arch, tied, dict(rotations=rotations, refit=refit))
