@@ -41,13 +41,16 @@ CAL_DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "wikitext-2-v1.valid
 ROWS = ROOT / "bench" / "results" / "zeroshot.jsonl"
 SUMMARY = ROOT / "bench" / "results" / "zeroshot_summary.json"
 MODEL_CACHE = ROOT / "out" / "zeroshot-models"
+SPEC_FILE = "bench_spec.json"  # the spec a cached model was built from
+RFT_RECORD = "rft_record.json"  # the fine-tuning's losses and held-out curve
 TASKS = ["piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "lambada_openai"]
 # Accuracy of guessing: two choices for PIQA and WinoGrande, four for ARC and HellaSwag;
 # LAMBADA asks for the exact last word, so guessing scores nothing.
 CHANCE = {"piqa": 0.5, "winogrande": 0.5, "arc_easy": 0.25, "arc_challenge": 0.25, "hellaswag": 0.25,
           "lambada_openai": 0.0}
 CALIBRATION = {"cal_samples": 64, "cal_seqlen": 2048, "seed": 42}
-RFT = {"steps": 200, "seqlen": 512, "batch_size": 4, "lr": 5e-4, "lora_r": 32, "lora_alpha": 10.0, "seed": 42}
+RFT = {"steps": 200, "seqlen": 512, "batch_size": 4, "lr": 5e-4, "lora_r": 32, "lora_alpha": 10.0, "seed": 42,
+       "heldout_fraction": 0.1, "heldout_windows": 8, "eval_every": 25}
 MODELS = {
     "dense": {},
     "default-25": {"slice": {"sparsity": 0.25}},
@@ -182,25 +185,37 @@ def build_model(name: str, load_dense, cal_texts: list, specs: dict = MODELS, ca
 
     spec = specs[name]
     directory = cache / name
+    spec_file = directory / SPEC_FILE
     if not spec:
         model, tokenizer = load_dense()
-    elif (directory / "config.json").exists():
+    elif (directory / "config.json").exists() and _same_spec(spec_file, spec):
         model, tokenizer = (load_cached or (lambda d: load_model(str(d))))(directory)
     else:
         model, tokenizer = load_dense()
         if "slice" in spec:
             config = SliceConfig(**spec["slice"], cal_data=str(CAL_DATA), **CALIBRATION)
             slice_model(model, tokenizer, config, cal_texts, progress=progress)
+        record = None
         if "rft" in spec:
-            model, _ = finetune(model, tokenizer, cal_texts, FinetuneConfig(**spec["rft"], data=str(CAL_DATA)),
-                                progress=progress)
+            # The LoRA state is checkpointed beside the model, so a stopped fine-tune continues.
+            model, record = finetune(model, tokenizer, cal_texts, FinetuneConfig(**spec["rft"], data=str(CAL_DATA)),
+                                     progress=progress, checkpoint_dir=str(cache / f"{name}.rft-state"),
+                                     checkpoint_every=25)
         if getattr(model.config, "slicing", None) is not None:
             save_sliced(model, tokenizer, directory, overwrite=True)
         else:
             model.save_pretrained(directory)  # safetensors
             tokenizer.save_pretrained(directory)
+        if record is not None:
+            (directory / RFT_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+        spec_file.write_text(json.dumps(spec, sort_keys=True) + "\n")
     model.eval()
     return model, tokenizer, count_parameters(model)
+
+
+def _same_spec(spec_file: Path, spec: dict) -> bool:
+    """A cached model is reused only if it was built from the same spec (a changed RFT setting rebuilds it)."""
+    return spec_file.exists() and json.loads(spec_file.read_text()) == json.loads(json.dumps(spec))
 
 
 def probe_batch_sizes(sizes: list[int], task: str, limit: int, threads: int, out: Path) -> dict:

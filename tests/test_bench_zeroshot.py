@@ -122,3 +122,20 @@ def test_build_model_fine_tunes_the_dense_model_and_keeps_it(zs, tmp_path):
     ids = torch.randint(1, 90, (1, 8))
     with torch.no_grad():
         assert (model(input_ids=ids).logits - dense(input_ids=ids).logits).abs().max() > 1e-5
+    record = json.loads((tmp_path / "d+rft" / zs.RFT_RECORD).read_text())
+    assert len(record["losses"]) == 2
+
+
+def test_a_changed_spec_rebuilds_the_cached_model(zs, tmp_path):
+    calls = []
+
+    def load_dense():
+        calls.append("dense")
+        return make_tiny_model("LlamaForCausalLM", tied=True), None
+
+    zs.build_model("s", load_dense, random_batches(96), specs={"s": {"slice": {"sparsity": 0.25}}}, cache=tmp_path,
+                   load_cached=lambda d: (load_sliced(d), None))
+    _, _, params = zs.build_model("s", load_dense, random_batches(96), specs={"s": {"slice": {"sparsity": 0.5}}},
+                                  cache=tmp_path, load_cached=lambda d: (load_sliced(d), None))
+    assert calls == ["dense", "dense"]
+    assert json.loads((tmp_path / "s" / zs.SPEC_FILE).read_text()) == {"slice": {"sparsity": 0.5}}
