@@ -18,6 +18,7 @@ embedding table is only indexed and not counted; a tied dense head is counted on
 
     python bench/speed.py                       # CPU, 2 threads
     python bench/speed.py --device cuda --threads 0 --out bench/results/speed_cuda.json
+    python bench/speed.py --sparsities 0.25 --variants "" --cache static --compile --out bench/results/speed_compiled.json
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cache", choices=["dynamic", "static"], default="dynamic", help="KV cache (default dynamic)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model (the warm-up repeat compiles)")
     parser.add_argument("--no-ablation", action="store_true", help="skip the '25%% no fast paths' model")
     parser.add_argument("--variants", default="block,layer,model",
                         help="also 25%% with --rotations block / layer / model (comma-separated; empty for none)")
@@ -121,7 +124,8 @@ def main() -> None:
         models["25% no fast paths"] = without_fast_paths(load_model(str(paths["25%"]), dtype=args.dtype, device=args.device)[0])
 
     settings = BenchSettings(batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
-                             prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
+                             prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
+                             cache=args.cache, compile=args.compile)
     figures = run_benchmark(models, settings, lambda d, t: print(f"repeat {d}/{t}", file=sys.stderr, flush=True))
     environment = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
                    "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()], **versions()}

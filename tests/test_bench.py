@@ -38,6 +38,22 @@ def test_prefill_and_decode_times_are_positive(tmp_path):
     assert prefill > 0 and decode > 0
 
 
+def test_static_cache_decodes_the_same_tokens_as_the_dynamic_one(tmp_path):
+    from slicegpt.evaluation.benchmark import Generation
+
+    model = load_sliced(_sliced_dir(tmp_path))
+    tokens = {}
+    for cache in ("dynamic", "static"):
+        run = Generation(model, 2, BenchSettings(prompt_len=5, new_tokens=4, cache=cache))
+        run.prefill()
+        steps = [run.next_ids]
+        for _ in range(3):
+            run.step()
+            steps.append(run.next_ids)
+        tokens[cache] = torch.cat(steps, 1)
+    assert torch.equal(tokens["dynamic"], tokens["static"])
+
+
 def test_bench_command(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "sliced"
     assert main(["slice", str(tiny_model_dir), "--sparsity", "0.25", "--out", str(out), "--cal-data",
@@ -58,6 +74,7 @@ def test_bench_command(tiny_model_dir, tmp_path, capsys):
     assert set(ratios) == {"prefill", "decode", "peak_memory", "params"}
     assert all(r > 0 for r in ratios["decode"].values())
     assert main(args) == 0
+    assert main([*args, "--cache", "static"]) == 0
     table = capsys.readouterr().out
     assert "decode b1" in table and "ratio" in table
 

@@ -28,6 +28,10 @@ def add_parser(subparsers) -> None:
                         help=f"decoded tokens per repeat (default {defaults.new_tokens})")
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help=f"timed repeats (default {defaults.repeats})")
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help=f"untimed repeats (default {defaults.warmup})")
+    parser.add_argument("--cache", choices=["dynamic", "static"], default=defaults.cache,
+                        help="KV cache: dynamic (transformers' default) or static (preallocated; default dynamic)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each model before timing (compiling takes minutes on a small CPU)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--out", metavar="FILE", help="also write the JSON to FILE")
     add_model_options(parser)
@@ -46,7 +50,10 @@ def run(args) -> int:
     if not batch_sizes or min(batch_sizes) < 1:
         raise SliceGPTError("batch sizes must be at least 1")
     settings = BenchSettings(batch_sizes=batch_sizes, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                             repeats=args.repeats, warmup=max(0, args.warmup))
+                             repeats=args.repeats, warmup=max(0, args.warmup), cache=args.cache,
+                             compile=args.compile)
+    if settings.compile and settings.warmup < 1:
+        raise SliceGPTError("--compile needs --warmup 1 or more: the first repeat compiles")
     models = {}
     for name in [args.model] + ([args.compare] if args.compare else []):
         models[name], _ = load_model(name, dtype=args.dtype, device=args.device)

@@ -39,6 +39,14 @@ class BenchSettings:
     repeats: int = 5
     warmup: int = 1
     seed: int = 0
+    # "dynamic": transformers' default cache, grown token by token; "static": preallocated
+    # to prompt + new tokens, so every decode step has the same shapes (what compile needs).
+    cache: str = "dynamic"
+    compile: bool = False  # torch.compile each model's forward before timing (the warm-up compiles)
+
+    def __post_init__(self) -> None:
+        if self.cache not in ("dynamic", "static"):
+            raise ValueError(f"cache must be 'dynamic' or 'static', got {self.cache!r}")
 
 
 @dataclass
@@ -66,22 +74,27 @@ def _cache_kwargs(model: nn.Module, cache) -> dict:
 class Generation:
     """One model's greedy generation with a KV cache, timed call by call."""
 
-    def __init__(self, model: nn.Module, batch: int, settings: BenchSettings):
-        from transformers import DynamicCache
+    def __init__(self, model: nn.Module, batch: int, settings: BenchSettings, forward=None):
+        from transformers import DynamicCache, StaticCache
 
         self.model = model
+        self.forward = forward or model  # a compiled forward, where asked for
         self.device = next(model.parameters()).device
         vocab = model.get_output_embeddings().out_features
         generator = torch.Generator().manual_seed(settings.seed)
         self.prompt = torch.randint(0, vocab, (batch, settings.prompt_len), generator=generator).to(self.device)
-        self.extra = _cache_kwargs(model, DynamicCache(config=model.config))
+        if settings.cache == "static":
+            cache = StaticCache(config=model.config, max_cache_len=settings.prompt_len + settings.new_tokens)
+        else:
+            cache = DynamicCache(config=model.config)
+        self.extra = _cache_kwargs(model, cache)
         self.next_ids = None
 
     @torch.no_grad()
     def _forward(self, ids: torch.Tensor) -> float:
         _sync(self.device)
         start = time.perf_counter()
-        logits = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **self.extra).logits
+        logits = self.forward(input_ids=ids, use_cache=True, logits_to_keep=1, **self.extra).logits
         self.next_ids = logits[:, -1].argmax(-1, keepdim=True)
         _sync(self.device)
         return time.perf_counter() - start
@@ -93,9 +106,9 @@ class Generation:
         return self._forward(self.next_ids)
 
 
-def prefill_and_decode(model: nn.Module, batch: int, settings: BenchSettings) -> tuple[float, float]:
+def prefill_and_decode(model: nn.Module, batch: int, settings: BenchSettings, forward=None) -> tuple[float, float]:
     """Seconds for one prefill and for `new_tokens` decode steps, at this batch size."""
-    run = Generation(model, batch, settings)
+    run = Generation(model, batch, settings, forward)
     prefill = run.prefill()
     return prefill, sum(run.step() for _ in range(settings.new_tokens))
 
@@ -156,6 +169,7 @@ def run_benchmark(models: dict[str, nn.Module], settings: BenchSettings, progres
 
     names = list(models)
     figures = {}
+    forwards = {name: torch.compile(model) if settings.compile else model for name, model in models.items()}
     for name, model in models.items():
         model.eval()
         figures[name] = ModelFigures(name, count_parameters(model), round(weights_bytes(model) / GIB, 4))
@@ -164,7 +178,7 @@ def run_benchmark(models: dict[str, nn.Module], settings: BenchSettings, progres
     total = settings.warmup + settings.repeats
     for repeat in range(total):
         for batch in settings.batch_sizes:
-            runs = {name: Generation(models[name], batch, settings) for name in names}
+            runs = {name: Generation(models[name], batch, settings, forwards[name]) for name in names}
             prefill = {name: runs[name].prefill() for name in names}
             steps = {name: [] for name in names}
             for _ in range(settings.new_tokens):
@@ -187,7 +201,7 @@ def run_benchmark(models: dict[str, nn.Module], settings: BenchSettings, progres
             fig.decode_tok_s[str(batch)] = batch * settings.new_tokens / statistics.median(sample["decode_s"])
         probe = MemoryProbe(next(model.parameters()).device)
         probe.start()
-        prefill_and_decode(model, max(settings.batch_sizes), settings)
+        prefill_and_decode(model, max(settings.batch_sizes), settings, forwards[name])
         fig.peak_memory_gib = round(fig.weights_gib + probe.peak_growth() / GIB, 4)
     return [figures[name] for name in names]
 
@@ -235,6 +249,7 @@ def format_table(data: dict) -> str:
     lines = ["  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in [head, *rows]]
     s, env = data["settings"], data["environment"]
     lines.append(f"tokens/s: medians of {s['repeats']} repeats (prompt {s['prompt_len']} tokens, {s['new_tokens']} "
-                 f"decoded with a KV cache); ratios: paired medians (speed-up; params and memory: size ratio); "
+                 f"decoded with a {s.get('cache', 'dynamic')} KV cache"
+                 f"{', compiled' if s.get('compile') else ''}); ratios: paired medians (speed-up; params and memory: size ratio); "
                  f"{env.get('device', '')}, {env.get('threads', '')} threads")
     return "\n".join(lines)
