@@ -16,7 +16,8 @@ from slicegpt.errors import SliceGPTError
 from slicegpt.evaluation.plots import png_bytes, ppl_figure, zeroshot_figure
 from slicegpt.io.report import versions
 from slicegpt.commands.common import apply_threads, say, zeroshot_tasks
-from slicegpt.commands.slice import add_slice_options, check_plain, slice_and_save, slice_config
+from slicegpt.commands.slice import slice_and_save
+from slicegpt.commands.slice_options import add_slice_options, check_plain, slice_config
 
 
 def add_parser(subparsers) -> None:
