@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from slicegpt.errors import SliceGPTError
 
 CONFIG_VERSION = 1
+WIDTHS = ("uniform", "variance", "embedding")  # see SliceConfig.widths
 
 
 @dataclass
@@ -39,7 +40,9 @@ class SliceConfig:
     target_params: int | None = None
     target_ratio: float | None = None
     # "uniform": one width everywhere; "variance": per-point widths that keep an equal
-    # fraction of each point's variance, at the same real size as the uniform width.
+    # fraction of each point's variance, at the same real size as the uniform width;
+    # "embedding": only the embeddings (and a tied head) are sliced, to the kept width, and
+    # every layer keeps its width and its weights (for models whose vocabulary dominates).
     widths: str = "uniform"
     # "raw": PCA of the stream as it is (the paper); "normalized": every token weighed
     # equally, as the RMS norms that read the stream see it; "auto": normalized for one
@@ -70,8 +73,14 @@ class SliceConfig:
             raise SliceGPTError(f"target-params must be positive, got {self.target_params}")
         if not 0.0 < self.basis_share <= 1.0:
             raise SliceGPTError(f"basis-share must be in (0, 1], got {self.basis_share}")
-        if self.widths not in ("uniform", "variance"):
-            raise SliceGPTError(f"widths must be uniform or variance, got {self.widths!r}")
+        if self.widths not in WIDTHS:
+            raise SliceGPTError(f"widths must be {', '.join(WIDTHS[:-1])} or {WIDTHS[-1]}, got {self.widths!r}")
+        if self.widths == "embedding" and self.rotations not in ("auto", "block"):
+            raise SliceGPTError(f"widths embedding keeps every layer in its own coordinates: rotations must be "
+                                f"auto or block, got {self.rotations!r}")
+        if self.widths == "embedding" and self.refit:
+            raise SliceGPTError("widths embedding leaves every layer's weights as they are: there is nothing to "
+                                "refit (drop --refit)")
         if self.tied_head_basis not in ("joint", "input"):
             raise SliceGPTError(f"tied-head-basis must be joint or input, got {self.tied_head_basis!r}")
         if self.pca not in ("auto", "raw", "normalized"):

@@ -89,6 +89,19 @@ class NormThenMap(nn.Module):
         return self.map(self.norm(x))
 
 
+class NormThenScale(nn.Module):
+    """A branch's post-norm where the stream keeps its dense coordinates (only the embeddings
+    sliced): the bare norm, then its scale as a vector, not as a dense-width map."""
+
+    def __init__(self, dense_width: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.norm = SlicedRMSNorm(dense_width, eps)
+        self.weight = nn.Parameter(torch.ones(dense_width, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) * self.weight
+
+
 class StreamWeight:
     """A weight (and its bias, if any) that touches the residual stream, wherever it lives.
 
@@ -351,7 +364,9 @@ def apply_sliced_structure(model: nn.Module, slicing: dict) -> None:
             _narrow(layer, path, w_mid, reads=True)
         for part, width in (("attn", attn_to), ("mlp", w_out)):
             post = described.get(f"{part}_post_norm")
-            if post:  # the branch's projections stay dense; the post-norm's map writes the stream
+            if post and part in widths.get("post_norm_scales", ()):  # the stream is in dense coordinates
+                _set(layer, post, NormThenScale(dense, eps, device=parameter.device, dtype=parameter.dtype))
+            elif post:  # the branch's projections stay dense; the post-norm's map writes the stream
                 _set(layer, post, NormThenMap(dense, eps, dense, width, device=parameter.device,
                                               dtype=parameter.dtype))
             for path in () if post else described[f"{part}_outputs"]:

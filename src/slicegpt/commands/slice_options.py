@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from slicegpt.commands.common import add_model_options, add_ppl_options, add_zeroshot_options
-from slicegpt.config import PAPER_METHOD, SliceConfig
+from slicegpt.config import PAPER_METHOD, WIDTHS, SliceConfig
 from slicegpt.errors import SliceGPTError
 from slicegpt.sizing.layout import SHARED_FROM
 
@@ -45,9 +45,10 @@ def add_slice_options(parser) -> None:
                         help="where the basis changes: auto (default: model from 0.8 x dense up, else block), "
                              "block (two shortcuts per layer), layer (one), group:K (K layers share one), "
                              "model (one basis, no shortcuts)")
-    parser.add_argument("--widths", default=defaults.widths, choices=["uniform", "variance"],
+    parser.add_argument("--widths", default=defaults.widths, choices=list(WIDTHS),
                         help="uniform (default): one width everywhere; variance: per-layer widths from the "
-                             "eigenvalue spectra, at the same real size")
+                             "eigenvalue spectra, at the same real size; embedding: slice only the embeddings "
+                             "(and a tied head), every layer keeps its width and weights")
     parser.add_argument("--pca", default=defaults.pca, choices=["auto", "raw", "normalized"],
                         help="raw: PCA of the stream as it is; normalized: every token weighed equally; "
                              "auto (default): normalized with one basis for the whole model, else raw")

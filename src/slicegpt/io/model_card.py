@@ -123,6 +123,8 @@ def size_sentence(config: dict) -> str:
     if config.get("widths") == "variance":
         return (f"Per-point widths keep an equal share of each point's variance, at the real size of removing "
                 f"{config.get('sparsity', 0.0):.0%} of the residual width.")
+    if config.get("widths") == "embedding":
+        return f"{config.get('sparsity', 0.0):.0%} of the embedding width was removed."
     return f"{config.get('sparsity', 0.0):.0%} of the residual width was removed."
 
 
@@ -134,6 +136,10 @@ LAYOUTS = {
 
 
 def layout_sentence(config: dict, params: dict) -> str:
+    if config.get("widths") == "embedding":
+        return ("Only the embeddings were sliced: the embedding table (and the head tied to it) is narrower, one "
+                "map brings the embeddings into the first layer's stream, and every layer keeps its width and "
+                "weights (norm scales folded into the weights that read them).")
     rotations = str(config.get("rotations", ""))
     layout = LAYOUTS.get(rotations)
     if layout is None and rotations.startswith("group:"):

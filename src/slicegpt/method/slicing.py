@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from slicegpt.errors import SliceGPTError
-from slicegpt.architectures.family import Family, get_module
-from slicegpt.architectures.modeling_sliced import NormThenMap, SlicedDecoderLayer, set_width_attrs, stream_weight
+from slicegpt.architectures.family import Family, get_module, set_module
+from slicegpt.architectures.modeling_sliced import (NormThenMap, NormThenScale, SlicedDecoderLayer, set_width_attrs,
+                                                    stream_weight)
 from slicegpt.method.activations import Activations
 from slicegpt.method.fusion import has_mean_axis
 from slicegpt.method.pca import CovarianceAccumulator, principal_basis
@@ -121,11 +122,19 @@ class Slicer:
     shared across blocks are shared_rotation.py's work. With `mean_axis` (a LayerNorm model
     whose head stays tied, see fusion.py) every basis keeps coordinate 0 first, and the
     shortcuts map it to itself. By default the fused model says whether it has one.
+
+    With `keep_layers` (`--widths embedding`) only the embeddings get a PCA basis: every
+    later point keeps the dense coordinates (the identity, no PCA), so the first layer's
+    attention shortcut is the one map from the embedding basis into the stream, no other
+    shortcut is needed, and post-norms keep their scale as a vector.
     """
 
     def __init__(self, model: nn.Module, family: Family, width_rule: WidthRule, normalize_pca: bool = False,
-                 head_covariance: torch.Tensor | None = None, refit: bool = False, mean_axis: bool | None = None):
+                 head_covariance: torch.Tensor | None = None, refit: bool = False, mean_axis: bool | None = None,
+                 keep_layers: bool = False):
         self.model, self.family, self.width_rule = model, family, width_rule
+        self.keep_layers = keep_layers
+        self._identity: torch.Tensor | None = None  # the one basis object of every kept point
         self.mean_axis = has_mean_axis(model, family) if mean_axis is None else mean_axis
         # Refit each sliced layer's output projections against the dense stream (refit.py),
         # which the driver carries in `dense_acts` beside the sliced one.
@@ -141,11 +150,26 @@ class Slicer:
         self.embedding_basis: torch.Tensor | None = None
 
     def _basis(self, acts: Activations, name: str, also: torch.Tensor | None = None) -> torch.Tensor:
+        if self.keep_layers and name != EMBEDDINGS:
+            return self._kept_point(acts, name)
         eigenvalues, vectors = _principal(acts, where=f"at {name}", normalize=self.normalize_pca, also=also,
                                           keep_first=self.mean_axis)
         width = self.width_rule(name, eigenvalues)
         self.result.points.append(StreamPoint(name, eigenvalues.tolist(), width))
         return vectors[:, :width]
+
+    def _kept_point(self, acts: Activations, name: str) -> torch.Tensor:
+        """The identity basis, one object for every kept point (so `_shortcut` sees equal bases)."""
+        dim = acts.hidden[0].shape[-1]
+        if self._identity is None:
+            self._identity = torch.eye(dim, dtype=torch.float64, device=acts.hidden[0].device)
+        self.result.points.append(StreamPoint(name, [], dim))
+        return self._identity
+
+    @staticmethod
+    def _shortcut(Q_from: torch.Tensor, Q_to: torch.Tensor, dtype: torch.dtype) -> nn.Linear | None:
+        """The skip path's change of basis; none where both sides are the same basis."""
+        return None if Q_from is Q_to else shortcut(Q_from, Q_to, dtype)
 
     @torch.no_grad()
     def slice_embeddings(self, acts: Activations) -> torch.Tensor:
@@ -220,12 +244,13 @@ class Slicer:
         layer.attn_shortcut = layer.mlp_shortcut = None
         Q_mid = self._block(mlp_input(index), family, layer, layer.attention_half, acts, kwargs, Q_in,
                             family.attn_inputs, family.writers("attn"), has_mlp=False, skip="attn_shortcut")
-        layer.attn_shortcut = shortcut(Q_in, Q_mid, dtype)
+        layer.attn_shortcut = self._shortcut(Q_in, Q_mid, dtype)
         no_kwargs = [{} for _ in kwargs]
         Q_out = self._block(layer_output(index), family, layer, layer.mlp_half, acts, no_kwargs, Q_mid,
                             family.mlp_inputs, family.writers("mlp"), has_mlp=True, skip="mlp_shortcut")
-        layer.mlp_shortcut = shortcut(Q_mid, Q_out, dtype)
+        layer.mlp_shortcut = self._shortcut(Q_mid, Q_out, dtype)
         self._mid_basis = Q_mid
+        self._scale_post_norms(layer, family, {"attn": Q_mid, "mlp": Q_out})
         self.result.layer_widths.append(layer_record(layer, Q_in, Q_out, Q_mid))
         return Q_out
 
@@ -236,10 +261,27 @@ class Slicer:
         Q_out = self._block(layer_output(index), family, layer, layer.parallel_block, acts, kwargs, Q_in,
                             (*family.attn_inputs, *family.mlp_inputs), (*family.writers("attn"), *family.writers("mlp")),
                             has_mlp=True, skip="attn_shortcut")
-        layer.attn_shortcut = shortcut(Q_in, Q_out, dtype)
+        layer.attn_shortcut = self._shortcut(Q_in, Q_out, dtype)
         self._mid_basis = None
+        self._scale_post_norms(layer, family, {"attn": Q_out, "mlp": Q_out})
         self.result.layer_widths.append(layer_record(layer, Q_in, Q_out))
         return Q_out
+
+
+    def _scale_post_norms(self, layer: SlicedDecoderLayer, family: Family, bases: dict[str, torch.Tensor]) -> None:
+        """A post-norm writing into the identity basis has a diagonal map: keep it as a vector."""
+        for part, Q in bases.items():
+            path = getattr(family, f"{part}_post_norm")
+            if path is None or self._identity is None or Q is not self._identity:
+                continue
+            module = get_module(layer, path)
+            weight = module.map.weight
+            if module.map.bias is not None or module.norm.skip_first or \
+                    not torch.equal(weight, torch.diag(torch.diagonal(weight))):
+                raise SliceGPTError(f"the post-norm '{path}' does not reduce to a scale in dense coordinates")
+            scaled = NormThenScale(module.norm.dense_width, module.norm.eps, device=weight.device, dtype=weight.dtype)
+            scaled.weight.data.copy_(torch.diagonal(weight))
+            set_module(layer, path, scaled)
 
 
 def layer_record(layer: SlicedDecoderLayer, Q_in: torch.Tensor, Q_out: torch.Tensor,
@@ -253,6 +295,10 @@ def layer_record(layer: SlicedDecoderLayer, Q_in: torch.Tensor, Q_out: torch.Ten
                and not (name == "mlp" and layer.parallel)]
     if missing:
         record["no_shortcut"] = missing
+    scaled = [part for part in ("attn", "mlp") if isinstance(getattr(layer, layer.names[f"{part}_post_norm"] or "",
+                                                                     None), NormThenScale)]
+    if scaled:
+        record["post_norm_scales"] = scaled
     return record
 
 

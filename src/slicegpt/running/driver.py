@@ -128,7 +128,7 @@ def _per_block(store, config: SliceConfig, batches, budget, state, override) -> 
     head = covariances.get(HEAD_INPUT) if covariances and config.tied_head_basis == "joint" else None
     slicer = Slicer(store.model, store.family, _rule(budget, widths, override),
                     normalize_pca=config.pca == "normalized", head_covariance=None if head is None else head.sum,
-                    refit=config.refit, mean_axis=store.mean_axis)
+                    refit=config.refit, mean_axis=store.mean_axis, keep_layers=config.widths == "embedding")
     slicer.copy_stream = lambda stream: store.copy(stream, "inputs")
     if state is None:
         if config.refit:

@@ -23,6 +23,8 @@ from slicegpt.method.shared_rotation import group_points
 
 def basis_owner(config: SliceConfig, names: list[str], layers: int) -> dict[str, str]:
     """For each stream point, the point whose basis it uses (equal owners: no shortcut between)."""
+    if config.widths == "embedding":  # every later point keeps the dense coordinates
+        return {name: name if name == EMBEDDINGS else "dense" for name in names}
     if config.rotations == "block":
         return {name: name for name in names}
     return {name: group[0] for group in group_points(names, layers, config.group_size) for name in group}
@@ -59,6 +61,10 @@ def planned_slicing(model: nn.Module, family: Family, config: SliceConfig, width
                   if owner[a] == owner[b] and not (part == "mlp" and family.parallel)]
         if absent:
             record["no_shortcut"] = absent
+        scaled = [part for part, point in (("attn", middle), ("mlp", after))
+                  if getattr(family, f"{part}_post_norm") and owner[point] == "dense"]
+        if scaled:
+            record["post_norm_scales"] = scaled
         records.append(record)
     return {
         "family": family.to_dict(),
@@ -102,8 +108,12 @@ def predicted_parameters(model: nn.Module, family: Family, config: SliceConfig, 
     return count_parameters(skeleton)
 
 
-def uniform_widths(model: nn.Module, family: Family, width: int) -> dict[str, int]:
+def uniform_widths(model: nn.Module, family: Family, width: int, config: SliceConfig | None = None) -> dict[str, int]:
+    """Every point at `width`; with `--widths embedding`, the embeddings only."""
     layers = len(get_module(model, family.layers))
+    if config is not None and config.widths == "embedding":
+        dense = model.config.hidden_size
+        return {name: width if name == EMBEDDINGS else dense for name in stream_points(family, layers)}
     return {name: width for name in stream_points(family, layers)}
 
 
@@ -114,7 +124,7 @@ def width_for_budget(model: nn.Module, family: Family, config: SliceConfig, targ
     low, high = 1, dense // step  # in units of `step`
 
     def fits(units: int) -> bool:
-        return predicted_parameters(model, family, config, uniform_widths(model, family, units * step)) <= target
+        return predicted_parameters(model, family, config, uniform_widths(model, family, units * step, config)) <= target
 
     if not fits(low):
         raise SliceGPTError(f"no width meets the budget of {target:,} parameters "
@@ -139,5 +149,5 @@ def parameter_budget(model: nn.Module, family: Family, config: SliceConfig) -> i
 def uniform_size(model: nn.Module, family: Family, config: SliceConfig) -> int:
     """The real size of one uniform width at the config's sparsity, in the config's layout."""
     width = config.kept_width(model.config.hidden_size)
-    return predicted_parameters(model, family, config, uniform_widths(model, family, width))
+    return predicted_parameters(model, family, config, uniform_widths(model, family, width, config))
 
