@@ -151,18 +151,17 @@ class Slicer:
 
     def _basis(self, acts: Activations, name: str, also: torch.Tensor | None = None) -> torch.Tensor:
         if self.keep_layers and name != EMBEDDINGS:
-            return self._kept_point(acts, name)
+            return self._kept_point(acts.hidden[0].shape[-1], name)
         eigenvalues, vectors = _principal(acts, where=f"at {name}", normalize=self.normalize_pca, also=also,
                                           keep_first=self.mean_axis)
         width = self.width_rule(name, eigenvalues)
         self.result.points.append(StreamPoint(name, eigenvalues.tolist(), width))
         return vectors[:, :width]
 
-    def _kept_point(self, acts: Activations, name: str) -> torch.Tensor:
+    def _kept_point(self, dim: int, name: str) -> torch.Tensor:
         """The identity basis, one object for every kept point (so `_shortcut` sees equal bases)."""
-        dim = acts.hidden[0].shape[-1]
         if self._identity is None:
-            self._identity = torch.eye(dim, dtype=torch.float64, device=acts.hidden[0].device)
+            self._identity = torch.eye(dim, dtype=torch.float64)
         self.result.points.append(StreamPoint(name, [], dim))
         return self._identity
 
@@ -188,6 +187,8 @@ class Slicer:
         """Rotate and slice one fused layer; `acts` become its outputs, in the returned basis."""
         if not isinstance(layer, SlicedDecoderLayer):
             raise TypeError("fuse the model before slicing it")
+        if self.keep_layers:  # nothing after the embeddings depends on the calibration text
+            return self._keep_layer(index, layer, Q_in, acts.hidden[0].dtype)
         slice_one = self._parallel_layer if layer.parallel else self._sequential_layer
         if not self.refit:
             return slice_one(index, layer, acts, kwargs, Q_in)
@@ -267,6 +268,25 @@ class Slicer:
         self.result.layer_widths.append(layer_record(layer, Q_in, Q_out))
         return Q_out
 
+
+    def _keep_layer(self, index: int, layer: SlicedDecoderLayer, Q_in: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A layer under `keep_layers`: its outputs stay in the dense coordinates, so it needs no
+        forward and no PCA; only the first layer's branch inputs read the embedding basis."""
+        family, dim = self.family.for_layer(index), Q_in.shape[0]
+        if not layer.parallel:
+            self._kept_point(dim, mlp_input(index))
+        identity = self._kept_point(dim, layer_output(index))
+        if index == 0:  # later layers read the identity (a resumed run holds a copy of it)
+            readers = (*family.attn_inputs, *family.mlp_inputs) if layer.parallel else family.attn_inputs
+            for path in readers:
+                rotate_input(stream_weight(layer, path), Q_in)
+            if layer.parallel:
+                set_width_attrs(layer, family.mlp_width_attrs, Q_in.shape[1])
+        layer.attn_shortcut = shortcut(Q_in, identity, dtype) if index == 0 else None
+        layer.mlp_shortcut = None
+        self._scale_post_norms(layer, family, {"attn": identity, "mlp": identity})
+        self.result.layer_widths.append(layer_record(layer, Q_in, identity, None if layer.parallel else identity))
+        return identity
 
     def _scale_post_norms(self, layer: SlicedDecoderLayer, family: Family, bases: dict[str, torch.Tensor]) -> None:
         """A post-norm writing into the identity basis has a diagonal map: keep it as a vector."""
