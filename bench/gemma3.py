@@ -25,70 +25,22 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from protocol_p import CAL_DATA, PPL_DATA, ROOT, dense_body_forward_s, peak_rss_gib  # noqa: E402
+from protocol_p import CAL_DATA, PPL_DATA, ROOT, SECOND_CORPUS, dense_body_forward_s, peak_rss_gib  # noqa: E402
 
 MODEL = "gemma3-270m"
 # name -> SliceConfig settings; the first also measures the dense model. MEAN_SCALE is the
 # alternative to the exact post-norm maps: each post-norm's scale replaced by its mean (the
 # one scale that commutes with a rotation), measured on the dense model, before any slicing.
 MEAN_SCALE = "dense-mean-post-norm-scale"
-# Another alternative: slice only the tied embedding (63% of this model). Its PCA basis Q
-# (w of 640 directions, from the embedding outputs and the head inputs, as slicegpt's joint
-# tied-head basis) factorises the table as (E Q) Q^T: stored, that is a V x w table, a w x D
-# map after it and a D x w map before the head; the body stays dense. The run computes
-# the same function with E Q Q^T in place of E and counts the factorised parameters.
-EMBEDDING_ONLY = "embedding-only-480"
-EMBEDDING_WIDTH = 480
+# Gemma 3 270M is 63% embedding (262,144 x 640, tied), so `--widths embedding` (slice only
+# the embeddings and the tied head; every layer keeps its width and weights) is measured too.
 CONFIGS = {
+    "embedding-ratio-0.85": dict(target_ratio=0.85, widths="embedding"),
+    "embedding-sparsity-0.25": dict(sparsity=0.25, widths="embedding"),
     "ratio-0.85": dict(target_ratio=0.85),
-    EMBEDDING_ONLY: None,
     "sparsity-0.25": dict(sparsity=0.25),
     MEAN_SCALE: None,
 }
-
-
-@torch.no_grad()
-def embedding_only_run(args) -> dict:
-    from slicegpt import SliceConfig, load_model, perplexity
-    from slicegpt.io.data import load_texts
-    from slicegpt.method.pca import principal_basis
-    from slicegpt.running.in_memory import calibration_data
-    from slicegpt.sizing.counts import count_parameters
-
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(MODEL)
-    config = SliceConfig(sparsity=0.25, cal_samples=args.cal_samples, cal_seqlen=args.cal_seqlen,
-                         cal_batch_size=args.cal_batch_size, seed=42)
-    batches = calibration_data(tokenizer, config, load_texts(str(CAL_DATA)))
-    dense_params = count_parameters(model)
-    start = time.perf_counter()
-    sums = {}
-
-    def keep(name):
-        def hook(module, inputs, output):
-            x = output.double().flatten(0, -2)
-            sums[name] = sums.get(name, 0) + x.T @ x
-        return hook
-
-    handles = [model.model.embed_tokens.register_forward_hook(keep("embeddings")),
-               model.model.norm.register_forward_hook(keep("head input"))]
-    for batch in batches:
-        model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    for handle in handles:
-        handle.remove()
-    joint = sums["embeddings"] / sums["embeddings"].trace() + sums["head input"] / sums["head input"].trace()
-    eigenvalues, vectors = principal_basis(joint)
-    Q = vectors[:, :EMBEDDING_WIDTH]
-    weight = model.model.embed_tokens.weight
-    weight.copy_((weight.double() @ Q @ Q.T).to(weight.dtype))  # the tied head reads the same table
-    seconds = time.perf_counter() - start
-    ppl = perplexity(model, tokenizer, load_texts(str(PPL_DATA)), chunks=args.ppl_chunks, progress=False)["ppl"]
-    vocab, dense = weight.shape
-    params = dense_params - vocab * dense + vocab * EMBEDDING_WIDTH + 2 * dense * EMBEDDING_WIDTH
-    return {"config": EMBEDDING_ONLY, "width": EMBEDDING_WIDTH, "ppl": ppl, "params_dense": dense_params,
-            "params_factorised": params, "calibrate_and_factorise_s": seconds,
-            "variance_kept": (eigenvalues[:EMBEDDING_WIDTH].sum() / eigenvalues.sum()).item(),
-            "peak_rss_gib": peak_rss_gib()}
 
 
 @torch.no_grad()
@@ -115,8 +67,6 @@ def one_run(name: str, args) -> dict:
 
     if name == MEAN_SCALE:
         return mean_scale_run(args)
-    if name == EMBEDDING_ONLY:
-        return embedding_only_run(args)
     from slicegpt.architectures.families import family_for
     from slicegpt.io.data import load_texts
     from slicegpt.running.in_memory import calibration_data
@@ -130,15 +80,21 @@ def one_run(name: str, args) -> dict:
     batches = calibration_data(tokenizer, config, load_texts(str(CAL_DATA)))
     ppl_texts = load_texts(str(PPL_DATA))
     row = {"config": name, "settings": CONFIGS[name], "params_dense": count_parameters(model)}
+    second_texts = load_texts(str(SECOND_CORPUS))
     if args.dense:
         row["ppl_dense"] = perplexity(model, tokenizer, ppl_texts, chunks=args.ppl_chunks, progress=False)["ppl"]
+        row["ppl_lambada_dense"] = perplexity(model, tokenizer, second_texts, chunks=args.ppl_chunks,
+                                              progress=False)["ppl"]
         row["dense_forward_s"] = dense_body_forward_s(model, batches)
     start = time.perf_counter()
     slice_model(model, tokenizer, config, batches, progress=False)
     row["calibrate_and_slice_s"] = time.perf_counter() - start
     row["ppl_sliced"] = perplexity(model, tokenizer, ppl_texts, chunks=args.ppl_chunks, progress=False)["ppl"]
+    row["ppl_lambada_sliced"] = perplexity(model, tokenizer, second_texts, chunks=args.ppl_chunks,
+                                           progress=False)["ppl"]
     slicing = model.config.slicing
     row["rotations"], row["pca"] = slicing["config"]["rotations"], slicing["config"]["pca"]
+    row["widths"] = slicing["config"]["widths"]
     row["width"] = slicing["embedding_width"]
     row["params_sliced"] = count_parameters(model)
     row["params_shortcuts"] = shortcut_parameters(model)
@@ -202,16 +158,12 @@ def summarise(rows: list[dict]) -> dict:
             if dense is not None:
                 summary[f"ppl_ratio_{MEAN_SCALE}"] = r["ppl"] / dense["ppl_dense"]
             continue
-        if r["config"] == EMBEDDING_ONLY:
-            summary[f"params_ratio_{EMBEDDING_ONLY}"] = r["params_factorised"] / r["params_dense"]
-            if dense is not None:
-                summary[f"ppl_ratio_{EMBEDDING_ONLY}"] = r["ppl"] / dense["ppl_dense"]
-                summary[f"cost_ratio_{EMBEDDING_ONLY}"] = r["calibrate_and_factorise_s"] / dense["dense_forward_s"]
-            continue
         name = r["config"]
         summary[f"params_ratio_{name}"] = r["params_sliced"] / r["params_dense"]
         if dense is not None:
             summary[f"ppl_ratio_{name}"] = r["ppl_sliced"] / dense["ppl_dense"]
+            if "ppl_lambada_dense" in dense and "ppl_lambada_sliced" in r:
+                summary[f"lambada_ratio_{name}"] = r["ppl_lambada_sliced"] / dense["ppl_lambada_dense"]
             summary[f"cost_ratio_{name}"] = r["calibrate_and_slice_s"] / dense["dense_forward_s"]
             summary[f"target_met_{name}"] = (summary[f"params_ratio_{name}"] <= 0.85
                                              and summary[f"ppl_ratio_{name}"] <= 1.8
@@ -220,18 +172,14 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def print_table(rows: list[dict], summary: dict) -> None:
-    print(f"{'config':>14} {'rotations':>9} {'width':>5} {'ppl dense':>10} {'ppl sliced':>10} {'slice s':>8} "
+    print(f"{'config':>23} {'rotations':>9} {'width':>5} {'ppl dense':>10} {'ppl sliced':>10} {'slice s':>8} "
           f"{'dense fwd s':>11} {'params':>12} {'x dense':>7} {'post maps':>10} {'peak GiB':>8}")
     for r in rows:
         if r["config"] == MEAN_SCALE:
             print(f"{r['config']}: ppl {r['ppl']:.2f} (post-norm scale CV {r['post_norm_scale_cv_min']:.2f} to "
                   f"{r['post_norm_scale_cv_max']:.2f})")
             continue
-        if r["config"] == EMBEDDING_ONLY:
-            print(f"{r['config']}: ppl {r['ppl']:.2f}, {r['params_factorised']:,} parameters "
-                  f"({r['params_factorised'] / r['params_dense']:.3f} x dense), {r['calibrate_and_factorise_s']:.1f} s")
-            continue
-        print(f"{r['config']:>14} {r['rotations']:>9} {r['width']:>5} {r.get('ppl_dense', float('nan')):>10.2f} "
+        print(f"{r['config']:>23} {r['rotations']:>9} {r['width']:>5} {r.get('ppl_dense', float('nan')):>10.2f} "
               f"{r['ppl_sliced']:>10.2f} {r['calibrate_and_slice_s']:>8.1f} "
               f"{r.get('dense_forward_s', float('nan')):>11.1f} {r['params_sliced']:>12,} "
               f"{r['params_sliced'] / r['params_dense']:>7.3f} {r['params_post_norm_maps']:>10,} "
