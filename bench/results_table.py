@@ -43,8 +43,8 @@ MODELS = [
      ("size_quality_p_c.json", "model-b25-normalized"), ("speed_auto.json", "25%")),
     ("paper-25", "`--sparsity 0.25 --rotations block --pca raw` (the paper's method)",
      ("protocol_p.json", 0.25), ("speed_auto.json", "25% block")),
-    ("default-25+rft", "`--sparsity 0.25`, then `finetune`", None, None),
-    ("dense+rft", "dense, then the same fine-tuning", None, None),
+    ("default-25+rft", "`--sparsity 0.25`, then `finetune`", ("rft.jsonl", "default-25+rft"), None),
+    ("dense+rft", "dense, then the same fine-tuning", ("rft.jsonl", "dense+rft"), None),
     ("default-20", "`--sparsity 0.20`", None, None),
     ("default-30", "`--sparsity 0.30`", None, None),
 ]
@@ -55,11 +55,29 @@ def load(name: str, results: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def rft_rows(results: Path) -> dict[str, dict]:
+    """bench/rft.py's rows by variant (the last of each), from results/rft.jsonl."""
+    path = results / "rft.jsonl"
+    if not path.is_file():
+        return {}
+    rows = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        rows[row["variant"]] = row
+    return rows
+
+
 def perplexity(source, results: Path) -> tuple[float, int] | None:
-    """(WikiText-2 test perplexity, real parameters) from a protocol P file, or None."""
+    """(WikiText-2 test perplexity, real parameters) from a protocol P file or rft.jsonl, or None."""
     if source is None:
         return None
     name, key = source
+    if name == "rft.jsonl":
+        row = rft_rows(results).get(key)
+        return (row["ppl_wikitext2_test"], row["params"]) if row else None
     data = load(name, results)
     if data is None:
         return None
@@ -136,6 +154,11 @@ def table(results: Path = RESULTS) -> str:
     for name, (command, commit, date) in SOURCES.items():
         if (results / name).is_file():
             notes.append(f"- `{name}`: `{command}`, {date}, commit {commit}.")
+    rft = [row for key, row in rft_rows(results).items() if key.endswith("+rft")]
+    if rft:
+        notes.append(f"- fine-tuned rows' perplexity: `python bench/rft.py` → `rft.jsonl` (same protocol P "
+                     f"chunks), {', '.join(sorted({r['finished'][:10] for r in rft}))}, commits "
+                     f"{', '.join(sorted({r['commit'] for r in rft}))}.")
     if facts:
         limit = f"the first {facts['limit']}" if facts["limit"] else "all"
         notes.append(f"- zero-shot: `python bench/zeroshot.py` → `zeroshot.jsonl`, lm-eval 0.4.13, 0-shot, {limit} "

@@ -50,3 +50,13 @@ def test_zeroshot_rows_fill_the_table(rt, tmp_path):
     assert "| default-25 | 0.00M | 55.0 ± 2.0 |" in per_task and "| 25.83 | 84% |" in per_task
     assert "| paper-25 | 0.00M | 60.0 ± 2.0 | – |" in per_task
     assert rt.plot(tmp_path, tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_fine_tuned_rows_take_their_perplexity_from_rft_rows(rt, tmp_path):
+    row = {"variant": "default-25+rft", "params": 110_420_000, "ppl_wikitext2_test": 33.25, "ppl_lambada": 80.0,
+           "commit": "def5678", "finished": "2026-12-01T10:00:00+00:00"}
+    (tmp_path / "rft.jsonl").write_text(json.dumps(row) + "\n" + '{"variant": "dense+rft", "par')  # a cut line
+    text = rt.table(tmp_path)
+    assert "| `--sparsity 0.25`, then `finetune` | 110.42M | 33.25 | not measured | not measured |" in text
+    assert "| dense, then the same fine-tuning | not measured | not measured |" in text
+    assert "`python bench/rft.py` → `rft.jsonl`" in text and "def5678" in text
