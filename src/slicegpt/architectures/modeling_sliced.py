@@ -6,7 +6,8 @@ changes, all described by `config.slicing`:
   * every norm is a bare RMSNorm that still divides by the dense width,
   * weights that read or write the residual stream are narrower,
   * a residual path carries a shortcut matrix (a change of basis) where the blocks on
-    either side use different bases; with one basis for the whole model there are none.
+    either side use different bases; with one basis for the whole model there are none
+    (and with only the embeddings sliced, one: the first layer's, into dense coordinates).
 The family-specific module names travel in `config.slicing["family"]`, so the block
 forward below is written once per block shape (sequential, parallel).
 
