@@ -51,3 +51,31 @@ def test_sliced_gemma3_perplexity_is_sane(gemma3_dir):
     sliced = perplexity(model, tokenizer, test_texts, seqlen=256, chunks=2, progress=False)["ppl"]
     assert 5 < dense < 100
     assert dense * 1.02 < sliced < dense * 10  # bench/README.md: about 5.4 x on a reduced protocol
+
+
+def test_embedding_widths_on_gemma3(gemma3_dir):
+    """Only the embeddings sliced: exact at full width in float64, and at 0.85 x dense the
+    perplexity stays within a small factor (bench/README.md: the protocol P figures)."""
+    from transformers import AutoTokenizer
+
+    from slicegpt.sizing.counts import count_parameters
+
+    model = AutoModelForCausalLM.from_pretrained(gemma3_dir, dtype=torch.float64).eval()
+    full_precision_norms(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(ids).logits
+        slice_model(model, None, SliceConfig(sparsity=0.0, widths="embedding"),
+                    random_batches(model.config.vocab_size, count=1, batch=1, seqlen=32), progress=False)
+        assert (model(ids).logits - reference).abs().max().item() <= 1e-10 * reference.abs().max().item()
+
+    model = AutoModelForCausalLM.from_pretrained(gemma3_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(gemma3_dir)
+    test_texts = load_texts(str(WIKITEXT_TEST))
+    dense = perplexity(model, tokenizer, test_texts, seqlen=256, chunks=2, progress=False)["ppl"]
+    dense_params = count_parameters(model)
+    config = SliceConfig(target_ratio=0.85, widths="embedding", cal_samples=4, cal_seqlen=256, cal_batch_size=4)
+    slice_model(model, tokenizer, config, load_texts(str(WIKITEXT_VALIDATION)), progress=False)
+    assert count_parameters(model) <= 0.85 * dense_params
+    sliced = perplexity(model, tokenizer, test_texts, seqlen=256, chunks=2, progress=False)["ppl"]
+    assert dense < sliced < dense * 3
