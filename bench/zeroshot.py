@@ -191,8 +191,12 @@ def build_model(name: str, load_dense, cal_texts: list, specs: dict = MODELS, ca
     elif (directory / "config.json").exists() and _same_spec(spec_file, spec):
         model, tokenizer = (load_cached or (lambda d: load_model(str(d))))(directory)
     else:
-        model, tokenizer = load_dense()
-        if "slice" in spec:
+        base = _cached_slice(cache, spec) if "rft" in spec else None
+        if base is not None:  # fine-tune the slice built before rather than slicing again
+            model, tokenizer = (load_cached or (lambda d: load_model(str(d))))(base)
+        else:
+            model, tokenizer = load_dense()
+        if "slice" in spec and base is None:
             config = SliceConfig(**spec["slice"], cal_data=str(CAL_DATA), **CALIBRATION)
             slice_model(model, tokenizer, config, cal_texts, progress=progress)
         record = None
@@ -211,6 +215,17 @@ def build_model(name: str, load_dense, cal_texts: list, specs: dict = MODELS, ca
         spec_file.write_text(json.dumps(spec, sort_keys=True) + "\n")
     model.eval()
     return model, tokenizer, count_parameters(model)
+
+
+def _cached_slice(cache: Path, spec: dict) -> Path | None:
+    """A cached model built from `spec` without its fine-tuning (the same slice), if any."""
+    if "slice" not in spec:
+        return None
+    wanted = {"slice": spec["slice"]}
+    for directory in sorted(cache.glob("*")):
+        if (directory / "config.json").exists() and _same_spec(directory / SPEC_FILE, wanted):
+            return directory
+    return None
 
 
 def _same_spec(spec_file: Path, spec: dict) -> bool:

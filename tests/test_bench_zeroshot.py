@@ -139,3 +139,24 @@ def test_a_changed_spec_rebuilds_the_cached_model(zs, tmp_path):
                                   cache=tmp_path, load_cached=lambda d: (load_sliced(d), None))
     assert calls == ["dense", "dense"]
     assert json.loads((tmp_path / "s" / zs.SPEC_FILE).read_text()) == {"slice": {"sparsity": 0.5}}
+
+
+def test_fine_tuning_starts_from_the_cached_slice(zs, tmp_path):
+    pytest.importorskip("peft")
+    calls = []
+
+    def load_dense():
+        calls.append("dense")
+        return make_tiny_model("LlamaForCausalLM", tied=True), _WordTokenizer()
+
+    def load_cached(directory):
+        calls.append(directory.name)
+        return load_sliced(directory), _WordTokenizer()
+
+    texts = [" ".join(f"w{i % 40}" for i in range(200))]
+    rft = {"steps": 1, "seqlen": 8, "batch_size": 1, "lr": 1e-3, "seed": 0}
+    specs = {"s": {"slice": {"sparsity": 0.25}}, "s+rft": {"slice": {"sparsity": 0.25}, "rft": rft}}
+    zs.build_model("s", load_dense, random_batches(96), specs=specs, cache=tmp_path, load_cached=load_cached)
+    # Only text to fine-tune on: slicing again would fail, so passing means the slice was reused.
+    zs.build_model("s+rft", load_dense, texts, specs=specs, cache=tmp_path, load_cached=load_cached)
+    assert calls == ["dense", "s"]
