@@ -45,7 +45,7 @@ def test_sliced_gemma3_perplexity_is_sane(gemma3_dir):
     test_texts = load_texts(str(WIKITEXT_TEST))
     dense = perplexity(model, tokenizer, test_texts, seqlen=256, chunks=2, progress=False)["ppl"]
     # 1024 calibration tokens: more than the width (640), so every covariance has full rank.
-    config = SliceConfig(sparsity=0.25, cal_samples=4, cal_seqlen=256, cal_batch_size=4)
+    config = SliceConfig(sparsity=0.25, widths="uniform", cal_samples=4, cal_seqlen=256, cal_batch_size=4)
     slice_model(model, tokenizer, config, load_texts(str(WIKITEXT_VALIDATION)), progress=False)
     assert model.config.slicing["config"]["rotations"] == "block"  # auto, for a family with post-norms
     sliced = perplexity(model, tokenizer, test_texts, seqlen=256, chunks=2, progress=False)["ppl"]
@@ -59,6 +59,7 @@ def test_embedding_widths_on_gemma3(gemma3_dir):
     from transformers import AutoTokenizer
 
     from slicegpt.sizing.counts import count_parameters
+    from slicegpt.sizing.layout import resolve_layout
 
     model = AutoModelForCausalLM.from_pretrained(gemma3_dir, dtype=torch.float64).eval()
     full_precision_norms(model)
@@ -70,6 +71,8 @@ def test_embedding_widths_on_gemma3(gemma3_dir):
         assert (model(ids).logits - reference).abs().max().item() <= 1e-10 * reference.abs().max().item()
 
     model = AutoModelForCausalLM.from_pretrained(gemma3_dir, dtype=torch.float32).eval()
+    for settings in ({"sparsity": 0.25}, {"target_ratio": 0.85}):  # what --widths auto picks here
+        assert resolve_layout(model, family_for(model), SliceConfig(**settings)).widths == "embedding"
     tokenizer = AutoTokenizer.from_pretrained(gemma3_dir)
     test_texts = load_texts(str(WIKITEXT_TEST))
     dense = perplexity(model, tokenizer, test_texts, seqlen=256, chunks=2, progress=False)["ppl"]

@@ -91,3 +91,19 @@ def test_post_norm_families_keep_a_basis_per_block(arch, settings):
     model = make_tiny_model(arch, tied=True)
     config = resolve_layout(model, family_for(model), SliceConfig(**settings))
     assert (config.rotations, config.pca) == ("block", "raw")
+
+
+def test_widths_auto_slices_only_the_embeddings_of_post_norm_families_where_half_the_width_stays():
+    # A tiny Gemma 3 with a large vocabulary: the embedding dominates, as in Gemma 3 270M.
+    model = make_tiny_model("Gemma3ForCausalLM", tied=True)
+    model.resize_token_embeddings(4096)
+    family = family_for(model)
+    assert resolve_layout(model, family, SliceConfig(target_ratio=0.85)).widths == "embedding"
+    # Cutting so much that the embedding would keep less than half its width: one width everywhere.
+    assert resolve_layout(model, family, SliceConfig(target_ratio=0.5)).widths == "uniform"
+    assert resolve_layout(model, family, SliceConfig(target_ratio=0.85, refit=True)).widths == "uniform"
+    assert resolve_layout(model, family, SliceConfig(sparsity=0.0)).widths == "uniform"
+    # Families without post-norms keep one width everywhere.
+    llama = make_tiny_model("LlamaForCausalLM", tied=True)
+    llama.resize_token_embeddings(4096)
+    assert resolve_layout(llama, family_for(llama), SliceConfig(target_ratio=0.85)).widths == "uniform"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from slicegpt.errors import SliceGPTError
 
 CONFIG_VERSION = 1
-WIDTHS = ("uniform", "variance", "embedding")  # see SliceConfig.widths
+WIDTHS = ("auto", "uniform", "variance", "embedding")  # see SliceConfig.widths
 
 
 @dataclass
@@ -42,8 +42,10 @@ class SliceConfig:
     # "uniform": one width everywhere; "variance": per-point widths that keep an equal
     # fraction of each point's variance, at the same real size as the uniform width;
     # "embedding": only the embeddings (and a tied head) are sliced, to the kept width, and
-    # every layer keeps its width and its weights (for models whose vocabulary dominates).
-    widths: str = "uniform"
+    # every layer keeps its width and its weights (for models whose vocabulary dominates);
+    # "auto": embedding for families with post-norms where it keeps at least half the
+    # embedding width, uniform otherwise (see layout.py).
+    widths: str = "auto"
     # "raw": PCA of the stream as it is (the paper); "normalized": every token weighed
     # equally, as the RMS norms that read the stream see it; "auto": normalized for one
     # basis for the whole model, raw otherwise (what measured best for each; layout.py).

@@ -55,7 +55,8 @@ def resolve_for_cli(args, model, family, config: SliceConfig) -> SliceConfig:
     if config.rotations == "auto":
         size = resolved.target_params or (resolved.target_ratio and int(resolved.target_ratio * count_parameters(model)))
         what = ("one basis for the whole model (no shortcuts)" if resolved.rotations == "model"
-                else "a basis per block (per-point widths)" if config.widths != "uniform"
+                else "only the embeddings sliced (a family with post-norms)" if resolved.widths == "embedding"
+                else "a basis per block (per-point widths)" if resolved.widths != "uniform"
                 else f"a basis per block (below {SHARED_FROM} x dense)")
         say(f"rotations auto: {what}" + (f", at most {size:,} parameters" if size else ""))
     if args.plain and resolved.rotations != "model":

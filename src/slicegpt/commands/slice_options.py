@@ -46,9 +46,11 @@ def add_slice_options(parser) -> None:
                              "block (two shortcuts per layer), layer (one), group:K (K layers share one), "
                              "model (one basis, no shortcuts)")
     parser.add_argument("--widths", default=defaults.widths, choices=list(WIDTHS),
-                        help="uniform (default): one width everywhere; variance: per-layer widths from the "
-                             "eigenvalue spectra, at the same real size; embedding: slice only the embeddings "
-                             "(and a tied head), every layer keeps its width and weights")
+                        help="uniform: one width everywhere; variance: per-layer widths from the eigenvalue "
+                             "spectra, at the same real size; embedding: slice only the embeddings (and a tied "
+                             "head), every layer keeps its width and weights; auto (default): embedding for "
+                             "families with post-norms (Gemma-2/3, OLMo-2) where it keeps half the width or more, "
+                             "else uniform")
     parser.add_argument("--pca", default=defaults.pca, choices=["auto", "raw", "normalized"],
                         help="raw: PCA of the stream as it is; normalized: every token weighed equally; "
                              "auto (default): normalized with one basis for the whole model, else raw")
@@ -78,7 +80,7 @@ def method_settings(args) -> dict:
              "refit": SliceConfig.refit if args.refit is None else args.refit, "tied_head": not args.untie_head}
     if not getattr(args, "paper", False):
         return given
-    defaults = {"rotations": "auto", "pca": "auto", "widths": "uniform", "refit": None, "tied_head": True}
+    defaults = {"rotations": "auto", "pca": "auto", "widths": "auto", "refit": None, "tied_head": True}
     explicit = {**given, "refit": args.refit}
     for name, value in PAPER_METHOD.items():
         if explicit[name] not in (defaults[name], value):

@@ -15,6 +15,12 @@ The switch sits between the two, at 0.8 x dense. Families with post-norms (Gemma
 OLMo-2) always keep per-block bases: on Gemma 3 270M one basis for the whole model gave
 perplexities above 1e9 at 0.85 x dense where per-block bases stay finite (bench/README.md).
 
+`--widths auto` (the default) comes first: for families with post-norms it slices only the
+embeddings (`--widths embedding`, at the size asked for) where that keeps at least half
+the embedding width, because on Gemma 3 270M, whose embedding is 63% of the model, that
+lost far less than per-block bases at the same size (bench/README.md); everywhere else,
+one width for every point.
+
 A positive sparsity never gives a model larger than dense: where the per-block layout at S
 would be (small models, where the shortcuts outweigh what slicing saves; mild cuts), the
 size asked for becomes (1 - S) x dense, and auto spends it on the layout the rule above
@@ -64,11 +70,31 @@ def _fits(model: nn.Module, family: Family, config: SliceConfig, size: int) -> b
 
 
 def resolve_layout(model: nn.Module, family: Family, config: SliceConfig) -> SliceConfig:
-    """`config` with `rotations="auto"` and `pca="auto"` settled (on the dense, unfused model)."""
+    """`config` with `widths`, `rotations` and `pca` "auto" settled (on the dense, unfused model)."""
+    config = _resolve_widths(model, family, config)
     config = _resolve_rotations(model, family, config)
     if config.pca == "auto":
         config = dataclasses.replace(config, pca="normalized" if config.rotations == "model" else "raw")
     return config
+
+
+def _resolve_widths(model: nn.Module, family: Family, config: SliceConfig) -> SliceConfig:
+    """Post-norm families slice only the embeddings where that keeps half their width or more."""
+    if config.widths != "auto":
+        return config
+    uniform = dataclasses.replace(config, widths="uniform")
+    has_post_norms = family.attn_post_norm or family.mlp_post_norm
+    cuts = config.sparsity > 0 or config.target_params is not None or config.target_ratio is not None
+    if not (has_post_norms and cuts) or config.rotations not in ("auto", "block") or config.refit:
+        return uniform
+    size = requested_size(model, family, uniform)
+    embedding = dataclasses.replace(config, widths="embedding", rotations="block", target_params=size,
+                                    target_ratio=None)
+    try:
+        width = width_for_budget(model, family, embedding, size)
+    except SliceGPTError:
+        return uniform
+    return embedding if width >= model.config.hidden_size // 2 else uniform
 
 
 def _resolve_rotations(model: nn.Module, family: Family, config: SliceConfig) -> SliceConfig:
