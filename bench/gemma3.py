@@ -1,4 +1,4 @@
-"""Gemma 3 270M on protocol P's data and settings: dense, --target-ratio 0.85, --sparsity 0.25.
+"""Gemma 3 270M on protocol P's data and settings: dense, --target-ratio 0.85, --sparsity 0.25 (two layouts).
 
 gemma3-270m (the Q4_K_M GGUF, dequantised to float32), 2 threads, seed 42, calibration
 64 x 2048 tokens of WikiText-2 (v1) validation, perplexity on the first 16 chunks of
@@ -37,8 +37,8 @@ MEAN_SCALE = "dense-mean-post-norm-scale"
 CONFIGS = {
     "embedding-ratio-0.85": dict(target_ratio=0.85, widths="embedding"),
     "embedding-sparsity-0.25": dict(sparsity=0.25, widths="embedding"),
-    "ratio-0.85": dict(target_ratio=0.85),
-    "sparsity-0.25": dict(sparsity=0.25),
+    "block-ratio-0.85": dict(target_ratio=0.85, widths="uniform"),  # per-block bases, every point sliced
+    "block-sparsity-0.25": dict(sparsity=0.25, widths="uniform"),
     MEAN_SCALE: None,
 }
 
