@@ -45,3 +45,21 @@ def test_fused_residual_has_gradients():
     (shortcut(reference) + (reference * 2).sum(-1, keepdim=True).expand(2, 3, 8)).sum().backward()
     assert torch.allclose(x.grad, reference.grad)
     assert shortcut.weight.grad is not None
+
+
+def test_sliced_norm_compiles_once():
+    """torch.compile must not guard on the norm's gain cache (it recompiled on every new entry)."""
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    norm = torch.compile(SlicedRMSNorm(64, 1e-6), backend=counting_backend)
+    x = torch.randn(2, 5, 48)
+    first = norm(x)
+    for _ in range(3):
+        assert torch.equal(norm(x), first)
+    assert len(graphs) == 1
+    assert torch.allclose(first, SlicedRMSNorm(64, 1e-6)(x))

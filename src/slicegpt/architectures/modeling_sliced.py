@@ -24,6 +24,11 @@ from torch import nn
 from torch.nn import functional as F
 
 
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and getattr(compiler, "is_compiling", lambda: False)())
+
+
 class SlicedRMSNorm(nn.Module):
     """RMSNorm without a scale that divides by the RMS over the *dense* width.
 
@@ -46,6 +51,8 @@ class SlicedRMSNorm(nn.Module):
         self._gains: dict = {}  # (width, dtype, device) -> gain vector; derived, never saved
 
     def _gain(self, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if _compiling():  # torch.compile would guard on the cache and recompile for every new entry
+            return torch.full((width,), (self.dense_width / width) ** 0.5, dtype=dtype, device=device)
         key = (width, dtype, device)
         gain = self._gains.get(key)
         if gain is None:

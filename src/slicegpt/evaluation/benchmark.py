@@ -78,7 +78,7 @@ class Generation:
         from transformers import DynamicCache, StaticCache
 
         self.model = model
-        self.forward = forward or model  # a compiled forward, where asked for
+        self.forward = model if forward is None else forward  # a compiled forward, where asked for
         self.device = next(model.parameters()).device
         vocab = model.get_output_embeddings().out_features
         generator = torch.Generator().manual_seed(settings.seed)
