@@ -66,7 +66,17 @@ def measure(name: str, spec: dict, cal_texts: list[str]) -> dict:
         row["rft"]["losses"] = record["losses"]
     for key, path in (("wikitext2_test", WIKITEXT_TEST), ("lambada", LAMBADA)):
         row[f"ppl_{key}"] = perplexity(model, tokenizer, load_texts(str(path)), **PPL)["ppl"]
+    row["heldout_loss"] = heldout(model, tokenizer, cal_texts)
     return row
+
+
+def heldout(model, tokenizer, cal_texts: list[str]) -> float:
+    """Loss on the held-out windows of the fine-tuning runs (the validation text's last tenth)."""
+    from slicegpt.running.finetune import FinetuneConfig, heldout_loss, split_heldout, training_stream
+
+    config = FinetuneConfig(**zeroshot.RFT, data=str(zeroshot.CAL_DATA))
+    _, windows = split_heldout(training_stream(tokenizer, cal_texts, config.seqlen), config)
+    return heldout_loss(model, windows, config.batch_size)
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -78,7 +88,8 @@ def summary_table(rows: list[dict]) -> str:
         settings = row["spec"].get("rft", {})
         train = f"{row['rft']['loss_first']:.3f}->{row['rft']['loss_last']:.3f}" if "rft" in row else "-"
         curve = row.get("rft", {}).get("heldout_losses") or []
-        held = f"{curve[0]['loss']:.3f}->{curve[-1]['loss']:.3f}" if curve else "-"
+        held = f"{curve[0]['loss']:.3f}->{curve[-1]['loss']:.3f}" if curve else \
+            (f"{row['heldout_loss']:.3f}" if "heldout_loss" in row else "-")
         ratios = [row[f"ppl_{k}"] / dense[f"ppl_{k}"] if dense else float("nan") for k in ("wikitext2_test", "lambada")]
         lines.append(f"{name:<16}{row['params'] / 1e6:>8.2f}M{settings.get('lr', '-'):>8}{settings.get('steps', '-'):>6}"
                      f"{train:>16}{held:>16}{row['ppl_wikitext2_test']:>11.2f}{ratios[0]:>8.3f}"
@@ -92,6 +103,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", default=str(ROWS))
     parser.add_argument("--summary", action="store_true", help="only print the table from the rows so far")
+    parser.add_argument("--again", action="store_true",
+                        help="measure the variants again even if rows exist (the table uses the latest row)")
     args = parser.parse_args()
     rows_path = Path(args.rows)
     names = [v for v in args.variants.split(",") if v]
@@ -107,7 +120,7 @@ def main() -> None:
         cal_texts = load_texts(str(zeroshot.CAL_DATA))
         done = {(r["variant"], json.dumps(r["spec"], sort_keys=True)) for r in zeroshot.read_rows(rows_path)}
         for name in names:
-            if (name, json.dumps(VARIANTS[name], sort_keys=True)) in done:
+            if (name, json.dumps(VARIANTS[name], sort_keys=True)) in done and not args.again:
                 continue
             row = measure(name, VARIANTS[name], cal_texts)
             row |= {"commit": zeroshot.git_commit(), "threads": args.threads, "ppl": PPL,
