@@ -134,7 +134,7 @@ class Slicer:
                  keep_layers: bool = False):
         self.model, self.family, self.width_rule = model, family, width_rule
         self.keep_layers = keep_layers
-        self._identity: torch.Tensor | None = None  # the one basis object of every kept point
+        self._identity: torch.Tensor | None = None  # the basis of every point after the embeddings
         self.mean_axis = has_mean_axis(model, family) if mean_axis is None else mean_axis
         # Refit each sliced layer's output projections against the dense stream (refit.py),
         # which the driver carries in `dense_acts` beside the sliced one.
@@ -150,25 +150,11 @@ class Slicer:
         self.embedding_basis: torch.Tensor | None = None
 
     def _basis(self, acts: Activations, name: str, also: torch.Tensor | None = None) -> torch.Tensor:
-        if self.keep_layers and name != EMBEDDINGS:
-            return self._kept_point(acts.hidden[0].shape[-1], name)
         eigenvalues, vectors = _principal(acts, where=f"at {name}", normalize=self.normalize_pca, also=also,
                                           keep_first=self.mean_axis)
         width = self.width_rule(name, eigenvalues)
         self.result.points.append(StreamPoint(name, eigenvalues.tolist(), width))
         return vectors[:, :width]
-
-    def _kept_point(self, dim: int, name: str) -> torch.Tensor:
-        """The identity basis, one object for every kept point (so `_shortcut` sees equal bases)."""
-        if self._identity is None:
-            self._identity = torch.eye(dim, dtype=torch.float64)
-        self.result.points.append(StreamPoint(name, [], dim))
-        return self._identity
-
-    @staticmethod
-    def _shortcut(Q_from: torch.Tensor, Q_to: torch.Tensor, dtype: torch.dtype) -> nn.Linear | None:
-        """The skip path's change of basis; none where both sides are the same basis."""
-        return None if Q_from is Q_to else shortcut(Q_from, Q_to, dtype)
 
     @torch.no_grad()
     def slice_embeddings(self, acts: Activations) -> torch.Tensor:
@@ -245,13 +231,12 @@ class Slicer:
         layer.attn_shortcut = layer.mlp_shortcut = None
         Q_mid = self._block(mlp_input(index), family, layer, layer.attention_half, acts, kwargs, Q_in,
                             family.attn_inputs, family.writers("attn"), has_mlp=False, skip="attn_shortcut")
-        layer.attn_shortcut = self._shortcut(Q_in, Q_mid, dtype)
+        layer.attn_shortcut = shortcut(Q_in, Q_mid, dtype)
         no_kwargs = [{} for _ in kwargs]
         Q_out = self._block(layer_output(index), family, layer, layer.mlp_half, acts, no_kwargs, Q_mid,
                             family.mlp_inputs, family.writers("mlp"), has_mlp=True, skip="mlp_shortcut")
-        layer.mlp_shortcut = self._shortcut(Q_mid, Q_out, dtype)
+        layer.mlp_shortcut = shortcut(Q_mid, Q_out, dtype)
         self._mid_basis = Q_mid
-        self._scale_post_norms(layer, family, {"attn": Q_mid, "mlp": Q_out})
         self.result.layer_widths.append(layer_record(layer, Q_in, Q_out, Q_mid))
         return Q_out
 
@@ -262,47 +247,44 @@ class Slicer:
         Q_out = self._block(layer_output(index), family, layer, layer.parallel_block, acts, kwargs, Q_in,
                             (*family.attn_inputs, *family.mlp_inputs), (*family.writers("attn"), *family.writers("mlp")),
                             has_mlp=True, skip="attn_shortcut")
-        layer.attn_shortcut = self._shortcut(Q_in, Q_out, dtype)
+        layer.attn_shortcut = shortcut(Q_in, Q_out, dtype)
         self._mid_basis = None
-        self._scale_post_norms(layer, family, {"attn": Q_out, "mlp": Q_out})
         self.result.layer_widths.append(layer_record(layer, Q_in, Q_out))
         return Q_out
 
-
     def _keep_layer(self, index: int, layer: SlicedDecoderLayer, Q_in: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """A layer under `keep_layers`: its outputs stay in the dense coordinates, so it needs no
-        forward and no PCA; only the first layer's branch inputs read the embedding basis."""
+        """A layer under `keep_layers`: its outputs stay in dense coordinates (the identity basis),
+        so it needs no forward and no PCA; only the first layer's branch inputs read the
+        embedding basis, and its attention shortcut maps that into dense coordinates."""
         family, dim = self.family.for_layer(index), Q_in.shape[0]
-        if not layer.parallel:
-            self._kept_point(dim, mlp_input(index))
-        identity = self._kept_point(dim, layer_output(index))
+        names = [layer_output(index)] if layer.parallel else [mlp_input(index), layer_output(index)]
+        self.result.points += [StreamPoint(name, [], dim) for name in names]
+        if self._identity is None:
+            self._identity = torch.eye(dim, dtype=torch.float64)
         if index == 0:  # later layers read the identity (a resumed run holds a copy of it)
             readers = (*family.attn_inputs, *family.mlp_inputs) if layer.parallel else family.attn_inputs
             for path in readers:
                 rotate_input(stream_weight(layer, path), Q_in)
             if layer.parallel:
                 set_width_attrs(layer, family.mlp_width_attrs, Q_in.shape[1])
-        layer.attn_shortcut = shortcut(Q_in, identity, dtype) if index == 0 else None
+        layer.attn_shortcut = shortcut(Q_in, self._identity, dtype) if index == 0 else None
         layer.mlp_shortcut = None
-        self._scale_post_norms(layer, family, {"attn": identity, "mlp": identity})
-        self.result.layer_widths.append(layer_record(layer, Q_in, identity, None if layer.parallel else identity))
-        return identity
+        for path in filter(None, (family.attn_post_norm, family.mlp_post_norm)):
+            set_module(layer, path, scale_only(get_module(layer, path), path))
+        self.result.layer_widths.append(layer_record(layer, Q_in, self._identity,
+                                                     None if layer.parallel else self._identity))
+        return self._identity
 
-    def _scale_post_norms(self, layer: SlicedDecoderLayer, family: Family, bases: dict[str, torch.Tensor]) -> None:
-        """A post-norm writing into the identity basis has a diagonal map: keep it as a vector."""
-        for part, Q in bases.items():
-            path = getattr(family, f"{part}_post_norm")
-            if path is None or self._identity is None or Q is not self._identity:
-                continue
-            module = get_module(layer, path)
-            weight = module.map.weight
-            if module.map.bias is not None or module.norm.skip_first or \
-                    not torch.equal(weight, torch.diag(torch.diagonal(weight))):
-                raise SliceGPTError(f"the post-norm '{path}' does not reduce to a scale in dense coordinates")
-            scaled = NormThenScale(module.norm.dense_width, module.norm.eps, device=weight.device, dtype=weight.dtype)
-            scaled.weight.data.copy_(torch.diagonal(weight))
-            set_module(layer, path, scaled)
 
+def scale_only(post_norm: NormThenMap, path: str) -> NormThenScale:
+    """A post-norm writing into dense coordinates: its map is diagonal, so keep the diagonal."""
+    weight = post_norm.map.weight
+    if post_norm.map.bias is not None or post_norm.norm.skip_first or \
+            not torch.equal(weight, torch.diag(torch.diagonal(weight))):
+        raise SliceGPTError(f"the post-norm '{path}' does not reduce to a scale in dense coordinates")
+    scaled = NormThenScale(post_norm.norm.dense_width, post_norm.norm.eps, device=weight.device, dtype=weight.dtype)
+    scaled.weight.data.copy_(torch.diagonal(weight))
+    return scaled
 
 def layer_record(layer: SlicedDecoderLayer, Q_in: torch.Tensor, Q_out: torch.Tensor,
                  Q_mid: torch.Tensor | None = None) -> dict:
