@@ -119,3 +119,28 @@ def test_cli_run_reports_and_loads(tiny_model_dir, tmp_path, capsys):
     card = (out / "README.md").read_text()
     assert "Only the embeddings were sliced" in card
     assert load_sliced(out).config.slicing["embedding_width"] == 48
+
+
+@pytest.fixture(scope="module")
+def big_vocab_gemma_dir(tmp_path_factory, smollm2_tokenizer):
+    """A tiny Gemma 3 with SmolLM2's 49,152-token vocabulary: the embedding dominates it."""
+    config = TINY_CONFIGS["Gemma3ForCausalLM"](True)
+    config.vocab_size = len(smollm2_tokenizer)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("gemma-big-vocab")
+    transformers.Gemma3ForCausalLM(config).save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_cli_auto_slices_only_the_embeddings_and_refuses_plain(big_vocab_gemma_dir, tmp_path, capsys):
+    from slicegpt.cli import main
+    from conftest import WIKITEXT_VALIDATION
+
+    args = ["slice", str(big_vocab_gemma_dir), "--sparsity", "0.25", "--cal-data", str(WIKITEXT_VALIDATION),
+            "--cal-samples", "2", "--cal-seqlen", "32"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    assert "only the embeddings sliced" in capsys.readouterr().err
+    assert load_sliced(tmp_path / "out").config.slicing["config"]["widths"] == "embedding"
+    assert main([*args, "--out", str(tmp_path / "plain"), "--plain"]) == 2
+    assert "here only the embeddings are sliced" in capsys.readouterr().err

@@ -59,6 +59,10 @@ def resolve_for_cli(args, model, family, config: SliceConfig) -> SliceConfig:
                 else "a basis per block (per-point widths)" if resolved.widths != "uniform"
                 else f"a basis per block (below {SHARED_FROM} x dense)")
         say(f"rotations auto: {what}" + (f", at most {size:,} parameters" if size else ""))
+    if args.plain and resolved.widths == "embedding":
+        raise SliceGPTError("--plain needs one basis for the whole model; here only the embeddings are sliced "
+                            "(--widths auto, a family with post-norms), and a plain class has no place for the "
+                            "map that brings them into the stream")
     if args.plain and resolved.rotations != "model":
         raise SliceGPTError(f"--plain needs one basis for the whole model, and at this size --rotations auto picks "
                             f"a basis per block (it shares one from {SHARED_FROM} x dense up); "
