@@ -134,7 +134,6 @@ class Slicer:
                  keep_layers: bool = False):
         self.model, self.family, self.width_rule = model, family, width_rule
         self.keep_layers = keep_layers
-        self._identity: torch.Tensor | None = None  # the basis of every point after the embeddings
         self.mean_axis = has_mean_axis(model, family) if mean_axis is None else mean_axis
         # Refit each sliced layer's output projections against the dense stream (refit.py),
         # which the driver carries in `dense_acts` beside the sliced one.
@@ -259,21 +258,19 @@ class Slicer:
         family, dim = self.family.for_layer(index), Q_in.shape[0]
         names = [layer_output(index)] if layer.parallel else [mlp_input(index), layer_output(index)]
         self.result.points += [StreamPoint(name, [], dim) for name in names]
-        if self._identity is None:
-            self._identity = torch.eye(dim, dtype=torch.float64)
+        identity = torch.eye(dim, dtype=torch.float64)
         if index == 0:  # later layers read the identity (a resumed run holds a copy of it)
             readers = (*family.attn_inputs, *family.mlp_inputs) if layer.parallel else family.attn_inputs
             for path in readers:
                 rotate_input(stream_weight(layer, path), Q_in)
             if layer.parallel:
                 set_width_attrs(layer, family.mlp_width_attrs, Q_in.shape[1])
-        layer.attn_shortcut = shortcut(Q_in, self._identity, dtype) if index == 0 else None
+        layer.attn_shortcut = shortcut(Q_in, identity, dtype) if index == 0 else None
         layer.mlp_shortcut = None
         for path in filter(None, (family.attn_post_norm, family.mlp_post_norm)):
             set_module(layer, path, scale_only(get_module(layer, path), path))
-        self.result.layer_widths.append(layer_record(layer, Q_in, self._identity,
-                                                     None if layer.parallel else self._identity))
-        return self._identity
+        self.result.layer_widths.append(layer_record(layer, Q_in, identity, None if layer.parallel else identity))
+        return identity
 
 
 def scale_only(post_norm: NormThenMap, path: str) -> NormThenScale:
