@@ -134,6 +134,8 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="results go to protocol_p_TAG.json")
     parser.add_argument("--no-dense", action="store_true",
                         help="measure only the sliced model (no dense perplexity or dense forward time)")
+    parser.add_argument("--no-dense-ppl", action="store_true",
+                        help="time the dense forward but skip the dense perplexities (known from other runs)")
     parser.add_argument("--refit-damping", type=float, default=None,
                         help="the refit's ridge weight, relative to the mean diagonal (default: the library's)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: run one sparsity
@@ -159,6 +161,8 @@ def main() -> None:
             print(f"sparsity {sparsity}: already measured in {out.relative_to(ROOT)}", file=sys.stderr)
             continue
         flags = ["--dense", "--baseline"] if sparsity == 0.25 and not args.no_dense else []
+        if args.no_dense_ppl:
+            flags = [flag for flag in flags if flag != "--dense"]
         command = [sys.executable, __file__, "--one", "--sparsity", str(sparsity), "--threads", str(args.threads),
                    "--device", args.device, "--variant", args.variant, *flags, *sizes]
         if args.refit_damping is not None:

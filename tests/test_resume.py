@@ -39,6 +39,7 @@ def assert_same_weights(a, b):
 @pytest.mark.parametrize("options", [["--spill", "never"], ["--spill", "always"], ["--rotations", "model"],
                                      ["--refit", "--rotations", "block", "--spill", "always"],
                                      ["--refit", "--rotations", "model", "--widths", "variance"],
+                                     ["--refit", "--rotations", "model", "--refit-share", "0.5"],
                                      ["--widths", "embedding"]])
 def test_kill_then_resume_gives_the_same_weights(three_layer_dir, tmp_path, capsys, options):
     assert main(slice_args(three_layer_dir, tmp_path / "reference", *options)) == 0

@@ -1,5 +1,6 @@
 """Streaming mode: layer-at-a-time slicing from sharded safetensors equals the in-memory run."""
 
+import dataclasses
 import json
 
 import pytest
@@ -143,6 +144,7 @@ def test_streamed_recent_families_equal_in_memory(tmp_path, arch, rotations):
     ("Gemma3ForCausalLM", True, dict(refit=True, rotations="block"), "never"),
     ("MixtralForCausalLM", False, dict(refit=True, rotations="layer"), "never"),
     ("LlamaForCausalLM", True, dict(refit=True, rotations="model", basis_share=0.5), "always"),
+    ("Qwen2ForCausalLM", False, dict(refit=True, rotations="group:2", refit_share=0.5), "always"),
 ])
 def test_streamed_refit_and_variance_widths_equal_in_memory(tmp_path, arch, tied, settings, spill):
     """The options that need the dense stream (the refit) or every spectrum first (variance
@@ -335,3 +337,16 @@ def test_basis_share_fixes_the_bases_on_fewer_sequences(tmp_path):
     assert not torch.equal(every.state_dict()["model.embed_tokens.weight"], share.state_dict()["model.embed_tokens.weight"])
     with pytest.raises(SliceGPTError, match="basis-share"):
         SliceConfig(basis_share=0.0)
+
+
+def test_refit_share_fits_on_fewer_sequences_with_the_same_bases(tmp_path):
+    path = _sharded(tmp_path)
+    batches = random_batches(96)
+    config = SliceConfig(sparsity=0.25, rotations="model", refit=True)
+    every = _in_memory(path, config, batches, tmp_path / "every")
+    share = _in_memory(path, dataclasses.replace(config, refit_share=0.3), batches, tmp_path / "share")
+    weights, shared = every.state_dict(), share.state_dict()
+    assert torch.equal(weights["model.embed_tokens.weight"], shared["model.embed_tokens.weight"])  # same bases
+    assert not torch.equal(weights["model.layers.0.mlp.down_proj.weight"], shared["model.layers.0.mlp.down_proj.weight"])
+    with pytest.raises(SliceGPTError, match="refit-share"):
+        SliceConfig(refit_share=1.5)

@@ -56,6 +56,10 @@ class SliceConfig:
     # Shared bases (layer, group:K, model) from the covariances of this leading share of the
     # calibration sequences (at least one batch); the refit and per-block bases use them all.
     basis_share: float = 1.0
+    # With shared bases, the refit's least squares read this leading share of the calibration
+    # sequences (at least one batch): its dense and sliced passes cost in proportion. The
+    # per-block layout refits on the sequences its PCA reads, all of them.
+    refit_share: float = 1.0
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -73,8 +77,9 @@ class SliceConfig:
             raise SliceGPTError(f"target-ratio must be in (0, 1], got {self.target_ratio}")
         if self.target_params is not None and self.target_params < 1:
             raise SliceGPTError(f"target-params must be positive, got {self.target_params}")
-        if not 0.0 < self.basis_share <= 1.0:
-            raise SliceGPTError(f"basis-share must be in (0, 1], got {self.basis_share}")
+        for name in ("basis_share", "refit_share"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise SliceGPTError(f"{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")
         if self.widths not in WIDTHS:
             raise SliceGPTError(f"widths must be {', '.join(WIDTHS[:-1])} or {WIDTHS[-1]}, got {self.widths!r}")
         if self.widths == "embedding" and self.rotations not in ("auto", "block"):

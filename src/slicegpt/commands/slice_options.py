@@ -60,6 +60,9 @@ def add_slice_options(parser) -> None:
     parser.add_argument("--basis-share", type=float, default=defaults.basis_share, metavar="F",
                         help="shared bases (layer, group:K, model) from the covariances of the first F of the "
                              f"calibration sequences (default {defaults.basis_share:g}: all)")
+    parser.add_argument("--refit-share", type=float, default=defaults.refit_share, metavar="F",
+                        help="with shared bases, the refit fits on the first F of the calibration sequences "
+                             f"(default {defaults.refit_share:g})")
     parser.add_argument("--paper", action="store_true",
                         help="the paper's method exactly, for comparisons: --rotations block --pca raw "
                              "--widths uniform --no-refit --untie-head")
@@ -95,6 +98,7 @@ def slice_config(args, sparsity: float | None, target_params: int | None = None,
                        round_to=args.round_to, cal_data=args.cal_data, cal_samples=args.cal_samples,
                        cal_seqlen=args.cal_seqlen, cal_batch_size=args.cal_batch_size, seed=args.seed,
                        tied_head_basis=args.tied_head_basis, basis_share=args.basis_share,
+                       refit_share=args.refit_share,
                        **method_settings(args))
 
 

@@ -189,6 +189,7 @@ def _shared_bases(store, config: SliceConfig, acts, kwargs, rule: WidthRule) -> 
 def _shared(store, config: SliceConfig, batches, budget, state, override) -> SliceResult:
     family, refit = store.family, config.refit
     streams: dict = {}
+    refit_batches = leading_share(batches, config.refit_share) if config.refit_share < 1 else batches
     if state is None:
         widths, _ = _widths(store, config, budget, batches, override)
         # The bases may come from the leading share of the batches (--basis-share).
@@ -198,7 +199,7 @@ def _shared(store, config: SliceConfig, batches, budget, state, override) -> Sli
         result = SliceResult(points=points)
         Q_embedding = store.basis(handles[EMBEDDINGS])
         if refit:  # the first layer's inputs again: dense, and in the embedding basis
-            dense, kwargs = store.capture(batches)
+            dense, kwargs = store.capture(refit_batches)
             streams = {DENSE: dense, SLICED: store.copy(dense, SLICED, lambda x: change_basis(x, Q_embedding))}
         for path in family.embeddings:
             rotate_input(stream_weight(store.model, path), Q_embedding)
@@ -208,7 +209,7 @@ def _shared(store, config: SliceConfig, batches, budget, state, override) -> Sli
     else:
         start, handles, widths = state["next_layer"], state["bases"], state["widths"]
         result = result_from_dict(state["result"])
-        acts, kwargs = store.capture(batches, keep_hidden=False)
+        acts, kwargs = store.capture(refit_batches if refit else batches, keep_hidden=False)
         streams = store.restore(state, acts.masks)
         store.close_embeddings(write=False)
 
