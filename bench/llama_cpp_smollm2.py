@@ -48,12 +48,12 @@ def cached(path: Path, compute):
     return result
 
 
-def make_slice(name: str, scratch: Path) -> Path:
+def make_slice(name: str, scratch: Path, threads: int) -> Path:
     out = scratch / f"smollm2-135m-{name.replace('%', '').replace('.', '')}"
     if not (out / "config.json").is_file():
         print(f"slicing {name} ...", file=sys.stderr, flush=True)
         cli("slice", "smollm2-135m", *SLICES[name], "--round-to", "32", "--cal-data", str(CAL_DATA),
-            "--cal-samples", "8", "--cal-seqlen", "2048", "--out", str(out), "--overwrite", "--threads", "2")
+            "--cal-samples", "64", "--cal-seqlen", "2048", "--out", str(out), "--overwrite", "--threads", str(threads))
     return out
 
 
@@ -86,7 +86,7 @@ def measure(job: dict, scratch: Path, llama_python: str, tag: str) -> dict:
     return json.loads(result_file.read_text())
 
 
-def references(sources: dict[str, Path], scratch: Path, excerpt: int, chunks: int) -> dict:
+def references(sources: dict[str, Path], scratch: Path, excerpt: int, chunks: int, threads: int) -> dict:
     """Token ids, transformers' logits on the excerpt and perplexity on the chunks, per model."""
     import numpy as np
     import torch
@@ -95,7 +95,7 @@ def references(sources: dict[str, Path], scratch: Path, excerpt: int, chunks: in
     from slicegpt.io.data import load_texts, tokenize_joined
     from slicegpt.io.models import load_model
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     texts = load_texts(str(TEST_DATA), split="test")
     out = {}
     for name, source in sources.items():
@@ -126,6 +126,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--excerpt", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="for slicing, logits and perplexity (speed: always 2)")
     parser.add_argument("--steps", default="logits,ppl,speed")
     parser.add_argument("--models", default="dense,25%,0.85x")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "llama_cpp.json")
@@ -136,7 +137,7 @@ def main() -> None:
     given = dict(item.split("=", 1) for item in args.slice_dirs.split(",")) if args.slice_dirs else {}
     sources = {"dense": Path(resolve("smollm2-135m"))}
     for name in SLICES:
-        sources[name] = Path(given[name]) if name in given else make_slice(name, args.scratch)
+        sources[name] = Path(given[name]) if name in given else make_slice(name, args.scratch, args.threads)
     sources = {name: source for name, source in sources.items() if name in args.models.split(",")}
     files = {}
     for name, source in sources.items():
@@ -144,7 +145,7 @@ def main() -> None:
             path = args.scratch / f"smollm2-135m-{name.replace('%', '')}-{kind}.gguf"
             files[name, kind] = cached(path.with_suffix(".export.json"),
                                        lambda: export(source, path, kind, args.llama_python))
-    refs = references(sources, args.scratch, args.excerpt, args.chunks)
+    refs = references(sources, args.scratch, args.excerpt, args.chunks, args.threads)
     text = (args.scratch / "excerpt.txt").read_text()
     data = {"command": "python bench/llama_cpp_smollm2.py " + " ".join(sys.argv[1:]), "rows": [], "logits": [],
             "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]}
@@ -158,14 +159,14 @@ def main() -> None:
         if ("logits" in steps or logits_file.is_file()) and kind in ("F32", "F16"):
             job = {"kind": "logits", "model": exported["out"], "ids": str(args.scratch / "excerpt_ids.json"),
                    "reference_logits": refs[name]["logits"], "text": text, "prompt": PROMPT, "new_tokens": 24,
-                   "threads": 2}
+                   "threads": args.threads}
             result = cached(logits_file, lambda: measure(job, args.scratch,
                                                                                  args.llama_python, f"logits-{tag}"))
             data["logits"].append({"model": name, "type": kind, **result})
         ppl_file = args.scratch / f"ppl-{tag}.json"
         if ("ppl" in steps or ppl_file.is_file()) and kind != "F32":  # F32 is checked by its logits
             job = {"kind": "ppl", "model": exported["out"], "ids": str(args.scratch / "wikitext_test_ids.json"),
-                   "seqlen": 2048, "chunks": args.chunks, "threads": 2}
+                   "seqlen": 2048, "chunks": args.chunks, "threads": args.threads}
             result = cached(ppl_file, lambda: measure(job, args.scratch,
                                                                               args.llama_python, f"ppl-{tag}"))
             row["ppl_llama_cpp"] = result["ppl"]
