@@ -104,3 +104,17 @@ def test_format_1_family_dicts_still_load():
     upgraded = family_fields(old)
     assert upgraded["attn_outputs"] == ("self_attn.o_proj",) and upgraded["mlp_outputs"] == ("mlp.down_proj",)
     assert upgraded["conv1d"] is False and upgraded["layer_args"] == ()
+
+
+def test_a_tall_reader_rotates_a_slice_of_rows_at_a_time(monkeypatch):
+    """Embedding tables are rotated in row slices (no whole float64 copy); the result is the
+    product of the whole table, in the table's dtype."""
+    import slicegpt.method.rotation as rotation
+
+    monkeypatch.setattr(rotation, "ROWS_PER_PRODUCT", 7)
+    table = nn.Embedding(30, D)
+    Q = _orthogonal()[:, :5]
+    expected = (table.weight.double() @ Q).float()
+    rotate_input(stream_weight(table, "weight"), Q)
+    assert table.weight.dtype == torch.float32 and table.weight.shape == (30, 5)
+    assert torch.equal(table.weight, expected)
