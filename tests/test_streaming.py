@@ -330,9 +330,10 @@ def test_converted_reads_touch_only_the_layer(tmp_path, monkeypatch):
 def test_basis_share_fixes_the_bases_on_fewer_sequences(tmp_path):
     path = _sharded(tmp_path)
     batches = random_batches(96)
-    every = _in_memory(path, SliceConfig(sparsity=0.25, rotations="model"), batches, tmp_path / "every")
-    share = _in_memory(path, SliceConfig(sparsity=0.25, rotations="model", basis_share=0.3), batches, tmp_path / "s")
-    first = _in_memory(path, SliceConfig(sparsity=0.25, rotations="model"), batches[:1], tmp_path / "first")
+    no_refit = dict(sparsity=0.25, rotations="model", refit=False)
+    every = _in_memory(path, SliceConfig(**no_refit), batches, tmp_path / "every")
+    share = _in_memory(path, SliceConfig(**no_refit, basis_share=0.3), batches, tmp_path / "s")
+    first = _in_memory(path, SliceConfig(**no_refit), batches[:1], tmp_path / "first")
     _assert_same(share, first)  # 0.3 of three batches: the first one alone
     assert not torch.equal(every.state_dict()["model.embed_tokens.weight"], share.state_dict()["model.embed_tokens.weight"])
     with pytest.raises(SliceGPTError, match="basis-share"):
@@ -342,7 +343,7 @@ def test_basis_share_fixes_the_bases_on_fewer_sequences(tmp_path):
 def test_refit_share_fits_on_fewer_sequences_with_the_same_bases(tmp_path):
     path = _sharded(tmp_path)
     batches = random_batches(96)
-    config = SliceConfig(sparsity=0.25, rotations="model", refit=True)
+    config = SliceConfig(sparsity=0.25, rotations="model", refit=True, refit_share=1.0)
     every = _in_memory(path, config, batches, tmp_path / "every")
     share = _in_memory(path, dataclasses.replace(config, refit_share=0.3), batches, tmp_path / "share")
     weights, shared = every.state_dict(), share.state_dict()

@@ -51,15 +51,20 @@ class SliceConfig:
     # basis for the whole model, raw otherwise (what measured best for each; layout.py).
     pca: str = "auto"
     # Refit each layer's output projections by least squares after slicing, so the sliced
-    # model follows the dense one on the calibration text (see refit.py).
-    refit: bool = False
+    # model follows the dense one on the calibration text (see refit.py). None (auto): on
+    # with shared bases, where it costs a dense and a sliced pass over `refit_share` of the
+    # sequences; off with per-block bases (a third pass) and embedding widths (no layer is
+    # changed). Settled with the layout (layout.py).
+    refit: bool | None = None
     # Shared bases (layer, group:K, model) from the covariances of this leading share of the
     # calibration sequences (at least one batch); the refit and per-block bases use them all.
     basis_share: float = 1.0
     # With shared bases, the refit's least squares read this leading share of the calibration
-    # sequences (at least one batch): its dense and sliced passes cost in proportion. The
+    # sequences (at least one batch): its dense and sliced passes cost in proportion, about
+    # 2.5 dense forwards over the share. 0.3 keeps the default within 2 dense forwards; all
+    # of them gained another 2 perplexity points on protocol P (bench/README.md). The
     # per-block layout refits on the sequences its PCA reads, all of them.
-    refit_share: float = 1.0
+    refit_share: float = 0.3
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:

@@ -59,6 +59,9 @@ def resolve_for_cli(args, model, family, config: SliceConfig) -> SliceConfig:
                 else "a basis per block (per-point widths)" if resolved.widths != "uniform"
                 else f"a basis per block (below {SHARED_FROM} x dense)")
         say(f"rotations auto: {what}" + (f", at most {size:,} parameters" if size else ""))
+    if config.refit is None:
+        say("refit auto: " + (f"on (least squares over the first {resolved.refit_share:g} of the calibration "
+                              "sequences)" if resolved.refit else "off (a basis per block, or only the embeddings)"))
     if args.plain and resolved.widths == "embedding":
         raise SliceGPTError("--plain needs one basis for the whole model; here only the embeddings are sliced "
                             "(--widths auto, a family with post-norms), and a plain class has no place for the "

@@ -56,7 +56,7 @@ def add_slice_options(parser) -> None:
                              "auto (default): normalized with one basis for the whole model, else raw")
     parser.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
                         help="refit each layer's output projections by least squares on the calibration text "
-                             f"(default {'on' if defaults.refit else 'off'})")
+                             "(default: on with shared bases, off with per-block bases or embedding widths)")
     parser.add_argument("--basis-share", type=float, default=defaults.basis_share, metavar="F",
                         help="shared bases (layer, group:K, model) from the covariances of the first F of the "
                              f"calibration sequences (default {defaults.basis_share:g}: all)")

@@ -70,11 +70,13 @@ def _fits(model: nn.Module, family: Family, config: SliceConfig, size: int) -> b
 
 
 def resolve_layout(model: nn.Module, family: Family, config: SliceConfig) -> SliceConfig:
-    """`config` with `widths`, `rotations` and `pca` "auto" settled (on the dense, unfused model)."""
+    """`config` with `widths`, `rotations`, `pca` and `refit` "auto" settled (on the dense, unfused model)."""
     config = _resolve_widths(model, family, config)
     config = _resolve_rotations(model, family, config)
     if config.pca == "auto":
         config = dataclasses.replace(config, pca="normalized" if config.rotations == "model" else "raw")
+    if config.refit is None:
+        config = dataclasses.replace(config, refit=config.rotations != "block" and config.widths != "embedding")
     return config
 
 
