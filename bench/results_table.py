@@ -32,6 +32,7 @@ SOURCES = {
     "protocol_p.json": ("python bench/protocol_p.py", "ce447a9", "2026-11-28"),
     "protocol_p_auto.json": ("python bench/protocol_p.py --sparsities 0.25", "6341f84", "2026-11-28"),
     "size_quality_p_c.json": ("python bench/size_quality.py --variants ...", "7d4cecc", "2026-11-28"),
+    "protocol_p_default_refit.json": ("python bench/protocol_p.py --tag default_refit", "COMMIT", "2026-12-01"),
     "speed_auto.json": ("python bench/speed.py --sparsities 0.25 --variants block --no-ablation", "c0cfd31",
                         "2026-11-28"),
 }
@@ -39,14 +40,18 @@ SOURCES = {
 MODELS = [
     ("dense", "SmolLM2-135M, dense",
      ("protocol_p_auto.json", "dense"), ("speed_auto.json", "dense")),
-    ("default-25", "`--sparsity 0.25` (default: one basis, normalized PCA)",
+    ("refit-25", "**`--sparsity 0.25`** (default: one basis, normalized PCA, refit)",
+     ("protocol_p_default_refit.json", 0.25), None),
+    ("default-25", "`--sparsity 0.25 --no-refit` (the default before the refit)",
      ("size_quality_p_c.json", "model-b25-normalized"), ("speed_auto.json", "25%")),
     ("paper-25", "`--sparsity 0.25 --rotations block --pca raw` (the paper's method)",
      ("protocol_p.json", 0.25), ("speed_auto.json", "25% block")),
-    ("default-25+rft", "`--sparsity 0.25`, then `finetune`", ("rft.jsonl", "default-25+rft"), None),
+    ("default-25+rft", "`--sparsity 0.25 --no-refit`, then `finetune`", ("rft.jsonl", "default-25+rft"), None),
     ("dense+rft", "dense, then the same fine-tuning", ("rft.jsonl", "dense+rft"), None),
-    ("default-20", "`--sparsity 0.20`", None, None),
-    ("default-30", "`--sparsity 0.30`", None, None),
+    ("refit-20", "`--sparsity 0.20` (default: one basis, refit)", ("protocol_p_default_refit.json", 0.2), None),
+    ("default-20", "`--sparsity 0.20 --no-refit`", None, None),
+    ("default-30", "`--sparsity 0.30` (default: per-block bases, no refit)", ("protocol_p_default_refit.json", 0.3),
+     None),
 ]
 
 

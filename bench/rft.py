@@ -41,10 +41,10 @@ def rft(**changes) -> dict:
 # Name -> zeroshot-style spec. "default-25+rft" and "dense+rft" are the zero-shot table's models.
 VARIANTS = {
     "dense": {},
-    "default-25": {"slice": {"sparsity": 0.25}},
+    "default-25": zeroshot.MODELS["default-25"],
     "default-25+rft": zeroshot.MODELS["default-25+rft"],
-    "lr2e-4": {"slice": {"sparsity": 0.25}, "rft": rft(lr=2e-4)},
-    "lr1e-3": {"slice": {"sparsity": 0.25}, "rft": rft(lr=1e-3)},
+    "lr2e-4": {"slice": zeroshot.MODELS["default-25"]["slice"], "rft": rft(lr=2e-4)},
+    "lr1e-3": {"slice": zeroshot.MODELS["default-25"]["slice"], "rft": rft(lr=1e-3)},
     "dense+rft": zeroshot.MODELS["dense+rft"],
 }
 

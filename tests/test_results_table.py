@@ -57,6 +57,6 @@ def test_fine_tuned_rows_take_their_perplexity_from_rft_rows(rt, tmp_path):
            "commit": "def5678", "finished": "2026-12-01T10:00:00+00:00"}
     (tmp_path / "rft.jsonl").write_text(json.dumps(row) + "\n" + '{"variant": "dense+rft", "par')  # a cut line
     text = rt.table(tmp_path)
-    assert "| `--sparsity 0.25`, then `finetune` | 110.42M | 33.25 | not measured | not measured |" in text
+    assert "| `--sparsity 0.25 --no-refit`, then `finetune` | 110.42M | 33.25 | not measured | not measured |" in text
     assert "| dense, then the same fine-tuning | not measured | not measured |" in text
     assert "`python bench/rft.py` → `rft.jsonl`" in text and "def5678" in text

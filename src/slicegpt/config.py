@@ -60,11 +60,11 @@ class SliceConfig:
     # calibration sequences (at least one batch); the refit and per-block bases use them all.
     basis_share: float = 1.0
     # With shared bases, the refit's least squares read this leading share of the calibration
-    # sequences (at least one batch): its dense and sliced passes cost in proportion, about
-    # 2.5 dense forwards over the share. 0.3 keeps the default within 2 dense forwards; all
-    # of them gained another 2 perplexity points on protocol P (bench/README.md). The
+    # sequences (at least one batch): its passes and sums cost about 3.3 dense forwards over
+    # the share. A quarter keeps the default within 2 dense forwards on protocol P (0.3 took
+    # 2.03); all of them gained another 2 perplexity points there (bench/README.md). The
     # per-block layout refits on the sequences its PCA reads, all of them.
-    refit_share: float = 0.3
+    refit_share: float = 0.25
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
