@@ -32,7 +32,7 @@ SOURCES = {
     "protocol_p.json": ("python bench/protocol_p.py", "ce447a9", "2026-11-28"),
     "protocol_p_auto.json": ("python bench/protocol_p.py --sparsities 0.25", "6341f84", "2026-11-28"),
     "size_quality_p_c.json": ("python bench/size_quality.py --variants ...", "7d4cecc", "2026-11-28"),
-    "protocol_p_default_refit.json": ("python bench/protocol_p.py --tag default_refit", "COMMIT", "2026-12-01"),
+    "protocol_p_default_refit.json": ("python bench/protocol_p.py --threads 2 --tag default_refit", "aa636ff (0.30: 3ad5517)", "2026-12-01"),
     "speed_auto.json": ("python bench/speed.py --sparsities 0.25 --variants block --no-ablation", "c0cfd31",
                         "2026-11-28"),
 }

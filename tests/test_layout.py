@@ -5,7 +5,7 @@ import pytest
 from slicegpt import SliceConfig, slice_model
 from slicegpt.sizing.budget import predicted_parameters, uniform_widths
 from slicegpt.architectures.families import family_for
-from slicegpt.sizing.layout import SHARED_FROM, resolve_layout
+from slicegpt.sizing.layout import REFIT_MIN_TOKENS, SHARED_FROM, refit_tokens, resolve_layout
 from slicegpt.sizing.counts import count_parameters
 
 from conftest import TINY_CONFIGS, make_tiny_model, random_batches
@@ -107,3 +107,19 @@ def test_widths_auto_slices_only_the_embeddings_of_post_norm_families_where_half
     llama = make_tiny_model("LlamaForCausalLM", tied=True)
     llama.resize_token_embeddings(4096)
     assert resolve_layout(llama, family_for(llama), SliceConfig(target_ratio=0.85)).widths == "uniform"
+
+
+def test_refit_auto_is_on_with_shared_bases_and_enough_calibration_tokens():
+    model = make_tiny_model("LlamaForCausalLM", tied=True)
+    family = family_for(model)
+
+    def refit(**settings):
+        return resolve_layout(model, family, SliceConfig(sparsity=0.25, **settings)).refit
+
+    assert refit(rotations="model") and refit(rotations="group:2")  # 128 x 2048 tokens, a quarter each
+    assert not refit(rotations="block")  # a third pass beside the PCA's own
+    assert not refit(rotations="model", cal_samples=8)  # 2 sequences: it would overfit them
+    assert not refit(rotations="model", cal_samples=8, refit_share=1.0)  # all 8 are still too few
+    assert refit(rotations="model", cal_samples=16, refit_share=1.0)
+    assert refit(rotations="model", cal_samples=8, refit=True)  # asked for: done
+    assert refit_tokens(SliceConfig(cal_samples=64, cal_seqlen=2048)) == 16 * 2048 == REFIT_MIN_TOKENS

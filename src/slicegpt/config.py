@@ -60,7 +60,7 @@ class SliceConfig:
     # calibration sequences (at least one batch); the refit and per-block bases use them all.
     basis_share: float = 1.0
     # With shared bases, the refit's least squares read this leading share of the calibration
-    # sequences (at least one batch): its passes and sums cost about 3.3 dense forwards over
+    # sequences (at least one batch): its passes and sums cost about 3.4 dense forwards over
     # the share. A quarter keeps the default within 2 dense forwards on protocol P (0.3 took
     # 2.03); all of them gained another 2 perplexity points there (bench/README.md). The
     # per-block layout refits on the sequences its PCA reads, all of them.

@@ -19,7 +19,7 @@ from slicegpt.errors import SliceGPTError
 from slicegpt.architectures.families import family_for
 from slicegpt.io.models import DTYPES, base_model_id, is_sliced_dir, load_model, resolve
 from slicegpt.evaluation.perplexity import perplexity
-from slicegpt.sizing.layout import SHARED_FROM, resolve_layout
+from slicegpt.sizing.layout import REFIT_MIN_TOKENS, SHARED_FROM, refit_tokens, resolve_layout
 from slicegpt.architectures.plain import to_plain_model
 from slicegpt.evaluation.plots import report_plots
 from slicegpt.sizing.counts import count_parameters, head_parameters, shortcut_parameters
@@ -49,6 +49,15 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
+def _refit_choice(config: SliceConfig) -> str:
+    if config.refit:
+        return f"on (least squares over the first {config.refit_share:g} of the calibration sequences)"
+    if config.rotations == "block" or config.widths == "embedding":
+        return "off (a basis per block, or only the embeddings)"
+    return (f"off (it would read {refit_tokens(config):,} calibration tokens and needs {REFIT_MIN_TOKENS:,} not to "
+            "overfit them: raise --cal-samples or --refit-share, or pass --refit)")
+
+
 def resolve_for_cli(args, model, family, config: SliceConfig) -> SliceConfig:
     """Settle `--rotations auto` on the loaded model, say what it chose, and check --plain against it."""
     resolved = resolve_layout(model, family, config)
@@ -60,8 +69,7 @@ def resolve_for_cli(args, model, family, config: SliceConfig) -> SliceConfig:
                 else f"a basis per block (below {SHARED_FROM} x dense)")
         say(f"rotations auto: {what}" + (f", at most {size:,} parameters" if size else ""))
     if config.refit is None:
-        say("refit auto: " + (f"on (least squares over the first {resolved.refit_share:g} of the calibration "
-                              "sequences)" if resolved.refit else "off (a basis per block, or only the embeddings)"))
+        say("refit auto: " + _refit_choice(resolved))
     if args.plain and resolved.widths == "embedding":
         raise SliceGPTError("--plain needs one basis for the whole model; here only the embeddings are sliced "
                             "(--widths auto, a family with post-norms), and a plain class has no place for the "
