@@ -57,7 +57,7 @@ class SliceConfig:
     # changed). Settled with the layout (layout.py).
     refit: bool | None = None
     # Shared bases (layer, group:K, model) from the covariances of this leading share of the
-    # calibration sequences (at least one batch); the refit and per-block bases use them all.
+    # calibration sequences (at least one batch); per-block bases use them all.
     basis_share: float = 1.0
     # With shared bases, the refit's least squares read this leading share of the calibration
     # sequences (at least one batch): its passes and sums cost about 3.4 dense forwards over
