@@ -31,11 +31,7 @@ PPL_DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "wikitext-2-raw-v1.t
 CASES = {
     "default": ([], {}),
     "no-refit": (["--no-refit"], {}),
-    "refit": (["--refit"], {}),
     "streamed": (["--streaming"], {}),
-    # glibc raises its mmap threshold as large blocks are freed, after which they stay in the
-    # heap; a fixed threshold returns every block over it to the system when freed.
-    "fixed-mmap": ([], {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}),
 }
 
 

@@ -131,3 +131,9 @@ class SliceConfig:
 # per layer), PCA of the raw stream, one width everywhere, no refit, and a tied head untied
 # (its own sliced matrix), as the original code does.
 PAPER_METHOD = {"rotations": "block", "pca": "raw", "widths": "uniform", "refit": False, "tied_head": False}
+
+
+def leading_count(total: int, share: float) -> int:
+    """How many of `total` calibration batches a leading share (`basis_share`, `refit_share`)
+    reads: at least one."""
+    return max(1, round(total * share))

@@ -19,6 +19,7 @@ from datetime import timedelta
 
 import torch
 
+from slicegpt.config import leading_count
 from slicegpt.errors import SliceGPTError
 
 
@@ -70,11 +71,11 @@ def leading_share(batches: list, fraction: float) -> list:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return batches[: max(1, round(len(batches) * fraction))]
+        return batches[: leading_count(len(batches), fraction)]
     rank, world = dist.get_rank(), dist.get_world_size()
     counts = [None] * world
     dist.all_gather_object(counts, len(batches))
-    wanted = max(1, round(sum(counts) * fraction))
+    wanted = leading_count(sum(counts), fraction)
     return [batch for index, batch in enumerate(batches) if rank + index * world < wanted]
 
 

@@ -189,7 +189,7 @@ def _shared_bases(store, config: SliceConfig, acts, kwargs, rule: WidthRule) -> 
 def _shared(store, config: SliceConfig, batches, budget, state, override) -> SliceResult:
     family, refit = store.family, config.refit
     streams: dict = {}
-    refit_batches = leading_share(batches, config.refit_share) if config.refit_share < 1 else batches
+    refit_batches = leading_share(batches, config.refit_share) if refit and config.refit_share < 1 else batches
     if state is None:
         widths, _ = _widths(store, config, budget, batches, override)
         # The bases may come from the leading share of the batches (--basis-share).

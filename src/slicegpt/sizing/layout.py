@@ -42,7 +42,7 @@ from torch import nn
 
 from slicegpt.errors import SliceGPTError
 from slicegpt.sizing.budget import parameter_budget, uniform_size, width_for_budget
-from slicegpt.config import SliceConfig
+from slicegpt.config import SliceConfig, leading_count
 from slicegpt.architectures.family import Family
 from slicegpt.sizing.counts import count_parameters
 
@@ -89,7 +89,7 @@ def resolve_layout(model: nn.Module, family: Family, config: SliceConfig) -> Sli
 def refit_tokens(config: SliceConfig) -> int:
     """Calibration tokens the refit reads with shared bases: its leading share of the batches."""
     batches = math.ceil(config.cal_samples / config.cal_batch_size)
-    kept = max(1, round(batches * config.refit_share))
+    kept = leading_count(batches, config.refit_share)
     return min(config.cal_samples, kept * config.cal_batch_size) * config.cal_seqlen
 
 
