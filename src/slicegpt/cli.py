@@ -6,7 +6,9 @@ import argparse
 import sys
 
 from slicegpt.commands import bench, eval as eval_command, export, finetune, ppl, slice as slice_command, sweep
+from slicegpt.commands.validate import validate
 from slicegpt.errors import SliceGPTError
+from slicegpt.io.output_lock import output_locks
 
 COMMANDS = [slice_command, sweep, ppl, eval_command, finetune, export, bench]
 
@@ -22,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        outputs = validate(args)  # every option, output and config checked before any work
+        with output_locks(outputs):  # one run per output at a time
+            return args.run(args)
     except SliceGPTError as error:
         print(f"slicegpt: error: {error}", file=sys.stderr)
         return 2

@@ -61,7 +61,7 @@ def run_zeroshot(model, tokenizer, tasks: list[str], args) -> dict:
 
 
 def apply_threads(args) -> None:
-    if getattr(args, "threads", None):
+    if getattr(args, "threads", None) is not None:
         import torch
 
         torch.set_num_threads(args.threads)

@@ -1,0 +1,38 @@
+"""Output locations: refused before any work when nothing could be written there.
+
+A run that writes under a regular file, under /proc or /dev/null, or into a directory it
+may not write used to find out only when saving, after all the work, and with a
+traceback (or, in /proc, a complaint about disk space).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from slicegpt.errors import SliceGPTError
+
+
+def nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not os.path.lexists(path):
+        path = path.parent
+    return path
+
+
+def check_output_location(out: str | Path, option: str = "--out", kind: str = "directory") -> None:
+    """`out` (a directory, or a file when kind is "file") can be created and written where it is."""
+    out = Path(out)
+    if kind == "file" and out.is_dir():
+        raise SliceGPTError(f"{option} {out} is a directory; give a file name")
+    if kind == "file" and out.exists() and not out.is_file():
+        raise SliceGPTError(f"{option} {out} is not a regular file")
+    parent = nearest_existing(Path(os.path.abspath(out)).parent)
+    if not parent.is_dir():
+        raise SliceGPTError(f"{option} {out}: {parent} is not a directory, so nothing can be written under it")
+    try:  # permissions alone say little to root or on read-only and special filesystems; try it
+        probe = tempfile.mkdtemp(prefix=".slicegpt-probe-", dir=parent)
+    except OSError as error:
+        raise SliceGPTError(f"{option} {out}: cannot write in {parent} ({error.strerror})") from None
+    os.rmdir(probe)
