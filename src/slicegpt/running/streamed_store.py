@@ -40,6 +40,8 @@ from slicegpt.running.spill import DiskActivations
 # (on rank SLICEGPT_TEST_KILL_RANK only, when that is set). Nothing else reads these.
 KILL_AFTER_LAYER_ENV = "SLICEGPT_TEST_KILL_AFTER_LAYER"
 KILL_RANK_ENV = "SLICEGPT_TEST_KILL_RANK"
+# Tests: stop (SIGSTOP) after checkpointing this layer, a run frozen mid-way that still holds its output.
+STOP_AFTER_LAYER_ENV = "SLICEGPT_TEST_STOP_AFTER_LAYER"
 
 
 class StreamedStore:
@@ -298,3 +300,6 @@ def _fault_injection(layer: int, rank: int) -> None:
     only_rank = os.environ.get(KILL_RANK_ENV)
     if after is not None and int(after) == layer and (only_rank is None or int(only_rank) == rank):
         os.kill(os.getpid(), signal.SIGKILL)
+    stop = os.environ.get(STOP_AFTER_LAYER_ENV)
+    if stop is not None and int(stop) == layer and rank == 0:
+        os.kill(os.getpid(), signal.SIGSTOP)

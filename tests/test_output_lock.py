@@ -1,0 +1,91 @@
+"""One output takes one run at a time: a second run is refused naming the first; a killed run frees it."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from slicegpt import load_sliced
+from slicegpt.cli import main
+from slicegpt.io.output_lock import lock_path, output_lock
+from slicegpt.running.streamed_store import STOP_AFTER_LAYER_ENV
+from slicegpt.running.streaming import partial_dir
+
+from conftest import WIKITEXT_VALIDATION
+
+CAL = ["--cal-data", str(WIKITEXT_VALIDATION), "--cal-samples", "4", "--cal-seqlen", "32", "--cal-batch-size", "2"]
+
+
+def slice_args(model, out, *extra):
+    return ["slice", str(model), "--sparsity", "0.25", "--out", str(out), *CAL, *extra]
+
+
+def refused_by(capsys, code, pid):
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert "another slicegpt run" in err and f"pid {pid}" in err, err
+
+
+def wait_for(condition, process, seconds=120.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def kill(process):
+    process.kill()  # SIGKILL: no clean-up runs, only the kernel lets go of the lock
+    process.wait()
+
+
+def test_a_held_output_refuses_a_second_run_until_its_holder_is_killed(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom slicegpt.io.output_lock import output_lock\n"
+         "with output_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)\n", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for argv in (slice_args(tiny_model_dir, out), slice_args(tiny_model_dir, out, "--streaming"),
+                     ["eval", "zeroshot", str(tiny_model_dir), "--tasks", "piqa", "--limit", "1", "--out", str(out)]):
+            refused_by(capsys, main(argv), holder.pid)
+        assert not out.exists() and not partial_dir(out).exists()
+    finally:
+        kill(holder)
+    assert main(slice_args(tiny_model_dir, out)) == 0
+    assert (out / "config.json").is_file()
+    assert not lock_path(out).exists()  # released and removed when the run ends
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_run_frozen_mid_way_holds_its_output_and_resumes_once_killed(three_layer_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    env = {**os.environ, STOP_AFTER_LAYER_ENV: "0", "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "slicegpt.cli", *slice_args(three_layer_dir, out, "--streaming")],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (partial_dir(out) / "resume" / "state.json").is_file(), first)
+        wait_for(lambda: open(f"/proc/{first.pid}/stat").read().split(")")[-1].split()[0] == "T", first)
+        # Another setting than the first run's: before the lock it would have mixed two widths in one output.
+        refused_by(capsys, main(slice_args(three_layer_dir, out, "--streaming", "--round-to", "16")), first.pid)
+        refused_by(capsys, main(slice_args(three_layer_dir, out, "--no-streaming")), first.pid)
+    finally:
+        kill(first)
+    assert main(slice_args(three_layer_dir, out, "--streaming")) == 0
+    assert "resuming" in capsys.readouterr().err
+    reference = tmp_path / "reference"
+    assert main(slice_args(three_layer_dir, reference, "--streaming")) == 0
+    a, b = load_sliced(out).state_dict(), load_sliced(reference).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not partial_dir(out).exists() and not lock_path(out).exists()
+
+
+def test_the_lock_removes_the_folders_it_made(tmp_path):
+    out = tmp_path / "a" / "b" / "out"
+    with output_lock(out):
+        assert lock_path(out).is_file() and f"pid {os.getpid()}" in lock_path(out).read_text()
+    assert not (tmp_path / "a").exists()
