@@ -129,3 +129,185 @@ def test_outputs_follow_the_umask(tmp_path, umask):
         assert any(name.endswith(".safetensors") for name in found)
         expected = {name: (0o777 if (tmp_path / out / name).is_dir() else 0o666) & ~umask for name in found}
         assert found == expected, out
+
+
+# --- Refused before any work: options, devices, output locations, what config.json says. ---
+
+def refused(capsys, argv, *fragments, out=None):
+    """The command ends in one error line naming `fragments`, and leaves nothing at `out`."""
+    code = main(argv)
+    assert_one_error_line(capsys, code, *fragments)
+    if out is not None:
+        assert not Path(out).exists() and not Path(out).parent.joinpath(f".{Path(out).name}.lock").exists()
+
+
+FT = ["--data", str(WIKITEXT_VALIDATION), "--steps", "1", "--seqlen", "32"]
+BENCH = ["--batch-sizes", "1", "--prompt-len", "8", "--new-tokens", "2", "--repeats", "1"]
+EVAL_PPL = ["--eval-ppl", "--ppl-data", str(WIKITEXT_TEST), "--ppl-chunks", "1", "--ppl-seqlen", "32"]
+
+
+def command(name, model, out):
+    """A valid command line of each kind; a test appends the bad option (argparse keeps the last)."""
+    return {
+        "slice": ["slice", str(model), "--sparsity", "0.25", "--out", str(out), *CAL],
+        "slice-streaming": ["slice", str(model), "--sparsity", "0.25", "--out", str(out), *CAL, "--streaming"],
+        "sweep": ["sweep", str(model), "--sparsities", "0.25", "--out", str(out), *CAL,
+                  "--ppl-data", str(WIKITEXT_TEST), "--ppl-chunks", "1", "--ppl-seqlen", "32"],
+        "ppl": ["ppl", str(model), *PPL],
+        "eval": ["eval", "zeroshot", str(model), "--tasks", "piqa", "--limit", "1", "--out", str(out)],
+        "finetune": ["finetune", str(model), *FT, "--out", str(out)],
+        "export-plain": ["export", str(model), "--format", "plain", "--out", str(out)],
+        "export-gguf": ["export", str(model), "--format", "gguf", "--out", f"{out}.gguf"],
+        "bench": ["bench", str(model), *BENCH, "--out", f"{out}.json"],
+    }[name]
+
+
+@pytest.mark.parametrize("name,bad,message", [
+    ("slice", ["--threads", "0"], "--threads must be at least 1, got 0"),
+    ("ppl", ["--threads", "-2"], "--threads must be at least 1, got -2"),
+    ("bench", ["--threads", "0"], "--threads must be at least 1"),
+    ("export-gguf", ["--threads", "0"], "--threads must be at least 1"),
+    ("ppl", ["--chunks", "-1"], "--chunks must be at least 1, got -1"),
+    ("ppl", ["--chunks", "0"], "--chunks must be at least 1, got 0"),
+    ("ppl", ["--seqlen", "0"], "--seqlen must be at least 2, got 0"),
+    ("ppl", ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ("slice", [*EVAL_PPL, "--ppl-chunks", "-1"], "--ppl-chunks must be at least 1, got -1"),
+    ("slice", [*EVAL_PPL, "--ppl-seqlen", "1"], "--ppl-seqlen must be at least 2, got 1"),
+    ("slice", [*EVAL_PPL, "--ppl-batch-size", "0"], "--ppl-batch-size must be at least 1, got 0"),
+    ("sweep", ["--ppl-chunks", "0"], "--ppl-chunks must be at least 1, got 0"),
+    ("sweep", ["--sparsities", "0.1,1.5"], "--sparsities: each must be in [0, 1), got 1.5"),
+    ("slice", ["--round-to", "0"], "--round-to must be at least 1, got 0"),
+    ("slice", ["--dist-timeout", "0"], "--dist-timeout must be a positive number, got 0"),
+    ("slice", ["--eval-zeroshot", "piqa", "--zeroshot-batch-size", "0"], "--zeroshot-batch-size must be at least 1"),
+    ("eval", ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ("finetune", ["--lora-dropout", "1.5"], "--lora-dropout must be in [0, 1), got 1.5"),
+    ("finetune", ["--heldout-fraction", "0.1", "--eval-every", "0"], "--eval-every must be at least 1, got 0"),
+    ("finetune", ["--lr", "-1"], "--lr must be a positive number, got -1"),
+    ("finetune", [*EVAL_PPL, "--ppl-seqlen", "0"], "--ppl-seqlen must be at least 2, got 0"),
+    ("bench", ["--warmup", "-1"], "--warmup must be at least 0, got -1"),
+])
+def test_bad_option_value(tiny_model_dir, tmp_path, capsys, name, bad, message):
+    refused(capsys, command(name, tiny_model_dir, tmp_path / "out") + bad, message, out=tmp_path / "out")
+
+
+@pytest.mark.parametrize("name", ["slice", "ppl", "eval", "finetune", "bench"])
+@pytest.mark.parametrize("device,message", [("foo", "--device foo is not a device"),
+                                            ("cuda", "--device cuda: "), ("cuda:7", "--device cuda:7: ")])
+def test_unusable_device(tiny_model_dir, tmp_path, capsys, name, device, message):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has the GPUs asked for")
+    refused(capsys, command(name, tiny_model_dir, tmp_path / "out") + ["--device", device], message,
+            out=tmp_path / "out")
+
+
+@pytest.mark.parametrize("name", ["slice", "slice-streaming", "sweep", "eval", "finetune", "export-plain",
+                                  "export-gguf", "bench"])
+@pytest.mark.parametrize("where", ["under a file", "/proc", "/dev/null"])
+def test_output_where_nothing_can_be_written(tiny_model_dir, tmp_path, capsys, name, where):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    parent = {"under a file": blocker, "/proc": Path("/proc"), "/dev/null": Path("/dev/null")}[where]
+    if not parent.exists():
+        pytest.skip(f"no {parent} here")
+    message = "cannot write in /proc" if where == "/proc" else f"{parent} is not a directory"
+    refused(capsys, command(name, tiny_model_dir, parent / "out"), "--out", message)
+    assert blocker.read_text() == "not a directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+@pytest.fixture(scope="module")
+def config_dirs(tmp_path_factory, tiny_model_dir):
+    """Model directories that only a config.json describes: nothing here may load weights."""
+    import json
+
+    import transformers
+
+    root = tmp_path_factory.mktemp("configs")
+    (root / "gpt2").mkdir()
+    make_tiny_model("GPT2LMHeadModel").config.save_pretrained(root / "gpt2")  # 64 learned positions
+    (root / "bloom").mkdir()
+    transformers.BloomConfig(vocab_size=96, hidden_size=64, n_layer=2, n_head=4).save_pretrained(root / "bloom")
+    (root / "not-json").mkdir()
+    (root / "not-json" / "config.json").write_text("{ not json")
+    (root / "unknown-type").mkdir()
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    (root / "unknown-type" / "config.json").write_text(json.dumps({**config, "model_type": "no-such-type"}))
+    # A slice of a 3-head model, 32 wide: a plain Llama needs a multiple of 3.
+    (root / "sliced-3-heads").mkdir()
+    dense = transformers.LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=3, num_key_value_heads=3, head_dim=16)
+    sliced = {**dense.to_dict(), "architectures": ["LlamaForCausalLM"], "slicing": {
+        "base_architecture": "LlamaForCausalLM", "dense_hidden_size": 48, "embedding_width": 32, "head_in": 32,
+        "config": {"round_to": 8}}}
+    (root / "sliced-3-heads" / "config.json").write_text(json.dumps(sliced))
+    return root
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["slice", "{gpt2}", "--sparsity", "0.25", "--out", "{out}", *CAL, "--cal-seqlen", "65"],
+     "--cal-seqlen is 65 tokens, but {gpt2} has learned positions for 64 (n_positions"),
+    (["slice", "{gpt2}", "--sparsity", "0.25", "--out", "{out}", *CAL, *EVAL_PPL, "--ppl-seqlen", "128"],
+     "--ppl-seqlen is 128 tokens"),
+    (["ppl", "{gpt2}", *PPL, "--seqlen", "100"], "--seqlen is 100 tokens, but {gpt2} has learned positions for 64"),
+    (["bench", "{gpt2}", *BENCH, "--prompt-len", "60", "--new-tokens", "8"],
+     "--prompt-len plus --new-tokens is 68 tokens"),
+])
+def test_sequence_longer_than_learned_positions(config_dirs, tmp_path, capsys, argv, message):
+    fill = {"gpt2": config_dirs / "gpt2", "out": tmp_path / "out"}
+    refused(capsys, [a.format(**fill) for a in argv], message.format(**fill), out=tmp_path / "out")
+
+
+SLICE = ["slice", "{model}", "--sparsity", "0.25", "--out", "{out}", *CAL]
+EXPORT = ["export", "{model}", "--format", "plain", "--out", "{out}"]
+
+
+@pytest.mark.parametrize("model,argv,message", [
+    ("not-json", SLICE, "config.json is not valid JSON"),
+    ("not-json", [*SLICE, "--streaming"], "config.json is not valid JSON"),
+    ("not-json", ["ppl", "{model}", *PPL], "config.json is not valid JSON"),
+    ("not-json", EXPORT, "config.json is not valid JSON"),
+    ("unknown-type", SLICE, "model type 'no-such-type' in config.json is unknown to transformers"),
+    ("unknown-type", SLICE, "; slicegpt slices CohereForCausalLM, "),  # its own list, not transformers' every config
+    ("unknown-type", ["ppl", "{model}", *PPL], "model type 'no-such-type' in config.json is unknown"),
+    ("bloom", SLICE, "architecture BloomForCausalLM is not supported; supported: "),
+    ("sliced-3-heads", SLICE, "is a sliced checkpoint already"),
+    ("sliced-3-heads", EXPORT, "a plain LlamaForCausalLM cannot be 32 wide"),
+])
+def test_what_config_json_says_is_checked_before_loading(config_dirs, tmp_path, capsys, model, argv, message):
+    """Each of these directories has no weights: a refusal made after loading would fail otherwise."""
+    out = tmp_path / "out"
+    refused(capsys, [a.format(model=config_dirs / model, out=out) for a in argv], message, out=out)
+
+
+def test_plain_export_names_the_widths_that_work(config_dirs, tmp_path, capsys):
+    refused(capsys, ["export", str(config_dirs / "sliced-3-heads"), "--format", "plain", "--out", str(tmp_path / "o")],
+            "widths that work near it are 24 or 48", "--round-to 24", out=tmp_path / "o")
+
+
+@pytest.fixture(scope="module")
+def three_head_dir(tmp_path_factory, smollm2_tokenizer):
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=48, intermediate_size=96,
+                                      num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=3,
+                                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("three-heads")
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_slice_plain_picks_widths_the_plain_class_accepts(three_head_dir, tmp_path, capsys):
+    """25% of 48 is 36, rounded to 32 by --round-to 8: not a multiple of the 3 heads."""
+    import json
+
+    out = tmp_path / "plain"
+    assert main(["slice", str(three_head_dir), "--sparsity", "0.25", "--rotations", "model", "--plain",
+                 "--out", str(out), *CAL]) == 0
+    assert "--plain: widths rounded to a multiple of 24 instead of 8" in capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert config["hidden_size"] == 24 and "slicing" not in config
