@@ -33,9 +33,8 @@ def zeroshot_options(args) -> None:
 
 def slice_options(args) -> None:
     """What `slice` and `sweep` share: the method's numbers, perplexity, zero-shot, the model."""
-    for name in ("round_to", "cal_samples", "cal_batch_size"):
+    for name in ("round_to", "cal_samples", "cal_seqlen", "cal_batch_size"):
         at_least(args, name, 1)
-    at_least(args, "cal_seqlen", 2)
     fraction(args, "basis_share", low_open=True, high_open=False)
     fraction(args, "refit_share", low_open=True, high_open=False)
     check_ppl_options(args, "ppl-")
@@ -116,8 +115,9 @@ def validate_eval(args) -> list[Path]:
 
 
 def validate_finetune(args) -> list[Path]:
-    for name in ("steps", "seqlen", "batch_size", "lora_r", "checkpoint_every"):
+    for name in ("steps", "batch_size", "lora_r", "checkpoint_every"):
         at_least(args, name, 1)
+    at_least(args, "seqlen", 2)  # one token predicts nothing: the loss would be NaN, blamed on --lr
     if args.heldout_fraction:
         at_least(args, "eval_every", 1)
     positive(args, "lr")
