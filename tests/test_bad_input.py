@@ -218,6 +218,18 @@ def test_output_where_nothing_can_be_written(tiny_model_dir, tmp_path, capsys, n
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
+@pytest.mark.parametrize("name", ["slice", "finetune", "export-plain"])
+def test_output_that_would_replace_the_input(tiny_model_dir, tmp_path, capsys, name):
+    import shutil
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    before = sorted(p.name for p in model.iterdir())
+    for out in (model, tmp_path):  # the model itself, or a directory that holds it
+        refused(capsys, command(name, model, out) + ["--overwrite"], "would replace the model the run reads")
+    refused(capsys, command(name, model, ""), "--out is empty")
+    assert sorted(p.name for p in model.iterdir()) == before
+
+
 @pytest.fixture(scope="module")
 def config_dirs(tmp_path_factory, tiny_model_dir):
     """Model directories that only a config.json describes: nothing here may load weights."""

@@ -18,7 +18,7 @@ from slicegpt.validation.model_config import (attention_heads, check_known_type,
                                               plain_step, plain_width_message, read_config)
 from slicegpt.validation.options import (at_least, check_device, check_ppl_options, check_threads, fraction,
                                          positive)
-from slicegpt.validation.outputs import check_output_location
+from slicegpt.validation.outputs import check_not_input, check_output_location
 
 
 def model_options(args) -> None:
@@ -67,6 +67,7 @@ def validate_slice(args) -> list[Path]:
     positive(args, "dist_timeout")
     slice_options(args)
     check_output_location(args.out)
+    check_not_input(args.out, args.model)
     config = read_config(args.model)
     if config is not None:
         check_sliceable(args.model, config)
@@ -84,6 +85,7 @@ def validate_sweep(args) -> list[Path]:
             raise SliceGPTError(f"--sparsities: each must be in [0, 1), got {value:g}")
     slice_options(args)
     check_output_location(args.out)
+    check_not_input(args.out, args.model)
     config = read_config(args.model)
     if config is not None:
         check_sliceable(args.model, config)
@@ -128,6 +130,7 @@ def validate_finetune(args) -> list[Path]:
     zeroshot_options(args)
     model_options(args)
     check_output_location(args.out)
+    check_not_input(args.out, args.model)
     if Path(args.model).is_dir():
         config = read_config(args.model)
         check_positions(args.model, config, {"--seqlen": args.seqlen,
@@ -138,6 +141,7 @@ def validate_finetune(args) -> list[Path]:
 def validate_export(args) -> list[Path]:
     at_least(args, "threads", 1)
     check_output_location(args.out, kind="directory" if args.format == "plain" else "file")
+    check_not_input(args.out, args.model)
     config = read_config(args.model)
     if config is not None and args.format == "plain":
         slicing = config.get("slicing")

@@ -23,6 +23,8 @@ def nearest_existing(path: Path) -> Path:
 
 def check_output_location(out: str | Path, option: str = "--out", kind: str = "directory") -> None:
     """`out` (a directory, or a file when kind is "file") can be created and written where it is."""
+    if not str(out).strip():
+        raise SliceGPTError(f"{option} is empty; give a {kind}")
     out = Path(out)
     if kind == "file" and out.is_dir():
         raise SliceGPTError(f"{option} {out} is a directory; give a file name")
@@ -36,3 +38,10 @@ def check_output_location(out: str | Path, option: str = "--out", kind: str = "d
     except OSError as error:
         raise SliceGPTError(f"{option} {out}: cannot write in {parent} ({error.strerror})") from None
     os.rmdir(probe)
+
+
+def check_not_input(out: str | Path, model: str, option: str = "--out") -> None:
+    """`out` neither is nor holds the model the run reads: --overwrite would delete its source."""
+    source, target = Path(model).resolve(), Path(out).resolve()
+    if Path(model).exists() and (source == target or target in source.parents):
+        raise SliceGPTError(f"{option} {out} would replace the model the run reads ({model}); choose another {option}")
