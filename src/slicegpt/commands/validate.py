@@ -74,7 +74,7 @@ def validate_slice(args) -> list[Path]:
         check_positions(args.model, config, {"--cal-seqlen": args.cal_seqlen,
                                              "--ppl-seqlen": args.ppl_seqlen if args.eval_ppl else None})
         plain_widths(args, config)
-    return [Path(args.out)] if main_rank() else []
+    return [Path(args.out)]
 
 
 def validate_sweep(args) -> list[Path]:
@@ -173,5 +173,6 @@ VALIDATORS = {"slice": validate_slice, "sweep": validate_sweep, "ppl": validate_
 
 
 def validate(args) -> list[Path]:
-    """Check the parsed command line; return the outputs the run will write."""
-    return VALIDATORS[args.command](args)
+    """Check the parsed command line; return the outputs this process holds while the run writes them."""
+    outputs = VALIDATORS[args.command](args)
+    return outputs if main_rank() else []
