@@ -5,9 +5,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-import torch
-
 from slicegpt import load_sliced
 from slicegpt.cli import main
 from slicegpt.io.output_lock import lock_path, output_lock
@@ -77,10 +74,9 @@ def test_a_run_frozen_mid_way_holds_its_output_and_resumes_once_killed(three_lay
         kill(first)
     assert main(slice_args(three_layer_dir, out, "--streaming")) == 0
     assert "resuming" in capsys.readouterr().err
-    reference = tmp_path / "reference"
-    assert main(slice_args(three_layer_dir, reference, "--streaming")) == 0
-    a, b = load_sliced(out).state_dict(), load_sliced(reference).state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    model = load_sliced(out)  # one width throughout (test_resume.py checks the weights equal an unbroken run's)
+    width = model.config.slicing["embedding_width"]
+    assert {layer["in"] for layer in model.config.slicing["layers"]} == {width}
     assert not partial_dir(out).exists() and not lock_path(out).exists()
 
 
