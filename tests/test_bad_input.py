@@ -324,3 +324,15 @@ def test_slice_plain_picks_widths_the_plain_class_accepts(three_head_dir, tmp_pa
     assert "--plain: widths rounded to a multiple of 24 instead of 8" in capsys.readouterr().err
     config = json.loads((out / "config.json").read_text())
     assert config["hidden_size"] == 24 and "slicing" not in config
+
+
+def test_rotary_model_past_its_context_is_noted(tiny_model_dir, tmp_path, capsys):
+    """A rotary model runs past max_position_embeddings; the run says so rather than refusing."""
+    import json
+    import shutil
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "short-context")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
+    assert main(["ppl", str(model), *PPL]) == 0
+    assert "note: --seqlen is 32 tokens, longer than the 16 positions" in capsys.readouterr().err

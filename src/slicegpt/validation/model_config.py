@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 from slicegpt.errors import SliceGPTError
@@ -84,16 +85,21 @@ def check_sliceable(model: str, config: dict) -> None:
 
 
 def check_positions(model: str, config: dict, lengths: dict[str, int]) -> None:
-    """Each sequence length (option -> tokens) fits a learned position table, where the model has one."""
+    """Each sequence length (option -> tokens) fits a learned position table, where the model has one;
+    past the context of a rotary (or ALiBi) model it still runs, so that is said, not refused."""
     config = text_config(config)
     attribute = LEARNED_POSITIONS.get(config.get("model_type"))
     table = config.get(attribute) if attribute else None
-    if not isinstance(table, int):
-        return
+    context = config.get("max_position_embeddings")
     for option, length in lengths.items():
-        if length is not None and length > table:
+        if length is None:
+            continue
+        if isinstance(table, int) and length > table:
             raise SliceGPTError(f"{option} is {length} tokens, but {model} has learned positions for {table} "
                                 f"({attribute} in config.json); use {table} or fewer")
+        if table is None and isinstance(context, int) and length > context:
+            print(f"note: {option} is {length} tokens, longer than the {context} positions {model} is made for "
+                  "(max_position_embeddings); it runs, but the model has not seen such lengths", file=sys.stderr)
 
 
 # --- plain widths -------------------------------------------------------------------------------
