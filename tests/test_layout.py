@@ -32,13 +32,29 @@ def test_a_mild_cut_spends_the_per_block_size_on_one_wider_basis():
     assert model.config.slicing["embedding_width"] > 48  # wider than a 25% cut of the width
 
 
-def test_a_deep_cut_keeps_a_basis_per_block():
-    model, config = _resolve(sparsity=0.5)
-    assert _block_size(model, 0.5) < SHARED_FROM * count_parameters(model)
-    assert config.rotations == "block" and config.target_params is None and config.sparsity == 0.5
+def test_a_deep_cut_with_the_refit_spends_the_per_block_size_on_one_basis():
+    model, config = _resolve(sparsity=0.5)  # 128 x 2048 calibration tokens: the refit runs
+    size = _block_size(model, 0.5)
+    assert size < SHARED_FROM * count_parameters(model)
+    assert (config.rotations, config.target_params, config.refit) == ("model", size, True)
+    slice_model(model, None, config, random_batches(96), progress=False)
+    assert count_parameters(model) <= size
 
 
-@pytest.mark.parametrize("settings,expected", [(dict(target_ratio=0.85), "model"), (dict(target_ratio=0.6), "block"),
+@pytest.mark.parametrize("settings", [dict(refit=False), dict(cal_samples=8)])
+def test_a_deep_cut_without_the_refit_keeps_a_basis_per_block(settings):
+    """Too few tokens for the refit (or --no-refit): one basis cannot follow the stream."""
+    model, config = _resolve(sparsity=0.5, **settings)
+    assert (config.rotations, config.target_params, config.sparsity, config.refit) == ("block", None, 0.5, False)
+
+
+def test_an_explicit_refit_shares_one_basis_even_on_few_tokens():
+    _, config = _resolve(sparsity=0.5, cal_samples=8, refit=True)
+    assert (config.rotations, config.refit) == ("model", True)
+
+
+@pytest.mark.parametrize("settings,expected", [(dict(target_ratio=0.85), "model"), (dict(target_ratio=0.6), "model"),
+                                               (dict(target_ratio=0.6, refit=False), "block"),
                                                (dict(sparsity=0.25, widths="variance"), "block"),
                                                (dict(sparsity=0.25, rotations="layer"), "layer")])
 def test_budgets_and_explicit_layouts(settings, expected):
@@ -53,7 +69,8 @@ def test_no_cut_rotates_at_full_width():
     assert model.config.slicing["embedding_width"] == 64
 
 
-@pytest.mark.parametrize("settings,expected", [(dict(sparsity=0.25), "normalized"), (dict(sparsity=0.5), "raw"),
+@pytest.mark.parametrize("settings,expected", [(dict(sparsity=0.25), "normalized"),
+                                               (dict(sparsity=0.5, refit=False), "raw"),
                                                (dict(sparsity=0.25, rotations="group:2"), "raw"),
                                                (dict(sparsity=0.5, rotations="model"), "normalized"),
                                                (dict(sparsity=0.25, pca="raw"), "raw"),

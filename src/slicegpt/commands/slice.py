@@ -66,7 +66,10 @@ def resolve_for_cli(args, model, family, config: SliceConfig) -> SliceConfig:
         what = ("one basis for the whole model (no shortcuts)" if resolved.rotations == "model"
                 else "only the embeddings sliced (a family with post-norms)" if resolved.widths == "embedding"
                 else "a basis per block (per-point widths)" if resolved.widths != "uniform"
-                else f"a basis per block (below {SHARED_FROM} x dense)")
+                else "a basis per block (a family with post-norms)" if family.attn_post_norm or family.mlp_post_norm
+                else f"a basis per block (below {SHARED_FROM} x dense without the refit, one basis cannot follow "
+                     f"the stream; the refit would read {refit_tokens(resolved):,} calibration tokens of the "
+                     f"{REFIT_MIN_TOKENS:,} it needs)")
         say(f"rotations auto: {what}" + (f", at most {size:,} parameters" if size else ""))
     if config.refit is None:
         say("refit auto: " + _refit_choice(resolved))
@@ -76,7 +79,7 @@ def resolve_for_cli(args, model, family, config: SliceConfig) -> SliceConfig:
                             "map that brings them into the stream")
     if args.plain and resolved.rotations != "model":
         raise SliceGPTError(f"--plain needs one basis for the whole model, and at this size --rotations auto picks "
-                            f"a basis per block (it shares one from {SHARED_FROM} x dense up); "
+                            f"a basis per block (it shares one with the refit, or from {SHARED_FROM} x dense up); "
                             "pass --rotations model")
     return resolved
 

@@ -42,7 +42,8 @@ def add_slice_options(parser) -> None:
     parser.add_argument("--tied-head-basis", default=defaults.tied_head_basis, choices=["joint", "input"],
                         help="basis a tied head shares with the embeddings: joint (default; PCA of both) or input")
     parser.add_argument("--rotations", default=defaults.rotations, metavar="MODE",
-                        help="where the basis changes: auto (default: model from 0.8 x dense up, else block), "
+                        help="where the basis changes: auto (default: model, or block below 0.8 x dense when the refit "
+                             "is off), "
                              "block (two shortcuts per layer), layer (one), group:K (K layers share one), "
                              "model (one basis, no shortcuts)")
     parser.add_argument("--widths", default=defaults.widths, choices=list(WIDTHS),
@@ -70,7 +71,7 @@ def add_slice_options(parser) -> None:
     add_ppl_options(parser, prefix="ppl-")
     add_zeroshot_options(parser)
     parser.add_argument("--plain", action="store_true",
-                        help="with one basis for the whole model (--rotations model, or auto from 0.8 x dense): "
+                        help="with one basis for the whole model (--rotations model, or what auto picks): "
                              "save a plain model of the original class "
                              "(smaller hidden size, no remote code needed)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
@@ -105,4 +106,4 @@ def slice_config(args, sparsity: float | None, target_params: int | None = None,
 def check_plain(args, config: SliceConfig) -> None:
     if args.plain and config.rotations not in ("model", "auto"):
         raise SliceGPTError("--plain needs one basis for the whole model: --rotations model (or auto, which "
-                            f"picks it from {SHARED_FROM} x dense up), not {config.rotations}")
+                            f"picks it with the refit, or from {SHARED_FROM} x dense up), not {config.rotations}")

@@ -81,8 +81,7 @@ def resolve_layout(model: nn.Module, family: Family, config: SliceConfig) -> Sli
     if config.pca == "auto":
         config = dataclasses.replace(config, pca="normalized" if config.rotations == "model" else "raw")
     if config.refit is None:
-        config = dataclasses.replace(config, refit=config.rotations != "block" and config.widths != "embedding"
-                                     and refit_tokens(config) >= REFIT_MIN_TOKENS)
+        config = dataclasses.replace(config, refit=config.rotations != "block" and shared_refit_runs(config))
     return config
 
 
@@ -112,6 +111,13 @@ def _resolve_widths(model: nn.Module, family: Family, config: SliceConfig) -> Sl
     return embedding if width >= model.config.hidden_size // 2 else uniform
 
 
+def shared_refit_runs(config: SliceConfig) -> bool:
+    """Whether the refit runs with a shared basis under this config (`--refit auto` settles it so)."""
+    if config.refit is not None:
+        return config.refit
+    return config.widths != "embedding" and refit_tokens(config) >= REFIT_MIN_TOKENS
+
+
 def _resolve_rotations(model: nn.Module, family: Family, config: SliceConfig) -> SliceConfig:
     if config.rotations != "auto":
         return config
@@ -124,7 +130,10 @@ def _resolve_rotations(model: nn.Module, family: Family, config: SliceConfig) ->
     capped = not asked and size < uniform_size(model, family, block)
     if family.attn_post_norm or family.mlp_post_norm:  # one basis broke Gemma 3 270M (bench/README.md)
         return dataclasses.replace(block, target_params=size) if capped else block
-    if size < SHARED_FROM * count_parameters(model) and (not capped or _fits(model, family, block, size)):
+    # Without the refit, one basis cannot follow the stream through a deep cut; with it, one
+    # basis won at every size measured.
+    deep = size < SHARED_FROM * count_parameters(model)
+    if deep and not shared_refit_runs(config) and (not capped or _fits(model, family, block, size)):
         return dataclasses.replace(block, target_params=size) if capped else block
     if not asked:  # the same size, spent on width
         return dataclasses.replace(config, rotations="model", target_params=size)
