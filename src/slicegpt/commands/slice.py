@@ -9,6 +9,7 @@ from pathlib import Path
 
 from slicegpt.running import distributed
 from slicegpt.running.in_memory import calibration_data, slice_model
+from slicegpt.method.importance import IMPORTANCE_FILE, save_importance
 from slicegpt.io.checkpoint import CARD_FILE, REPORT_FILE, check_output_dir, save_sliced
 from slicegpt.io.export import plain_model
 from slicegpt.io.model_card import model_card
@@ -165,10 +166,17 @@ def slice_and_save(args, config: SliceConfig, out: Path, cal_texts: list[str], p
     }
     report = build_report(args, config, result, params, ppl, zeroshot, timings, ctx, tasks)
     spectra = {p.name: p.eigenvalues for p in result.points}
-    files = {"spectra.json": json.dumps(spectra), **report_plots(report, spectra)}
+    files = {"spectra.json": json.dumps(spectra), **report_plots(report, spectra), **importance_file(result)}
     with timed(timings, "save"):
         save_sliced(model, tokenizer, out, report=report, overwrite=args.overwrite, extra_files=files)
     return report
+
+
+def importance_file(result) -> dict[str, bytes]:
+    """The kept linears' input importance (method/importance.py), where the run collected it."""
+    if not result.importance:
+        return {}
+    return {IMPORTANCE_FILE: save_importance(result.importance, result.importance_tokens)}
 
 
 def build_report(args, config: SliceConfig, result, params: dict, ppl: dict, zeroshot: dict, timings: dict,
@@ -215,7 +223,8 @@ def run_streaming(args, config: SliceConfig, out: Path, ctx: distributed.DistCon
     report["streaming"] = {key: value for key, value in plan.items() if key != "available_memory"}
     spectra = {p.name: p.eigenvalues for p in result.points}
     with timed(timings, "save"):
-        job.finish(tokenizer, {REPORT_FILE: json.dumps(report, indent=2) + "\n", "spectra.json": json.dumps(spectra)})
+        job.finish(tokenizer, {REPORT_FILE: json.dumps(report, indent=2) + "\n", "spectra.json": json.dumps(spectra),
+                               **importance_file(result)})
     if ppl_texts is not None or tasks:
         evaluate_written(args, out, source, report, ppl_texts, tasks)
     if args.plain:
@@ -263,7 +272,8 @@ def plain_in_place(out: Path, report: dict, dtype: str) -> None:
     family = family_for(plain)
     report["params"].update({"sliced": count_parameters(plain), "shortcuts": 0, "head": head_parameters(plain, family)})
     save_sliced(plain, tokenizer, out, overwrite=True,
-                extra_files={name: (out / name).read_bytes() for name in ("spectra.json",) if (out / name).exists()})
+                extra_files={name: (out / name).read_bytes() for name in ("spectra.json", IMPORTANCE_FILE)
+                             if (out / name).exists()})
 
 
 def rewrite_report(out: Path, report: dict, spectra: dict) -> None:
