@@ -29,6 +29,11 @@ def add_parser(subparsers) -> None:
                              "default")
     parser.add_argument("--no-imatrix", dest="use_imatrix", action="store_false",
                         help="gguf: quantize without an importance matrix")
+    parser.add_argument("--rotate", default="none", choices=["none", "auto", "hadamard", "random"],
+                        help="gguf: fold one more orthogonal rotation of the stream into the weights (the function "
+                             "is unchanged): auto = a randomized Hadamard where the width is a power of two, else "
+                             "a seeded random orthogonal matrix (default none)")
+    parser.add_argument("--rotate-seed", type=int, default=0, help="seed of --rotate (default 0)")
     parser.add_argument("--allow-fallback", action="store_true",
                         help="quantize even where a row length does not fit the type's block (llama.cpp then "
                              "stores those matrices as another type; the figures are printed)")
@@ -59,7 +64,8 @@ def run(args) -> int:
         result = export_gguf(args.model, args.out, out_type=args.outtype, quant=args.quantize,
                              quantizer=args.quantizer, allow_fallback=args.allow_fallback,
                              tokenizer_pre=args.tokenizer_pre, overwrite=args.overwrite, threads=args.threads,
-                             dtype=args.dtype, warn=say, imatrix=args.imatrix, use_imatrix=args.use_imatrix)
+                             dtype=args.dtype, warn=say, imatrix=args.imatrix, use_imatrix=args.use_imatrix,
+                             rotate=args.rotate, rotate_seed=args.rotate_seed)
         result["format"] = "gguf"
     if args.json:
         print_json(result)

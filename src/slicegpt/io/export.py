@@ -110,11 +110,14 @@ def imatrix_path_for(out: Path) -> Path:
     return out.with_name(out.name[: -len(".gguf")] + IMATRIX_SUFFIX)
 
 
-def write_slice_imatrix(directory: Path, out: Path) -> Path | None:
-    """The slice's own importance (IMPORTANCE_FILE) as llama.cpp's imatrix file at `out`; None if it has none."""
+def write_slice_imatrix(directory: Path, out: Path, transform=None) -> Path | None:
+    """The slice's own importance (IMPORTANCE_FILE) as llama.cpp's imatrix file at `out` (through
+    `transform`, where the weights were rotated again); None if it has none."""
     if not (directory / IMPORTANCE_FILE).is_file():
         return None
     importance, tokens = load_importance(directory / IMPORTANCE_FILE)
+    if transform is not None:
+        importance = transform(importance)
     config = {}
     if (directory / REPORT_FILE).is_file():
         config = json.loads((directory / REPORT_FILE).read_text()).get("config", {})
@@ -123,7 +126,7 @@ def write_slice_imatrix(directory: Path, out: Path) -> Path | None:
 
 
 def choose_imatrix(directory: Path, out: Path, quant: str | None, imatrix: str | None, use_imatrix: bool,
-                   quantizer: str | None, warn) -> tuple[Path | None, str | None]:
+                   quantizer: str | None, warn, transform=None) -> tuple[Path | None, str | None]:
     """(the importance matrix to quantize with, where it came from): `imatrix` (a file from
     llama-imatrix), else the slice's own written beside `out`; None where there is none or the
     quantizer cannot take one (said through `warn`)."""
@@ -134,7 +137,7 @@ def choose_imatrix(directory: Path, out: Path, quant: str | None, imatrix: str |
         if not path.is_file():
             raise SliceGPTError(f"importance matrix not found: {imatrix}")
     else:
-        path, source = write_slice_imatrix(directory, imatrix_path_for(out)), "slicegpt"
+        path, source = write_slice_imatrix(directory, imatrix_path_for(out), transform), "slicegpt"
         if path is None:
             if quant:
                 warn(f"note: {directory} holds no {IMPORTANCE_FILE} (slice it with this version, or pass --imatrix "
@@ -151,12 +154,15 @@ def choose_imatrix(directory: Path, out: Path, quant: str | None, imatrix: str |
 def export_gguf(directory: str | Path, out: str | Path, out_type: str = "f16", quant: str | None = None,
                 quantizer: str | None = None, allow_fallback: bool = False, tokenizer_pre: str | None = None,
                 overwrite: bool = False, threads: int = 2, dtype: str = "float32", warn=print,
-                imatrix: str | None = None, use_imatrix: bool = True) -> dict:
+                imatrix: str | None = None, use_imatrix: bool = True, rotate: str = "none",
+                rotate_seed: int = 0) -> dict:
     """Write the checkpoint as a GGUF file (quantized with llama.cpp's quantizer when `quant` is given).
 
     The slice's importance (IMPORTANCE_FILE, kept by the slicing run) is written beside the file as
     llama.cpp's imatrix (model.imatrix.gguf) and weighs the quantization, unless `use_imatrix` is
-    off or `imatrix` names another imatrix file (from llama-imatrix)."""
+    off or `imatrix` names another imatrix file (from llama-imatrix). `rotate` (auto, hadamard,
+    random) folds one more orthogonal rotation of the stream into the weights first
+    (method/extra_rotation.py)."""
     directory, out = Path(directory), Path(out)
     if out.exists() and not overwrite:
         raise SliceGPTError(f"{out} exists (use --overwrite to replace it)")
@@ -165,6 +171,14 @@ def export_gguf(directory: str | Path, out: str | Path, out_type: str = "f16", q
     model, tokenizer, note = plain_model(directory, dtype)
     if note:
         warn(note)
+    transform, rotation = None, None
+    if rotate != "none":
+        from slicegpt.method.extra_rotation import extra_rotation, plain_family, rotate_importance, rotate_plain_model
+
+        family = plain_family(model)
+        R, rotation = extra_rotation(model.config.hidden_size, rotate_seed, rotate)
+        rotate_plain_model(model, family, R)
+        transform = lambda importance: rotate_importance(importance, model, family, R)  # noqa: E731
     misfits = []
     if quant:
         shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -180,7 +194,8 @@ def export_gguf(directory: str | Path, out: str | Path, out_type: str = "f16", q
              "(pass --tokenizer-pre NAME, e.g. the one convert_hf_to_gguf.py picks for the base model)")
     name = directory.resolve().name
     out.parent.mkdir(parents=True, exist_ok=True)
-    imatrix_file, imatrix_source = choose_imatrix(directory, out, quant, imatrix, use_imatrix, quantizer, warn)
+    imatrix_file, imatrix_source = choose_imatrix(directory, out, quant, imatrix, use_imatrix, quantizer, warn,
+                                                  transform)
     quantized = {}
     if quant is None:
         write_gguf(model, tokenizer, out, out_type, name=name, tokenizer_pre=pre, description=note)
@@ -199,4 +214,5 @@ def export_gguf(directory: str | Path, out: str | Path, out_type: str = "f16", q
             "tokenizer_pre": pre, "untied_head_note": note, "fallbacks": misfits,
             "quantizer": quantized.get("quantizer"),
             "imatrix": str(imatrix_file) if imatrix_file is not None else None, "imatrix_source": imatrix_source,
-            "without_importance": quantized.get("without_importance", [])}
+            "without_importance": quantized.get("without_importance", []),
+            "extra_rotation": None if rotation is None else {"kind": rotation, "seed": rotate_seed}}
