@@ -1,6 +1,7 @@
 """The slice's importance as llama.cpp's GGUF imatrix file, and quantized exports that use it."""
 
 import importlib.util
+import json
 import shutil
 
 import numpy as np
@@ -128,3 +129,22 @@ def test_imatrix_needs_an_existing_file(tmp_path, capsys):
             str(tmp_path / "missing.gguf")]
     assert main(args) == 2
     assert "importance matrix not found" in capsys.readouterr().err
+
+
+def test_round_for_a_gguf_type():
+    from slicegpt import SliceConfig
+    from slicegpt.commands.slice_options import describe_round_for, round_for
+
+    assert round_for(8, "Q4_0") == 32 and round_for(8, "Q4_K_M") == 256 and round_for(8, None) == 8
+    config = SliceConfig(sparsity=0.25, round_to=256)
+    text = describe_round_for(config, 32, "Q4_K_M", 576)
+    assert "kept width 256 of 576" in text and "instead of 416" in text and "the next width that fits, 512" in text
+
+
+def test_slice_command_rounds_for_k_quants(tmp_path, tiny_model_dir, capsys):
+    from conftest import tiny_slice_args
+
+    out = tmp_path / "sliced"
+    args = [a for a in tiny_slice_args(tiny_model_dir, out, sparsity=0.1) if a != "--eval-ppl"]
+    assert main(args + ["--rotations", "model", "--round-for", "Q8_0"]) == 0
+    assert "--round-for Q8_0: kept width 32 of 64" in capsys.readouterr().err

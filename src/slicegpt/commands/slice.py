@@ -28,7 +28,8 @@ from slicegpt.io.report import versions
 from slicegpt.running.resources import (activation_bytes, available_memory, check_disk, dtype_bytes, gib,
                                        in_memory_bytes, release_memory)
 from slicegpt.commands.common import apply_threads, run_zeroshot, say, timed, zeroshot_tasks
-from slicegpt.commands.slice_options import add_scale_options, add_slice_options, check_plain, slice_config
+from slicegpt.commands.slice_options import (add_scale_options, add_slice_options, check_plain, describe_round_for,
+                                             slice_config)
 
 
 def add_parser(subparsers) -> None:
@@ -71,6 +72,8 @@ def resolve_for_cli(args, model, family, config: SliceConfig) -> SliceConfig:
         say(f"rotations auto: {what}" + (f", at most {size:,} parameters" if size else ""))
     if config.refit is None:
         say("refit auto: " + _refit_choice(resolved))
+    if getattr(args, "round_for", None):
+        say(describe_round_for(resolved, args.round_to, args.round_for, model.config.hidden_size))
     if args.plain and resolved.widths == "embedding":
         raise SliceGPTError("--plain needs one basis for the whole model; here only the embeddings are sliced "
                             "(--widths auto, a family with post-norms), and a plain class has no place for the "
