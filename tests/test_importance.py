@@ -80,3 +80,24 @@ def test_shared_sliced_importance_is_close_and_ordered():
     assert q.shape == measured["model.layers.0.self_attn.q_proj"].shape
     torch.testing.assert_close(q, measured["model.layers.0.self_attn.q_proj"], rtol=0.2, atol=1e-3)
     assert q[:4].mean() > q[-4:].mean()
+
+
+@pytest.mark.parametrize("rotations", ["model", "block"])
+def test_streamed_run_keeps_the_same_importance(tmp_path, rotations):
+    import transformers
+
+    from slicegpt.running.streaming import StreamingRun
+    from test_streaming import _sharded
+
+    path = _sharded(tmp_path, "LlamaForCausalLM", tied=False)
+    config = SliceConfig(sparsity=0.25, rotations=rotations)
+    batches = random_batches(96)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    reference = slice_model(model, None, config, batches, progress=False)
+    job = StreamingRun(path, tmp_path / "streamed", config, progress=False)
+    job.plan(batches)
+    streamed = job.run(batches)
+    assert streamed.importance.keys() == reference.importance.keys() and streamed.importance
+    for name, values in reference.importance.items():
+        torch.testing.assert_close(torch.tensor(streamed.importance[name]), torch.tensor(values), rtol=1e-5, atol=1e-7)
+    assert streamed.importance_tokens == reference.importance_tokens
