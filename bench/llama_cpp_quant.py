@@ -91,11 +91,12 @@ class Bench:
             from slicegpt.io.models import resolve
 
             return Path(resolve(MODEL))
-        out = Path(self.args.slices) / f"{MODEL}-s{sparsity}"
+        samples = self.args.cal_samples
+        out = Path(self.args.slices) / (f"{MODEL}-s{sparsity}" + (f"-cal{samples}" if samples != 64 else ""))
         if not (out / "config.json").is_file():
             print(f"slicing {model} ...", file=sys.stderr, flush=True)
             cli("slice", MODEL, "--sparsity", sparsity, "--round-to", "32", "--cal-data", str(CAL_DATA),
-                "--cal-samples", "64", "--cal-seqlen", "2048", "--out", str(out), "--overwrite",
+                "--cal-samples", str(samples), "--cal-seqlen", "2048", "--out", str(out), "--overwrite",
                 "--threads", str(self.args.threads))
         return out
 
@@ -226,6 +227,7 @@ def write_results(rows: list[dict], args) -> None:
     RESULTS.write_text(json.dumps({
         "command": "python bench/llama_cpp_quant.py " + " ".join(sys.argv[1:]),
         "commit": commit(), "date": time.strftime("%Y-%m-%d"), "model": MODEL, "chunks": args.chunks,
+        "slices_cal_samples": args.cal_samples,
         "perplexity": "llama-perplexity, WikiText-2 raw test, 2048-token chunks (second halves scored)",
         "rows": rows}, indent=2) + "\n")
     plot(rows, RESULTS.with_suffix(".png"))
@@ -282,7 +284,9 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--types", default=",".join(TYPES))
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--chunks", type=int, default=8, help="llama-perplexity chunks of 2048 tokens (default 8)")
+    parser.add_argument("--chunks", type=int, default=4, help="llama-perplexity chunks of 2048 tokens (default 4)")
+    parser.add_argument("--cal-samples", type=int, default=64,
+                        help="calibration windows of the slices (default 64, protocol P); fewer on a busy machine")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--speed", action="store_true", help="also llama-bench decode tokens/s")
     args = parser.parse_args()
