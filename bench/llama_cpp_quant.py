@@ -9,7 +9,7 @@ with `slicegpt export --format gguf` (which writes slicegpt's importance matrix 
 and quantized by `llama-quantize` to every type in `--types`, once per importance matrix
 (`--variants`):
 - `none`: no importance matrix;
-- `llama`: `llama-imatrix` run on the F16 file over the same 64 calibration windows
+- `llama`: `llama-imatrix` run on the F16 file over the same calibration windows
   (decoded to text and re-tokenized by llama.cpp, 2048-token chunks);
 - `slicegpt`: the importance kept by the slicing run (models sliced by slicegpt only).
 Perplexity is `llama-perplexity` on WikiText-2 raw test (`--chunks` chunks of 2048 tokens;
@@ -101,7 +101,8 @@ class Bench:
         return out
 
     def text_file(self, name: str) -> Path:
-        """cal.txt: protocol P's 64 calibration windows, decoded; test.txt: WikiText-2 raw test joined."""
+        """calN.txt: the slices' N calibration windows (protocol P: 64), decoded; test.txt: WikiText-2 raw
+        test joined."""
         path = self.scratch / name
         if path.is_file():
             return path
@@ -110,9 +111,9 @@ class Bench:
         from slicegpt.io.data import calibration_batches, load_texts
         from slicegpt.io.models import resolve
 
-        if name == "cal.txt":
+        if name.startswith("cal"):
             tokenizer = AutoTokenizer.from_pretrained(resolve(MODEL))
-            batches = calibration_batches(tokenizer, load_texts(str(CAL_DATA)), 64, 2048, 1, 42)
+            batches = calibration_batches(tokenizer, load_texts(str(CAL_DATA)), self.args.cal_samples, 2048, 1, 42)
             text = "".join(tokenizer.decode(row) for batch in batches for row in batch["input_ids"])
         else:
             text = "\n\n".join(load_texts(str(TEST_DATA), split="test"))
@@ -141,13 +142,14 @@ class Bench:
         if variant == "slicegpt":
             path = self.f16(model).with_name(self.f16(model).name.replace(".gguf", ".imatrix.gguf"))
             return path if path.is_file() else None
-        path = self.scratch / f"{model.replace('%', '')}.llama-imatrix.gguf"
+        path = self.scratch / f"{model.replace('%', '')}.llama-imatrix-cal{self.args.cal_samples}.gguf"
         if not path.is_file():
             print(f"llama-imatrix on {model} ...", file=sys.stderr, flush=True)
             start = time.perf_counter()
             partial = path.with_name(path.name + ".partial.gguf")
-            run([self.tool("llama-imatrix"), "-m", str(self.f16(model)), "-f", str(self.text_file("cal.txt")),
-                 "-o", str(partial), "-c", "2048", "-b", "2048", "--chunks", "64", "-t", str(self.args.threads),
+            run([self.tool("llama-imatrix"), "-m", str(self.f16(model)),
+                 "-f", str(self.text_file(f"cal{self.args.cal_samples}.txt")), "-o", str(partial), "-c", "2048",
+                 "-b", "2048", "--chunks", str(self.args.cal_samples), "-t", str(self.args.threads),
                  "--no-repack", "--no-ppl", "-ofreq", "1000"])
             partial.rename(path)
             (self.scratch / "results" / f"{path.stem}.json").write_text(
