@@ -277,6 +277,20 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """One line per model and type: bytes, and perplexity (x its F16) for each importance matrix."""
+    lines = ["| model | type | MB | no imatrix | llama-imatrix | slicegpt |", "|---|---|---:|---:|---:|---:|"]
+    cells: dict[tuple[str, str], dict] = {}
+    for r in rows:
+        cells.setdefault((r["model"], r["type"]), {})[r["imatrix"]] = r
+    for (model, qtype), found in cells.items():
+        size = next(iter(found.values()))["bytes"] / 1e6
+        text = [f"{found[v]['ppl']:.2f} ({found[v].get('ppl_vs_own_f16', 1):.3f}×)" if v in found else ""
+                for v in VARIANTS]
+        lines.append(f"| {model} | {qtype} | {size:.1f} | " + " | ".join(text) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tools", default=os.environ.get("SLICEGPT_LLAMA_TOOLS", str(Path.home() / ".cache" / "slicegpt"
@@ -291,7 +305,11 @@ def main() -> None:
                         help="calibration windows of the slices (default 64, protocol P); fewer on a busy machine")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--speed", action="store_true", help="also llama-bench decode tokens/s")
+    parser.add_argument("--table", action="store_true", help="print the results' markdown table and stop")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(RESULTS.read_text())["rows"]))
+        return
     args.slices = args.slices or args.scratch
     bench = Bench(args)
     previous = json.loads(RESULTS.read_text())["rows"] if RESULTS.is_file() else []
