@@ -35,8 +35,8 @@ LLAMA="$SOURCE/vendor/llama.cpp"
 nice -n 19 cmake -S "$LLAMA" -B "$CACHE/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
   -DGGML_CPU_REPACK=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
   -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
-  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON >"$CACHE/cmake.log"
-nice -n 19 cmake --build "$CACHE/build" --config Release -j "$(nproc)" --target "${TOOLS[@]}" >"$CACHE/build.log"
+  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON >"$CACHE/cmake.log" 2>&1
+nice -n 19 cmake --build "$CACHE/build" --config Release -j "$(nproc)" --target "${TOOLS[@]}" >"$CACHE/build.log" 2>&1
 for tool in "${TOOLS[@]}"; do
   cp "$CACHE/build/bin/$tool" "$CACHE/bin/$tool"
 done

@@ -107,16 +107,16 @@ def test_quantized_export_uses_the_imatrix(tmp_path):
     from slicegpt.io.llama_quantize import takes_imatrix
 
     directory, _ = quantizable_slice(tmp_path)
-    out = tmp_path / "q8.gguf"
-    assert main(["export", str(directory), "--format", "gguf", "--out", str(out), "--quantize", "Q8_0",
+    out = tmp_path / "q4.gguf"
+    assert main(["export", str(directory), "--format", "gguf", "--out", str(out), "--quantize", "Q4_0",
                  "--json"]) == 0
     assert out.is_file()
     tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
-    assert tensors["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert tensors["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_0
     if takes_imatrix():
-        assert (tmp_path / "q8.imatrix.gguf").is_file()
-        unweighted = tmp_path / "q8-plain.gguf"
-        assert main(["export", str(directory), "--format", "gguf", "--out", str(unweighted), "--quantize", "Q8_0",
+        assert (tmp_path / "q4.imatrix.gguf").is_file()
+        unweighted = tmp_path / "q4-plain.gguf"
+        assert main(["export", str(directory), "--format", "gguf", "--out", str(unweighted), "--quantize", "Q4_0",
                      "--no-imatrix"]) == 0
         weighted = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(out).tensors}
         plain = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(unweighted).tensors}

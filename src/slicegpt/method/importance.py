@@ -13,6 +13,12 @@ input column i on calibration text (its "imatrix", which users otherwise compute
 A PCA basis puts most of the stream's energy in a few leading coordinates; without these
 weights a quantizer spends its error as if every coordinate carried the same signal.
 
+Per-block bases run every block as it is kept, so hooks read all its linears' inputs exactly.
+Shared bases take the readers' from the dense pass's normed covariances, each held (float32,
+width^2) until its group's basis is fixed: with one basis for the model, 2L+1 of them at once
+(SmolLM2-135M: 81 MB; a 4096-wide 32-layer model: 4.4 GB). The projections' inputs come from
+the dense pass there too (the sliced model's differ by its error).
+
 Names are the plain model's module paths ("model.layers.0.self_attn.q_proj"); values are
 float32 mean squares, one per input column; `tokens` is how many tokens each mean is over.
 """
