@@ -12,6 +12,7 @@ and quantized by `llama-quantize` to every type in `--types`, once per importanc
 - `llama`: `llama-imatrix` run on the F16 file over the same calibration windows
   (decoded to text and re-tokenized by llama.cpp, 2048-token chunks);
 - `slicegpt`: the importance kept by the slicing run (models sliced by slicegpt only).
+A model named with `+rot` (`25%+rot`) is the same slice exported with `--rotate auto`.
 Perplexity is `llama-perplexity` on WikiText-2 raw test (`--chunks` chunks of 2048 tokens;
 llama.cpp scores the second half of each chunk, so its figures are not the project's
 protocol-P perplexities, but every row here is measured the same way). Types whose rows do
@@ -45,6 +46,8 @@ TEST_DATA = DATA / "wikitext-2-raw-v1.test.jsonl"
 RESULTS = ROOT / "bench" / "results" / "llama_cpp_quant.json"
 MODEL = "smollm2-135m"
 MODELS = {"dense": None, "dense-rotated": "0", "20%": "0.2", "25%": "0.25"}
+# "+rot": the same slice exported with `--rotate auto` (one more rotation inside the kept width).
+MODELS.update({f"{name}+rot": sparsity for name, sparsity in list(MODELS.items()) if sparsity is not None})
 TYPES = ["F16", "Q8_0", "Q6_K", "Q5_0", "Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K"]
 VARIANTS = ["none", "llama", "slicegpt"]
 
@@ -127,8 +130,9 @@ class Bench:
         info = self.scratch / "results" / f"{path.stem}.export.json"
 
         def export():
+            rotate = ["--rotate", "auto"] if model.endswith("+rot") else []
             result = json.loads(cli("export", str(self.model_dir(model)), "--format", "gguf", "--out", str(path),
-                                    "--json", "--overwrite", "--tokenizer-pre", "smollm"))
+                                    "--json", "--overwrite", "--tokenizer-pre", "smollm", *rotate))
             return {"hidden_size": result["hidden_size"], "params": result["params"]}
 
         if not path.is_file():
@@ -253,7 +257,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     markers = {"none": "o", "llama": "s", "slicegpt": "^"}
-    colors = {"dense": "black", "dense-rotated": "tab:gray", "20%": "tab:blue", "25%": "tab:red"}
+    colors = {"dense": "black", "dense-rotated": "tab:gray", "20%": "tab:blue", "25%": "tab:red",
+              "dense-rotated+rot": "tab:olive", "20%+rot": "tab:cyan", "25%+rot": "tab:orange"}
     for model in MODELS:
         mine = [r for r in rows if r["model"] == model]
         if not mine:
