@@ -73,7 +73,7 @@ def resolve_for_cli(args, model, family, config: SliceConfig) -> SliceConfig:
     if config.refit is None:
         say("refit auto: " + _refit_choice(resolved))
     if getattr(args, "round_for", None):
-        say(describe_round_for(resolved, args.round_to, args.round_for, model.config.hidden_size))
+        say(describe_round_for(config, args.round_to, args.round_for, model.config.hidden_size))
     if args.plain and resolved.widths == "embedding":
         raise SliceGPTError("--plain needs one basis for the whole model; here only the embeddings are sliced "
                             "(--widths auto, a family with post-norms), and a plain class has no place for the "
