@@ -23,6 +23,17 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--quantizer", default=None, metavar="PROGRAM",
                         help="llama-quantize, or a Python that has llama_cpp (default: llama_cpp in this Python, "
                              "else llama-quantize on PATH)")
+    parser.add_argument("--imatrix", default=None, metavar="FILE",
+                        help="gguf: quantize with this importance matrix (a GGUF file from llama-imatrix) instead of "
+                             "the slice's own, which is written beside the output (MODEL.imatrix.gguf) and used by "
+                             "default")
+    parser.add_argument("--no-imatrix", dest="use_imatrix", action="store_false",
+                        help="gguf: quantize without an importance matrix")
+    parser.add_argument("--rotate", default="none", choices=["none", "auto", "hadamard", "random"],
+                        help="gguf: fold one more orthogonal rotation of the stream into the weights (the function "
+                             "is unchanged): auto = a randomized Hadamard where the width is a power of two, else "
+                             "a seeded random orthogonal matrix (default none)")
+    parser.add_argument("--rotate-seed", type=int, default=0, help="seed of --rotate (default 0)")
     parser.add_argument("--allow-fallback", action="store_true",
                         help="quantize even where a row length does not fit the type's block (llama.cpp then "
                              "stores those matrices as another type; the figures are printed)")
@@ -53,11 +64,16 @@ def run(args) -> int:
         result = export_gguf(args.model, args.out, out_type=args.outtype, quant=args.quantize,
                              quantizer=args.quantizer, allow_fallback=args.allow_fallback,
                              tokenizer_pre=args.tokenizer_pre, overwrite=args.overwrite, threads=args.threads,
-                             dtype=args.dtype, warn=say)
+                             dtype=args.dtype, warn=say, imatrix=args.imatrix, use_imatrix=args.use_imatrix,
+                             rotate=args.rotate, rotate_seed=args.rotate_seed)
         result["format"] = "gguf"
     if args.json:
         print_json(result)
     else:
         size = f", {result['bytes']:,} bytes ({result['type']})" if "bytes" in result else ""
         print(f"wrote {result['out']}{size}")
+        if result.get("quantizer"):
+            weighed = f" with the importance matrix {result['imatrix']}" if result.get("imatrix") else \
+                " without an importance matrix"
+            print(f"quantized by {result['quantizer']}{weighed}")
     return 0

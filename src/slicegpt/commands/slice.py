@@ -9,6 +9,7 @@ from pathlib import Path
 
 from slicegpt.running import distributed
 from slicegpt.running.in_memory import calibration_data, slice_model
+from slicegpt.method.importance import IMPORTANCE_FILE, save_importance
 from slicegpt.io.checkpoint import CARD_FILE, REPORT_FILE, check_output_dir, save_sliced
 from slicegpt.io.export import plain_model
 from slicegpt.io.model_card import model_card
@@ -27,7 +28,8 @@ from slicegpt.io.report import versions
 from slicegpt.running.resources import (activation_bytes, available_memory, check_disk, dtype_bytes, gib,
                                        in_memory_bytes, release_memory)
 from slicegpt.commands.common import apply_threads, run_zeroshot, say, timed, zeroshot_tasks
-from slicegpt.commands.slice_options import add_scale_options, add_slice_options, check_plain, slice_config
+from slicegpt.commands.slice_options import (add_scale_options, add_slice_options, check_plain, describe_round_for,
+                                             slice_config)
 
 
 def add_parser(subparsers) -> None:
@@ -73,6 +75,8 @@ def resolve_for_cli(args, model, family, config: SliceConfig) -> SliceConfig:
         say(f"rotations auto: {what}" + (f", at most {size:,} parameters" if size else ""))
     if config.refit is None:
         say("refit auto: " + _refit_choice(resolved))
+    if getattr(args, "round_for", None):
+        say(describe_round_for(config, args.round_to, args.round_for, model.config.hidden_size))
     if args.plain and resolved.widths == "embedding":
         raise SliceGPTError("--plain needs one basis for the whole model; here only the embeddings are sliced "
                             "(--widths auto, a family with post-norms), and a plain class has no place for the "
@@ -168,10 +172,17 @@ def slice_and_save(args, config: SliceConfig, out: Path, cal_texts: list[str], p
     }
     report = build_report(args, config, result, params, ppl, zeroshot, timings, ctx, tasks)
     spectra = {p.name: p.eigenvalues for p in result.points}
-    files = {"spectra.json": json.dumps(spectra), **report_plots(report, spectra)}
+    files = {"spectra.json": json.dumps(spectra), **report_plots(report, spectra), **importance_file(result)}
     with timed(timings, "save"):
         save_sliced(model, tokenizer, out, report=report, overwrite=args.overwrite, extra_files=files)
     return report
+
+
+def importance_file(result) -> dict[str, bytes]:
+    """The kept linears' input importance (method/importance.py), where the run collected it."""
+    if not result.importance:
+        return {}
+    return {IMPORTANCE_FILE: save_importance(result.importance, result.importance_tokens)}
 
 
 def build_report(args, config: SliceConfig, result, params: dict, ppl: dict, zeroshot: dict, timings: dict,
@@ -218,7 +229,8 @@ def run_streaming(args, config: SliceConfig, out: Path, ctx: distributed.DistCon
     report["streaming"] = {key: value for key, value in plan.items() if key != "available_memory"}
     spectra = {p.name: p.eigenvalues for p in result.points}
     with timed(timings, "save"):
-        job.finish(tokenizer, {REPORT_FILE: json.dumps(report, indent=2) + "\n", "spectra.json": json.dumps(spectra)})
+        job.finish(tokenizer, {REPORT_FILE: json.dumps(report, indent=2) + "\n", "spectra.json": json.dumps(spectra),
+                               **importance_file(result)})
     if ppl_texts is not None or tasks:
         evaluate_written(args, out, source, report, ppl_texts, tasks)
     if args.plain:
@@ -266,7 +278,8 @@ def plain_in_place(out: Path, report: dict, dtype: str) -> None:
     family = family_for(plain)
     report["params"].update({"sliced": count_parameters(plain), "shortcuts": 0, "head": head_parameters(plain, family)})
     save_sliced(plain, tokenizer, out, overwrite=True,
-                extra_files={name: (out / name).read_bytes() for name in ("spectra.json",) if (out / name).exists()})
+                extra_files={name: (out / name).read_bytes() for name in ("spectra.json", IMPORTANCE_FILE)
+                             if (out / name).exists()})
 
 
 def rewrite_report(out: Path, report: dict, spectra: dict) -> None:

@@ -29,6 +29,10 @@ def add_slice_options(parser) -> None:
     defaults = SliceConfig()
     parser.add_argument("--round-to", type=int, default=defaults.round_to, metavar="M",
                         help=f"round the kept width down to a multiple of M (default {defaults.round_to})")
+    parser.add_argument("--round-for", default=None, metavar="GGUF_TYPE",
+                        help="round the kept width down to the block of a llama.cpp quantization (Q8_0, Q4_0, Q5_0: "
+                             "32; the K-quants Q6_K, Q4_K_M, ...: 256), so every matrix quantizes to that type; "
+                             "the width it costs is printed")
     parser.add_argument("--cal-data", default=defaults.cal_data, metavar="PATH_OR_HUB_NAME",
                         help="calibration text: a .jsonl/.txt file or a hub dataset (default: WikiText-2 train)")
     parser.add_argument("--cal-samples", type=int, default=defaults.cal_samples, metavar="N",
@@ -93,10 +97,36 @@ def method_settings(args) -> dict:
     return dict(PAPER_METHOD)
 
 
+def round_for(round_to: int, gguf_type: str | None) -> int:
+    """`round_to`, made a multiple of the block of llama.cpp's quantization `gguf_type`."""
+    if gguf_type is None:
+        return round_to
+    import math
+
+    from slicegpt.io.llama_quantize import block_size, check_quant_type
+
+    return math.lcm(round_to, block_size(check_quant_type(gguf_type)))
+
+
+def describe_round_for(config: SliceConfig, given_round_to: int, gguf_type: str, dense: int) -> str:
+    """What rounding the widths for `gguf_type` costs: the kept width with and without it."""
+    block = config.round_to
+    if config.sparsity == 0 or config.target_params or config.target_ratio:
+        return (f"--round-for {gguf_type}: widths are multiples of {block} (dense width {dense}"
+                + ("; a width that is not stays dense" if dense % block else "") + ")")
+    wanted = int((1.0 - config.sparsity) * dense)
+    wanted -= wanted % given_round_to
+    kept = config.kept_width(dense)
+    up = min(-(-wanted // block) * block, dense)
+    return (f"--round-for {gguf_type}: kept width {kept} of {dense} (a multiple of {block}) instead of {wanted}: "
+            f"{100 * kept / dense:.0f}% of the stream instead of {100 * wanted / dense:.0f}%; "
+            f"the next width that fits, {up}, is sparsity {1 - up / dense:.3f}")
+
+
 def slice_config(args, sparsity: float | None, target_params: int | None = None,
                  target_ratio: float | None = None) -> SliceConfig:
     return SliceConfig(sparsity=sparsity or 0.0, target_params=target_params, target_ratio=target_ratio,
-                       round_to=args.round_to, cal_data=args.cal_data, cal_samples=args.cal_samples,
+                       round_to=round_for(args.round_to, getattr(args, "round_for", None)), cal_data=args.cal_data, cal_samples=args.cal_samples,
                        cal_seqlen=args.cal_seqlen, cal_batch_size=args.cal_batch_size, seed=args.seed,
                        tied_head_basis=args.tied_head_basis, basis_share=args.basis_share,
                        refit_share=args.refit_share,

@@ -19,7 +19,9 @@ from slicegpt.architectures.plain import to_plain_model
 from slicegpt.errors import SliceGPTError
 from slicegpt.io.checkpoint import CARD_FILE, REPORT_FILE, atomic_directory, write_sliced
 from slicegpt.io.gguf_export import write_gguf
-from slicegpt.io.llama_quantize import describe_misfits, quantize_gguf, width_misfits
+from slicegpt.io.imatrix import IMATRIX_SUFFIX, write_imatrix
+from slicegpt.io.llama_quantize import describe_misfits, quantize_with_log, takes_imatrix, width_misfits
+from slicegpt.method.importance import IMPORTANCE_FILE, load_importance
 from slicegpt.io.models import EMBEDDED, cache_dir, load_model
 from slicegpt.sizing.counts import count_parameters
 
@@ -91,6 +93,8 @@ def export_plain(directory: str | Path, out: str | Path, overwrite: bool = False
              "`slicegpt export --format plain`. RMSNorm scales and epsilon are set so that a standard norm over "
              "the sliced width equals the sliced model's norm. " + (note or "") + "\n")
     extras = {CARD_FILE: card}
+    if (directory / IMPORTANCE_FILE).is_file():
+        extras[IMPORTANCE_FILE] = (directory / IMPORTANCE_FILE).read_bytes()
     if (directory / REPORT_FILE).is_file():
         report = json.loads((directory / REPORT_FILE).read_text())
         report["export"] = {"format": "plain", "untied_head": note is not None,
@@ -101,10 +105,64 @@ def export_plain(directory: str | Path, out: str | Path, overwrite: bool = False
     return Path(out), note
 
 
+def imatrix_path_for(out: Path) -> Path:
+    """Where the importance matrix of the GGUF file `out` goes: beside it, model.gguf -> model.imatrix.gguf."""
+    return out.with_name(out.name[: -len(".gguf")] + IMATRIX_SUFFIX)
+
+
+def write_slice_imatrix(directory: Path, out: Path, transform=None) -> Path | None:
+    """The slice's own importance (IMPORTANCE_FILE) as llama.cpp's imatrix file at `out` (through
+    `transform`, where the weights were rotated again); None if it has none."""
+    if not (directory / IMPORTANCE_FILE).is_file():
+        return None
+    importance, tokens = load_importance(directory / IMPORTANCE_FILE)
+    if transform is not None:
+        importance = transform(importance)
+    config = {}
+    if (directory / REPORT_FILE).is_file():
+        config = json.loads((directory / REPORT_FILE).read_text()).get("config", {})
+    dataset = f"slicegpt calibration: {config.get('cal_data', 'unknown')}"
+    return write_imatrix(importance, tokens, out, dataset=dataset, chunk_size=int(config.get("cal_seqlen", 2048)))
+
+
+def choose_imatrix(directory: Path, out: Path, quant: str | None, imatrix: str | None, use_imatrix: bool,
+                   quantizer: str | None, warn, transform=None) -> tuple[Path | None, str | None]:
+    """(the importance matrix to quantize with, where it came from): `imatrix` (a file from
+    llama-imatrix), else the slice's own written beside `out`; None where there is none or the
+    quantizer cannot take one (said through `warn`)."""
+    if not use_imatrix:
+        return None, None
+    if imatrix is not None:
+        path, source = Path(imatrix), "file"
+        if not path.is_file():
+            raise SliceGPTError(f"importance matrix not found: {imatrix}")
+    else:
+        path, source = write_slice_imatrix(directory, imatrix_path_for(out), transform), "slicegpt"
+        if path is None:
+            if quant:
+                warn(f"note: {directory} holds no {IMPORTANCE_FILE} (slice it with this version, or pass --imatrix "
+                     "FILE from llama-imatrix): quantizing without an importance matrix")
+            return None, None
+    if quant and not takes_imatrix(quantizer):
+        warn("note: the quantizer found is llama-cpp-python's quantize function, which is called without an "
+             f"importance matrix: quantizing without {path.name} (llama-quantize takes it; "
+             "bench/llama_cpp_tools.sh builds one)")
+        return None, None
+    return path, source
+
+
 def export_gguf(directory: str | Path, out: str | Path, out_type: str = "f16", quant: str | None = None,
                 quantizer: str | None = None, allow_fallback: bool = False, tokenizer_pre: str | None = None,
-                overwrite: bool = False, threads: int = 2, dtype: str = "float32", warn=print) -> dict:
-    """Write the checkpoint as a GGUF file (quantized with llama.cpp's quantizer when `quant` is given)."""
+                overwrite: bool = False, threads: int = 2, dtype: str = "float32", warn=print,
+                imatrix: str | None = None, use_imatrix: bool = True, rotate: str = "none",
+                rotate_seed: int = 0) -> dict:
+    """Write the checkpoint as a GGUF file (quantized with llama.cpp's quantizer when `quant` is given).
+
+    The slice's importance (IMPORTANCE_FILE, kept by the slicing run) is written beside the file as
+    llama.cpp's imatrix (model.imatrix.gguf) and weighs the quantization, unless `use_imatrix` is
+    off or `imatrix` names another imatrix file (from llama-imatrix). `rotate` (auto, hadamard,
+    random) folds one more orthogonal rotation of the stream into the weights first
+    (method/extra_rotation.py)."""
     directory, out = Path(directory), Path(out)
     if out.exists() and not overwrite:
         raise SliceGPTError(f"{out} exists (use --overwrite to replace it)")
@@ -113,6 +171,14 @@ def export_gguf(directory: str | Path, out: str | Path, out_type: str = "f16", q
     model, tokenizer, note = plain_model(directory, dtype)
     if note:
         warn(note)
+    transform, rotation = None, None
+    if rotate != "none":
+        from slicegpt.method.extra_rotation import extra_rotation, plain_family, rotate_importance, rotate_plain_model
+
+        family = plain_family(model)
+        R, rotation = extra_rotation(model.config.hidden_size, rotate_seed, rotate)
+        rotate_plain_model(model, family, R)
+        transform = lambda importance: rotate_importance(importance, model, family, R)  # noqa: E731
     misfits = []
     if quant:
         shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -128,6 +194,9 @@ def export_gguf(directory: str | Path, out: str | Path, out_type: str = "f16", q
              "(pass --tokenizer-pre NAME, e.g. the one convert_hf_to_gguf.py picks for the base model)")
     name = directory.resolve().name
     out.parent.mkdir(parents=True, exist_ok=True)
+    imatrix_file, imatrix_source = choose_imatrix(directory, out, quant, imatrix, use_imatrix, quantizer, warn,
+                                                  transform)
+    quantized = {}
     if quant is None:
         write_gguf(model, tokenizer, out, out_type, name=name, tokenizer_pre=pre, description=note)
     else:
@@ -135,11 +204,15 @@ def export_gguf(directory: str | Path, out: str | Path, out_type: str = "f16", q
         try:
             write_gguf(model, tokenizer, unquantized, out_type, name=name, tokenizer_pre=pre, description=note)
             partial = out.with_name(f".{out.name}.partial")
-            quantize_gguf(unquantized, partial, quant, quantizer, threads)
+            quantized = quantize_with_log(unquantized, partial, quant, quantizer, threads, imatrix_file)
             shutil.move(partial, out)
         finally:
             for leftover in (unquantized, out.with_name(f".{out.name}.partial")):
                 leftover.unlink(missing_ok=True)
     return {"out": str(out), "bytes": out.stat().st_size, "type": quant or out_type.upper(),
             "params": count_parameters(model), "hidden_size": model.config.hidden_size,
-            "tokenizer_pre": pre, "untied_head_note": note, "fallbacks": misfits}
+            "tokenizer_pre": pre, "untied_head_note": note, "fallbacks": misfits,
+            "quantizer": quantized.get("quantizer"),
+            "imatrix": str(imatrix_file) if imatrix_file is not None else None, "imatrix_source": imatrix_source,
+            "without_importance": quantized.get("without_importance", []),
+            "extra_rotation": None if rotation is None else {"kind": rotation, "seed": rotate_seed}}

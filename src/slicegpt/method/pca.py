@@ -12,11 +12,18 @@ class CovarianceAccumulator:
 
     CHUNK = 4096  # tokens per float32 product
 
-    def __init__(self, dim: int, where: str = "", device: torch.device | str = "cpu", normalize: bool = False):
+    def __init__(self, dim: int, where: str = "", device: torch.device | str = "cpu", normalize: bool = False,
+                 keep_normalized: bool = False):
         self.where = where
         # normalize: weigh every token equally, as the norms that read the stream do.
         self.normalize = normalize
         self.sum = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        # keep_normalized: also the sum over the RMS-normed tokens (what the stream's readers
+        # see; method/importance.py), where `sum` is of the raw ones.
+        self.normalized_sum = None
+        if keep_normalized and not normalize:
+            self.normalized_sum = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.tokens = 0
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -27,16 +34,26 @@ class CovarianceAccumulator:
         # float64: float32 GEMMs run about 4x faster on CPUs, and a chunk's rounding (~1e-6
         # relative) is far below what decides which directions are kept.
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        self.tokens += x.shape[0]
         for chunk in x.split(self.CHUNK):
             chunk = chunk.to(self.sum.device, compute)
-            if self.normalize:
-                chunk = chunk * torch.rsqrt(chunk.pow(2).mean(-1, keepdim=True).clamp(min=1e-30))
+            if self.normalize or self.normalized_sum is not None:
+                normed = chunk * torch.rsqrt(chunk.pow(2).mean(-1, keepdim=True).clamp(min=1e-30))
+                if self.normalize:
+                    chunk = normed
+                else:
+                    self.normalized_sum += normed.T @ normed
             product = chunk.T @ chunk
             # A NaN or inf anywhere in the chunk shows on the diagonal (sums of squares).
             if not torch.isfinite(product.diagonal()).all():
                 raise SliceGPTError(f"non-finite values (NaN or inf) in the activations {self.where}; "
                                     "try float32, or check the model's weights")
             self.sum += product
+
+    @property
+    def normalized(self) -> torch.Tensor:
+        """The sum of x^T x over the RMS-normed tokens (needs `normalize` or `keep_normalized`)."""
+        return self.sum if self.normalize else self.normalized_sum
 
     def all_reduce(self) -> None:
         """Sum across torch.distributed ranks, where a process group is running."""
@@ -48,6 +65,13 @@ class CovarianceAccumulator:
         total = self.sum.to(device)
         dist.all_reduce(total)
         self.sum = total.to(self.sum.device)
+        if self.normalized_sum is not None:
+            total = self.normalized_sum.to(device)
+            dist.all_reduce(total)
+            self.normalized_sum = total.to(self.sum.device)
+        count = torch.tensor([float(self.tokens)], dtype=torch.float64, device=device)
+        dist.all_reduce(count)
+        self.tokens = int(count.item())
 
 
 def _distributed() -> bool:

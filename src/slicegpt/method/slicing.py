@@ -20,6 +20,7 @@ from slicegpt.architectures.modeling_sliced import (NormThenMap, NormThenScale, 
                                                     stream_weight)
 from slicegpt.method.activations import Activations
 from slicegpt.method.fusion import has_mean_axis
+from slicegpt.method.importance import InputSquares, layer_path
 from slicegpt.method.pca import CovarianceAccumulator, principal_basis
 from slicegpt.method.points import EMBEDDINGS, layer_output, mlp_input
 from slicegpt.method.refit import dense_copy, refit_layer
@@ -95,6 +96,10 @@ class SliceResult:
     layer_widths: list[dict] = field(default_factory=list)
     embedding_width: int = 0
     head_in: int = 0
+    # Every kept linear's input mean squares per column, in the output's coordinates, and the
+    # calibration tokens they are over (method/importance.py).
+    importance: dict[str, list[float]] = field(default_factory=dict)
+    importance_tokens: int = 0
 
 
 WidthRule = Callable[[str, torch.Tensor], int]
@@ -185,13 +190,28 @@ class Slicer:
         return Q_out
 
     @torch.no_grad()
+    def head_importance(self, acts: Activations) -> None:
+        """The head's input importance: the last layer's outputs (in their kept basis), RMS-normed
+        over the dense width as the final norm does."""
+        if self.keep_layers:
+            return
+        dense = self.embedding_basis.shape[0] if self.embedding_basis is not None else acts.hidden[0].shape[-1]
+        squares = InputSquares()
+        for x, mask in zip(acts.hidden, acts.masks):
+            x = x.double()
+            squares.mask = mask
+            squares.add(self.family.head, x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True).div(dense).clamp(min=1e-30)))
+        squares.all_reduce()
+        self.result.importance.update(squares.means())
+
+    @torch.no_grad()
     def slice_head(self, Q: torch.Tensor) -> None:
         rotate_head(self.model, self.family, Q, self.embedding_basis)
         self.result.head_in = Q.shape[1]
 
     def _block(self, name: str, family: Family, layer: SlicedDecoderLayer, run: Callable, acts: Activations,
                kwargs: list[dict], Q_in: torch.Tensor, inputs: tuple[str, ...], outputs: tuple[str, ...],
-               has_mlp: bool, skip: str) -> torch.Tensor:
+               has_mlp: bool, skip: str, index: int = 0) -> torch.Tensor:
         """One residual block: run it, find the basis of its output, rotate and slice its weights.
 
         Usually the block's readers are rotated first and it runs at the kept width, with a
@@ -208,7 +228,19 @@ class Slicer:
             for path in inputs:
                 rotate_input(stream_weight(layer, path), Q_in)
             setattr(layer, skip, shortcut(Q_in, None, acts.hidden[0].dtype))
-            acts.map(lambda x, kw: run(x, **kw), kwargs)
+            # The block's linears run as they will be kept: their inputs are the importance.
+            squares = InputSquares()
+            watched = {path: layer_path(self.family, index, path) for path in (*inputs, *outputs)}
+
+            def watched_run(x, kw, mask):
+                squares.mask = mask
+                return run(x, **kw)
+
+            with squares.watching(layer, watched):
+                acts.map(watched_run, kwargs, acts.masks)
+            squares.all_reduce()
+            self.result.importance.update(squares.means())
+            self.result.importance_tokens = max(squares.tokens.values(), default=0)
             setattr(layer, skip, None)
         Q_out = self._basis(acts, name)
         if has_mlp and family.mlp_keeps_width and Q_out.shape[1] != Q_in.shape[1]:
@@ -229,11 +261,13 @@ class Slicer:
         family, dtype = self.family.for_layer(index), acts.hidden[0].dtype
         layer.attn_shortcut = layer.mlp_shortcut = None
         Q_mid = self._block(mlp_input(index), family, layer, layer.attention_half, acts, kwargs, Q_in,
-                            family.attn_inputs, family.writers("attn"), has_mlp=False, skip="attn_shortcut")
+                            family.attn_inputs, family.writers("attn"), has_mlp=False, skip="attn_shortcut",
+                            index=index)
         layer.attn_shortcut = shortcut(Q_in, Q_mid, dtype)
         no_kwargs = [{} for _ in kwargs]
         Q_out = self._block(layer_output(index), family, layer, layer.mlp_half, acts, no_kwargs, Q_mid,
-                            family.mlp_inputs, family.writers("mlp"), has_mlp=True, skip="mlp_shortcut")
+                            family.mlp_inputs, family.writers("mlp"), has_mlp=True, skip="mlp_shortcut",
+                            index=index)
         layer.mlp_shortcut = shortcut(Q_mid, Q_out, dtype)
         self._mid_basis = Q_mid
         self.result.layer_widths.append(layer_record(layer, Q_in, Q_out, Q_mid))
@@ -245,7 +279,7 @@ class Slicer:
         layer.attn_shortcut = None
         Q_out = self._block(layer_output(index), family, layer, layer.parallel_block, acts, kwargs, Q_in,
                             (*family.attn_inputs, *family.mlp_inputs), (*family.writers("attn"), *family.writers("mlp")),
-                            has_mlp=True, skip="attn_shortcut")
+                            has_mlp=True, skip="attn_shortcut", index=index)
         layer.attn_shortcut = shortcut(Q_in, Q_out, dtype)
         self._mid_basis = None
         self.result.layer_widths.append(layer_record(layer, Q_in, Q_out))

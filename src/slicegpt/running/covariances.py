@@ -12,6 +12,7 @@ from typing import Callable
 
 from slicegpt.architectures.family import get_module
 from slicegpt.architectures.modeling_sliced import first_output
+from slicegpt.method.importance import InputSquares, writer_paths
 from slicegpt.method.pca import CovarianceAccumulator
 from slicegpt.method.points import EMBEDDINGS, HEAD_INPUT, layer_output, mlp_input
 
@@ -20,14 +21,17 @@ PointSink = Callable[[str, CovarianceAccumulator], None]
 
 def collect_covariances(store, acts, layer_kwargs: list[list[dict]], names: list[str], on_point: PointSink, *,
                         normalize: bool = False, head: bool = False,
-                        description: str = "Collecting covariances") -> None:
+                        description: str = "Collecting covariances", importance: InputSquares | None = None) -> None:
     """Hand each point in `names` (and, with `head`, the head's input) to `on_point` in stream
     order, all-reduced across ranks, as soon as it is complete. `acts` (the first layer's
-    inputs) end as the last layer's outputs."""
+    inputs) end as the last layer's outputs. With `importance`, the points also keep the sum
+    over RMS-normed tokens, and the inputs of each layer's attention-output and MLP-down
+    projections are summed into `importance` (method/importance.py)."""
     wanted = set(names)
 
     def accumulator(name: str) -> CovarianceAccumulator:
-        return CovarianceAccumulator(store.dense, where=f"at {name}", device=store.device, normalize=normalize)
+        return CovarianceAccumulator(store.dense, where=f"at {name}", device=store.device, normalize=normalize,
+                                     keep_normalized=importance is not None)
 
     def complete(name: str, found: CovarianceAccumulator) -> None:
         found.all_reduce()
@@ -48,13 +52,19 @@ def collect_covariances(store, acts, layer_kwargs: list[list[dict]], names: list
 
         def run(x, kwargs, mask):
             current["mask"] = mask
+            if importance is not None:
+                importance.mask = mask
             y = first_output(layer(x, **kwargs))
             if out in found:
                 found[out].add(y, mask)
             return y
 
         try:
-            acts.map(run, layer_kwargs[index], acts.masks)
+            if importance is None:
+                acts.map(run, layer_kwargs[index], acts.masks)
+            else:
+                with importance.watching(layer, writer_paths(store.family, index)):
+                    acts.map(run, layer_kwargs[index], acts.masks)
         finally:
             if handle is not None:
                 handle.remove()

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from slicegpt.architectures.modeling_sliced import stream_weight
 from slicegpt.config import SliceConfig
+from slicegpt.method.importance import InputSquares, kept_diagonal, readers_of
 from slicegpt.method.pca import CovarianceAccumulator
 from slicegpt.method.refit import dense_copy, refit_layer
 from slicegpt.method.rotation import change_basis, rotate_input
@@ -159,6 +160,7 @@ def _per_block(store, config: SliceConfig, batches, budget, state, override) -> 
         store.close_layer(index, layer)
         kwargs[index] = None
         checkpoint(index + 1)
+    slicer.head_importance(acts)
     store.close_head(lambda: slicer.slice_head(Q))
     for stream in (acts, slicer.dense_acts):
         if stream is not None:
@@ -166,24 +168,38 @@ def _per_block(store, config: SliceConfig, batches, budget, state, override) -> 
     return slicer.result
 
 
-def _shared_bases(store, config: SliceConfig, acts, kwargs, rule: WidthRule) -> tuple[dict[str, str], list]:
+def _shared_bases(store, config: SliceConfig, acts, kwargs, rule: WidthRule) -> tuple[dict[str, str], list, dict, int]:
     """The first pass: every point's covariance over all batches, one basis per group, kept
-    (by the store) as soon as the group is complete. Returns each point's basis handle, and
-    the points' records."""
+    (by the store) as soon as the group is complete. Returns each point's basis handle, the
+    points' records, and the importance of every kept linear's inputs with its token count
+    (the readers' from the normed covariances in their group's basis, held until the group is
+    complete; the projections' from the pass's hooks)."""
     joint = store.tied and config.tied_head_basis == "joint"
     names = stream_points(store.family, store.layer_count)
     grouping = GroupBases(names, store.layer_count, config.group_size, rule, joint, mean_axis=store.mean_axis)
     handles: dict[str, str] = {}
+    squares, pending, importance = InputSquares(), {}, {}
+    tokens = 0
 
     def count(name: str, found: CovarianceAccumulator) -> None:
+        nonlocal tokens
+        if name in grouping.names:
+            pending[name] = (found.normalized.float().cpu(), found.tokens)
         done = grouping.add(name, found.sum)
         if done:
             group, basis = done
             handles.update(dict.fromkeys(group, store.keep_basis(basis, f"group{grouping.group_of[group[0]]:05d}")))
+            for member in group:
+                normed, tokens = pending.pop(member)
+                for reader in readers_of(member, store.family, store.layer_count, store.family.parallel):
+                    importance[reader] = kept_diagonal(normed, tokens, basis)
 
-    collect_covariances(store, acts, kwargs, names, count, normalize=config.pca == "normalized", head=joint)
+    collect_covariances(store, acts, kwargs, names, count, normalize=config.pca == "normalized", head=joint,
+                        importance=squares)
+    squares.all_reduce()
+    importance.update(squares.means())
     store.barrier()  # every group's basis is kept before any rank reads one
-    return handles, grouping.stream_points()
+    return handles, grouping.stream_points(), importance, tokens
 
 
 def _shared(store, config: SliceConfig, batches, budget, state, override) -> SliceResult:
@@ -194,9 +210,10 @@ def _shared(store, config: SliceConfig, batches, budget, state, override) -> Sli
         widths, _ = _widths(store, config, budget, batches, override)
         # The bases may come from the leading share of the batches (--basis-share).
         acts, kwargs = store.capture(leading_share(batches, config.basis_share) if config.basis_share < 1 else batches)
-        handles, points = _shared_bases(store, config, acts, kwargs, _rule(budget, widths, override))
+        handles, points, importance, tokens = _shared_bases(store, config, acts, kwargs,
+                                                            _rule(budget, widths, override))
         _drop(acts)  # the first pass moved them past the last layer
-        result = SliceResult(points=points)
+        result = SliceResult(points=points, importance=importance, importance_tokens=tokens)
         Q_embedding = store.basis(handles[EMBEDDINGS])
         if refit:  # the first layer's inputs again: dense, and in the embedding basis
             dense, kwargs = store.capture(refit_batches)
