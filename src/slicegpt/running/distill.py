@@ -58,12 +58,17 @@ def next_tokens(input_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([input_ids[:, 1:], ignore], dim=1)
 
 
+def _wide(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in at least float32 (half-precision log-softmax over the vocabulary loses the tail)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 def _chunk_sums(student: nn.Module, teacher: nn.Module, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
                 labels: torch.Tensor) -> torch.Tensor:
     """(sum of KL, sum of next-token loss) over one chunk of positions."""
-    student_log = F.log_softmax(head_logits(student, student_hidden).float(), dim=-1)
+    student_log = F.log_softmax(_wide(head_logits(student, student_hidden)), dim=-1)
     with torch.no_grad():
-        teacher_log = F.log_softmax(head_logits(teacher, teacher_hidden).float(), dim=-1)
+        teacher_log = F.log_softmax(_wide(head_logits(teacher, teacher_hidden)), dim=-1)
     kl = F.kl_div(student_log.flatten(0, 1), teacher_log.flatten(0, 1), log_target=True, reduction="sum")
     nll = F.nll_loss(student_log.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
     return torch.stack([kl, nll])
@@ -80,7 +85,7 @@ def distill_terms(student: nn.Module, teacher: nn.Module, input_ids: torch.Tenso
         teacher_hidden = final_hidden(teacher, input_ids)
     student_hidden = final_hidden(student, input_ids)
     labels = next_tokens(input_ids)
-    sums = torch.zeros(2, device=student_hidden.device)
+    sums = torch.zeros(2, dtype=torch.promote_types(student_hidden.dtype, torch.float32), device=student_hidden.device)
     for start in range(0, input_ids.shape[1], chunk):
         piece = slice(start, start + chunk)
         args = (student, teacher, student_hidden[:, piece], teacher_hidden[:, piece], labels[:, piece])
@@ -104,7 +109,7 @@ def distill_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor
 def kl_unchunked(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """The same KL from the models' own full logits (the reference the chunked form must equal)."""
     with torch.no_grad():
-        teacher_log = F.log_softmax(teacher(input_ids=input_ids, use_cache=False).logits.float(), dim=-1)
-    student_log = F.log_softmax(student(input_ids=input_ids, use_cache=False).logits.float(), dim=-1)
+        teacher_log = F.log_softmax(_wide(teacher(input_ids=input_ids, use_cache=False).logits), dim=-1)
+    student_log = F.log_softmax(_wide(student(input_ids=input_ids, use_cache=False).logits), dim=-1)
     return F.kl_div(student_log.flatten(0, 1), teacher_log.flatten(0, 1), log_target=True,
                     reduction="sum") / input_ids.numel()

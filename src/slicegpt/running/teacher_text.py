@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -123,31 +125,44 @@ def _openings(tokenizer, texts: list[str] | None, count: int) -> list[list[int]]
     return openings
 
 
+def nucleus_sample(probs: torch.Tensor, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """One token per row from the smallest set of most likely tokens whose mass reaches `top_p`.
+
+    The set is looked for among the 1024 most likely tokens first (a sort of the whole
+    vocabulary costs more than a small model's forward step) and in the whole vocabulary
+    only where those fall short of `top_p`.
+    """
+    if top_p >= 1:
+        return torch.multinomial(probs, 1, generator=generator)
+    head = min(probs.shape[-1], 1024)
+    top, order = probs.topk(head, dim=-1)
+    if head < probs.shape[-1] and not bool((top.sum(-1) >= top_p).all()):
+        top, order = probs.sort(dim=-1, descending=True)
+    top = top.masked_fill(top.cumsum(-1) - top > top_p, 0)  # keeps the token that crosses top_p
+    return order.gather(-1, torch.multinomial(top, 1, generator=generator))
+
+
 @torch.no_grad()
 def sample(model: nn.Module, prompts: torch.Tensor, new_tokens: int, temperature: float, top_p: float,
            generator: torch.Generator, stop: int | None) -> list[list[int]]:
     """Nucleus samples continuing each prompt row; each ends before its first `stop` token."""
     device = next(model.parameters()).device
     ids = prompts.to(device)
+    # transformers renamed `past_key_values` to `cache` (5.25 warns about the old name)
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(input_ids=ids, use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1]
+    cache, logits = getattr(out, cache_name), out.logits[:, -1]
     written = torch.empty(len(ids), 0, dtype=torch.long)
     finished = torch.zeros(len(ids), dtype=torch.bool)
     for _ in range(new_tokens):
-        probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
-        if top_p < 1:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keeps the token that crosses top_p
-            sorted_probs[outside] = 0
-            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        token = torch.multinomial(probs, 1, generator=generator)
+        token = nucleus_sample(torch.softmax(logits.float().cpu() / temperature, dim=-1), top_p, generator)
         written = torch.cat([written, token], dim=1)
         if stop is not None:
             finished |= token[:, 0] == stop
             if finished.all():
                 break
-        out = model(input_ids=token.to(device), past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        out = model(input_ids=token.to(device), use_cache=True, **{cache_name: cache})
+        cache, logits = getattr(out, cache_name), out.logits[:, -1]
     rows = []
     for row in written.tolist():
         rows.append(row[:row.index(stop)] if stop is not None and stop in row else row)
@@ -228,3 +243,17 @@ def summary(path: Path, tokens: int | None = None) -> dict:
     settings = json.loads(_sidecar(Path(path)).read_text())["settings"] if _sidecar(Path(path)).is_file() else {}
     return {"source": "teacher", "path": str(path), "rows": len(rows), "tokens": sum(r["tokens"] for r in rows),
             "sha256": texts_sha256(texts), "settings": settings}
+
+
+def calibration_texts(model: nn.Module, tokenizer, directory: Path, teacher: str, samples: int, seqlen: int,
+                      seed: int, progress: bool = True) -> tuple[list[str], dict]:
+    """Calibration text the model writes itself (`slice --cal-data teacher`): enough for `samples` x `seqlen`.
+
+    Samples start from the beginning-of-text token alone (there is no other text to open
+    with); 5% more tokens than the windows need, since decoded text re-tokenizes a little
+    differently. The file goes to `directory`, named as a fine-tuning run would name it.
+    """
+    config = TeacherTextConfig(tokens=math.ceil(samples * seqlen * 1.05), seed=seed, prompts="bos")
+    path = default_path(Path(directory), teacher, config)
+    found = write_teacher_text(model, tokenizer, path, config, teacher, progress=progress)
+    return [row["text"] for row in read_teacher_text(path, config.tokens)], found
