@@ -247,7 +247,7 @@ class Bench:
         per_step = seconds / max(1, config.steps - resumed_at)
         train = {"tokens_trained": record["tokens_seen"], "seconds": round(seconds, 1),
                  "resumed_at_step": resumed_at, "seconds_estimate": round(per_step * config.steps, 1),
-                 "data": record["data"] | ({"teacher_text": text_info} if "teacher_text" in text_info["source"] else {}),
+                 "data": record["data"] | ({"teacher_text": text_info} if "sha256" in text_info else {}),
                  "record": {k: v for k, v in record.items() if k != "data"}}
         if getattr(model.config, "slicing", None) is not None:
             save_sliced(model, tokenizer, directory, overwrite=True)
@@ -352,7 +352,8 @@ def summary_table(rows: list[dict], tasks: list[str]) -> str:
         values = [recipe_rows.get(f"zeroshot:{t}") for t in tasks]
         if not all(values):
             return None
-        return sum(v["metrics"][zeroshot.paper_metric(t)] - zeroshot.CHANCE[t] for v, t in zip(values, tasks)) / len(tasks)
+        gains = [v["metrics"][zeroshot.paper_metric(t)] - zeroshot.CHANCE[t] for v, t in zip(values, tasks)]
+        return sum(gains) / len(tasks)
 
     dense_chance = above_chance(dense)
     header = f"{'recipe':<19}" + "".join(f"{c:>22}" for c in CORPORA) + f"{'zero-shot retain':>18}" \
@@ -398,15 +399,18 @@ def measure(threads: int, out: Path) -> dict:
     result = {"threads": threads, "batch": list(ids.shape), "commit": zeroshot.git_commit(),
               "date": datetime.date.today().isoformat()}
 
-    def timed(step, repeats: int = 2) -> float:
+    def timed(label: str, step, repeats: int = 1) -> float:
         step()  # warm-up
         start = time.perf_counter()
         for _ in range(repeats):
             step()
-        return (time.perf_counter() - start) / repeats
+        seconds = (time.perf_counter() - start) / repeats
+        print(f"{label}: {seconds:.1f} s", file=sys.stderr)
+        return seconds
 
     with torch.no_grad():
-        forward = timed(lambda: distill.final_hidden(teacher, torch.randint(100, 40000, (1, 2048))), 1)
+        forward = timed("dense forward, 1 x 2048",
+                        lambda: distill.final_hidden(teacher, torch.randint(100, 40000, (1, 2048))))
     result["dense_forward_tokens_per_s"] = 2048 / forward
     from peft import LoraConfig, get_peft_model
 
@@ -426,8 +430,10 @@ def measure(threads: int, out: Path) -> dict:
         return run
 
     seconds = {
-        "lm_lora_step": timed(step(lambda: student(input_ids=ids, labels=ids, use_cache=False).loss)),
-        "kl_lora_step": timed(step(lambda: distill.distill_loss(base, teacher, ids, 0.0, config.kl_chunk)[0])),
+        "lm_lora_step": timed("LM loss, LoRA",
+                              step(lambda: student(input_ids=ids, labels=ids, use_cache=False).loss)),
+        "kl_lora_step": timed("KL, LoRA",
+                              step(lambda: distill.distill_loss(base, teacher, ids, 0.0, config.kl_chunk)[0])),
     }
     full = copy.deepcopy(teacher)
     for p in full.parameters():
@@ -436,12 +442,13 @@ def measure(threads: int, out: Path) -> dict:
     for p in weights:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(weights, lr=1e-5)
-    seconds["kl_full_step"] = timed(step(lambda: distill.distill_loss(full, teacher, ids, 0.0, config.kl_chunk)[0]))
+    seconds["kl_full_step"] = timed("KL, full", step(lambda: distill.distill_loss(full, teacher, ids, 0.0,
+                                                                                   config.kl_chunk)[0]))
     del full, optimizer
     new_tokens, batch = 32, 16
     prompts = torch.full((batch, 1), tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0)
-    seconds["generate"] = timed(lambda: sample(teacher, prompts, new_tokens, 1.0, 0.95,
-                                               torch.Generator().manual_seed(0), None), 1)
+    seconds["generate"] = timed("teacher sampling", lambda: sample(teacher, prompts, new_tokens, 1.0, 0.95,
+                                                                   torch.Generator().manual_seed(0), None))
     rates = {k: ids.numel() / v for k, v in seconds.items() if k != "generate"}
     rates["generate"] = batch * new_tokens / seconds["generate"]
     scale = QUIET_FORWARD_TOKENS_PER_S / result["dense_forward_tokens_per_s"]

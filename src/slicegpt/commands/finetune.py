@@ -1,4 +1,4 @@
-"""slicegpt finetune DIR --out DIR2: recovery fine-tuning of a sliced checkpoint (LoRA or full; LM loss or distillation)."""
+"""slicegpt finetune DIR --out DIR2: recovery fine-tuning of a sliced checkpoint (LoRA or full; LM loss or KL)."""
 
 from __future__ import annotations
 
@@ -231,8 +231,9 @@ def print_summary(source: Path, out: Path, finetune: dict) -> None:
               + f"; text {data['source']}, {data['tokens']:,} tokens, sha256 {data['sha256'][:12]}")
     print(f"  loss  first {finetune['loss_first']:.4f}  last {finetune['loss_last']:.4f}")
     if finetune.get("heldout_losses"):
-        print("  held-out  " + "  ".join(f"step {p['step']} " + " ".join(f"{k} {v:.4f}" for k, v in p.items() if k != "step")
-                                         for p in finetune["heldout_losses"]))
+        points = [f"step {p['step']} " + " ".join(f"{k} {v:.4f}" for k, v in p.items() if k != "step")
+                  for p in finetune["heldout_losses"]]
+        print("  held-out  " + "  ".join(points))
     if finetune["ppl"]:
         print("  perplexity  " + "  ".join(f"{k} {v:.3f}" for k, v in finetune["ppl"].items()))
     if finetune["zeroshot"]:

@@ -1,8 +1,8 @@
 """Checkpoints of a recovery fine-tuning run, so that a stopped run continues where it was.
 
-One safetensors file holds the trained weights (LoRA adapters, or every decoder weight), AdamW's moments, and the random states (the
-window sampler's and torch's, which drives the dropout); its metadata holds the step, the
-losses so far and the settings. A resumed run draws the same windows and dropout masks as
+One safetensors file holds the trained weights (LoRA adapters, or every decoder weight),
+AdamW's moments, and the random states (the window sampler's and torch's, which drives the
+dropout); its metadata holds the step, the losses so far and the settings. A resumed run draws the same windows and dropout masks as
 an uninterrupted one, so it ends with the same weights. The file is written beside and
 renamed into place: a kill while writing leaves the previous checkpoint intact.
 """
