@@ -28,15 +28,26 @@ passage per example, from example 500 on, past the examples zero-shot reads; rea
 ../shared/data/hellaswag/validation.jsonl), and zero-shot on the six tasks at 500
 examples each (zeroshot.py's machinery, lm-eval batch 8).
 
-Budget. `python bench/distill.py --measure` times one step of each kind and teacher
-sampling on the real model at small settings, and scales the rates by a dense forward
-timed in the same process against protocol P's quiet-machine forward (64 x 2048 tokens in
-190 s, bench/results/protocol_p_auto.json), since this 2-core machine is shared. Measured
-(bench/results/distill_throughput.json; the numbers in its `quiet_estimate`): see
-bench/README.md. STEPS = 200 (409,600 tokens) keeps the slowest recipe, c with --full,
-under about 2 hours of training, and the teacher's text (410k tokens, written once,
-shared by c, best-full and dense-self-kl) about an hour more; it is also exactly today's
-RFT budget, so recipe a is bench/rft.py's fine-tune unchanged.
+Budget: 409,600 tokens per recipe (STEPS = 200 steps of 4 x 512), today's RFT budget, so
+recipe a is bench/rft.py's fine-tune unchanged. Per-token rates on this 2-core CPU, from
+runs on record: the LM-loss LoRA step of 4 x 512 took 11 s (slice) to 14 s (dense) beside
+another job (bench/README.md, recovery fine-tuning), 150-190 tokens/s; a dense forward
+runs at 690 tokens/s (protocol P's baseline, 64 x 2048 tokens in 190 s) and dense decoding
+with a KV cache at 90 tokens/s at batch 8 (results/speed_auto.json). A distillation step
+adds a teacher forward of the same tokens (about 3 s) and one more head product per chunk
+in the backward pass (about 0.5 s): about 15-18 s a step, 50-60 minutes for the budget;
+`--full` adds the weight gradients of every decoder linear (about one more forward) and
+AdamW over 100M weights: about 19-22 s a step, 65-75 minutes. The teacher's text (410k
+tokens at batch 32, 512-token samples, nucleus sampling among the 1024 likeliest tokens)
+should write at 120-180 tokens/s: 40-60 minutes, once, shared by c, best-full (when c
+wins) and dense-self-kl. Each recipe's evaluation adds about 3 minutes of perplexity and
+10-25 minutes of zero-shot. So the longest recipe, c with its text and evaluation, stays
+under about 2 hours, and twice the budget would not. The whole run is about 9-10 hours.
+`python bench/distill.py --measure` times each step kind and teacher sampling (batch 1 x 512
+steps, 16 x 16 sampled tokens) and scales the rates to a quiet machine by a dense forward
+timed in the same process (bench/results/distill_throughput.json); on a machine as busy as
+this one was when the script was written (load average 13 on 2 cores, another benchmark at
+nice -5) it did not finish in 30 minutes, so the figures above are the recorded ones.
 
 Resumable: each finished (recipe, evaluation) is one JSON line in
 bench/results/distill.jsonl, skipped on a rerun; trained models are cached in
@@ -79,7 +90,7 @@ QUIET_FORWARD_TOKENS_PER_S = 64 * 2048 / 190.3  # protocol_p_auto.json: dense bo
 STEPS = 200
 FULL = {"steps": STEPS, "train": {**zeroshot.RFT, "steps": STEPS, "kl_chunk": 128}, "full_lr": 5e-5,
         "teacher_text": {"seed": 42, "temperature": 1.0, "top_p": 0.95, "prompts": "mixed", "sample_tokens": 512,
-                         "batch_size": 16},
+                         "batch_size": 32},
         "ppl": {"chunks": 16, "seqlen": 2048}, "zeroshot_limit": 500, "tasks": zeroshot.TASKS,
         "slice": zeroshot.MODELS["refit-25"]["slice"], "calibration": zeroshot.CALIBRATION}
 QUICK = {"steps": 2, "train": {**zeroshot.RFT, "steps": 2, "seqlen": 64, "batch_size": 2, "eval_every": 1,
@@ -395,7 +406,7 @@ def measure(threads: int, out: Path) -> dict:
 
     torch.set_num_threads(threads)
     teacher, tokenizer = load_model("smollm2-135m")
-    ids = torch.randint(100, 40000, (2, 512), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(100, 40000, (1, 512), generator=torch.Generator().manual_seed(0))
     result = {"threads": threads, "batch": list(ids.shape), "commit": zeroshot.git_commit(),
               "date": datetime.date.today().isoformat()}
 
@@ -445,7 +456,7 @@ def measure(threads: int, out: Path) -> dict:
     seconds["kl_full_step"] = timed("KL, full", step(lambda: distill.distill_loss(full, teacher, ids, 0.0,
                                                                                    config.kl_chunk)[0]))
     del full, optimizer
-    new_tokens, batch = 32, 16
+    new_tokens, batch = 16, 16
     prompts = torch.full((batch, 1), tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0)
     seconds["generate"] = timed("teacher sampling", lambda: sample(teacher, prompts, new_tokens, 1.0, 0.95,
                                                                    torch.Generator().manual_seed(0), None))
@@ -456,8 +467,8 @@ def measure(threads: int, out: Path) -> dict:
                "quiet_estimate": {"tokens_per_s": {k: v * scale for k, v in rates.items()},
                                   "hours_for_budget": {k: BUDGET_TOKENS / (v * scale) / 3600 for k, v in rates.items()},
                                   "budget_tokens": BUDGET_TOKENS},
-               "note": "generate: batch 16, 32 new tokens from the beginning-of-text token, nucleus 0.95, KV cache; "
-                       "steps: batch 2 x 512, LoRA r 32 or every decoder weight, AdamW"}
+               "note": "generate: batch 16, 16 new tokens from the beginning-of-text token, nucleus 0.95, KV cache; "
+                       "steps: batch 1 x 512, LoRA r 32 or every decoder weight, AdamW"}
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
