@@ -252,3 +252,12 @@ def test_lm_weight_needs_distill(tiny_sliced_dir, tmp_path, capsys):
     code = main(["finetune", str(tiny_sliced_dir), "--out", str(tmp_path / "out"), "--data",
                  str(WIKITEXT_VALIDATION), "--lm-weight", "0.5"])
     assert code == 2 and "add --distill" in capsys.readouterr().err
+
+
+def test_bad_teacher_settings_are_refused_before_any_model_loads(tiny_sliced_dir, tmp_path, monkeypatch, capsys):
+    from slicegpt.commands import finetune as command
+
+    monkeypatch.setattr(command, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    code = main(["finetune", str(tiny_sliced_dir), "--out", str(tmp_path / "out"), "--data", "teacher",
+                 "--teacher-top-p", "0"])
+    assert code == 2 and "top-p must be in (0, 1]" in capsys.readouterr().err

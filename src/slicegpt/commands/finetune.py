@@ -98,13 +98,16 @@ def teacher_name(args, source: Path) -> str:
     return name
 
 
-def teacher_data(args, config: FinetuneConfig, teacher, tokenizer, name: str, out: Path,
+def teacher_settings(args, config: FinetuneConfig) -> teacher_text.TeacherTextConfig:
+    """How the teacher writes for --data teacher (checked before any model is loaded)."""
+    return teacher_text.TeacherTextConfig(
+        tokens=args.teacher_tokens or config.steps * config.batch_size * config.seqlen, seed=args.seed,
+        temperature=args.teacher_temperature, top_p=args.teacher_top_p, prompts=args.teacher_prompts)
+
+
+def teacher_data(args, settings: teacher_text.TeacherTextConfig, teacher, tokenizer, name: str, out: Path,
                  opening_source: str | None) -> tuple[list[str], dict]:
     """The teacher's text for --data teacher, written or resumed beside the output; (texts, summary)."""
-    settings = teacher_text.TeacherTextConfig(
-        tokens=args.teacher_tokens or config.steps * config.batch_size * config.seqlen, seed=args.seed,
-        temperature=args.teacher_temperature, top_p=args.teacher_top_p, prompts=args.teacher_prompts,
-        sample_tokens=config.seqlen)
     path = Path(args.teacher_text) if args.teacher_text else teacher_text.default_path(out.parent, name, settings)
     openings = load_texts(opening_source, split="train") if settings.prompts != "bos" and opening_source else None
     say(f"teacher text: {path}")
@@ -150,6 +153,7 @@ def run(args) -> int:
     heldout_texts = load_texts(args.heldout_data, split="test") if args.heldout_data else None
     ppl_texts = load_texts(args.ppl_data, split="test") if args.eval_ppl else None
     needs_teacher = args.distill or from_teacher
+    text_settings = teacher_settings(args, config) if from_teacher else None
     if needs_teacher:
         config.teacher = teacher_name(args, source)
 
@@ -160,7 +164,7 @@ def run(args) -> int:
     text_summary = None
     if from_teacher:
         with timed(timings, "teacher_text"):
-            texts, text_summary = teacher_data(args, config, teacher, tokenizer, config.teacher, out,
+            texts, text_summary = teacher_data(args, text_settings, teacher, tokenizer, config.teacher, out,
                                                calibration_source(source))
         check_usable_text(texts, "teacher")
         config.data = f"teacher ({text_summary['path']})"
