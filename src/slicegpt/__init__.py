@@ -7,15 +7,22 @@ from slicegpt.errors import SliceGPTError
 from slicegpt.architectures.families import supported_architectures
 from slicegpt.io.models import load_model
 from slicegpt.evaluation.perplexity import perplexity
+from slicegpt.running.finetune import FinetuneConfig, finetune
+from slicegpt.running.teacher_text import TeacherTextConfig, read_teacher_text, write_teacher_text
 
 __all__ = [
+    "FinetuneConfig",
     "SliceConfig",
     "SliceGPTError",
+    "TeacherTextConfig",
     "calibration_data",
+    "finetune",
     "load_model",
     "load_sliced",
     "perplexity",
+    "read_teacher_text",
     "save_sliced",
     "slice_model",
     "supported_architectures",
+    "write_teacher_text",
 ]

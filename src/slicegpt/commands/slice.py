@@ -97,16 +97,31 @@ def run(args) -> int:
     tasks = zeroshot_tasks(args)
     with distributed.session(args.device, args.dist_timeout) as ctx:
         streaming, reason = choose_engine(args, config)
+        if config.cal_data == "teacher" and (streaming or ctx.world_size > 1):
+            raise SliceGPTError("--cal-data teacher needs the whole model in one process to write the text; "
+                                "add --no-streaming, or write it first and pass the JSONL")
         if streaming:
             if ctx.is_main:
                 say(f"streaming mode: {reason}")
             return run_streaming(args, config, out, ctx, tasks)
-        cal_texts = load_texts(config.cal_data, split="train")
+        cal_texts = teacher_calibration(args, config, out) if config.cal_data == "teacher" else \
+            load_texts(config.cal_data, split="train")
         ppl_texts = load_texts(args.ppl_data, split="test") if args.eval_ppl and ctx.is_main else None
         report = slice_and_save(args, config, out, cal_texts, ppl_texts, tasks, ctx=ctx)
         if ctx.is_main:
             print_summary(args.model, out, report)
         return 0
+
+
+def teacher_calibration(args, config: SliceConfig, out: Path) -> list[str]:
+    """--cal-data teacher: the model being sliced writes its calibration text, kept beside the output."""
+    from slicegpt.running.teacher_text import calibration_texts
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    texts, found = calibration_texts(model, tokenizer, out.parent, args.model, config.cal_samples, config.cal_seqlen,
+                                     config.seed)
+    say(f"calibration text written by {args.model}: {found['path']} ({found['tokens']:,} tokens)")
+    return texts
 
 
 def slice_and_save(args, config: SliceConfig, out: Path, cal_texts: list[str], ppl_texts: list[str] | None,

@@ -34,7 +34,8 @@ def add_slice_options(parser) -> None:
                              "32; the K-quants Q6_K, Q4_K_M, ...: 256), so every matrix quantizes to that type; "
                              "the width it costs is printed")
     parser.add_argument("--cal-data", default=defaults.cal_data, metavar="PATH_OR_HUB_NAME",
-                        help="calibration text: a .jsonl/.txt file or a hub dataset (default: WikiText-2 train)")
+                        help="calibration text: a .jsonl/.txt file, a hub dataset, or 'teacher' for text the model "
+                             "writes itself, kept beside the output (default: WikiText-2 train)")
     parser.add_argument("--cal-samples", type=int, default=defaults.cal_samples, metavar="N",
                         help=f"calibration sequences (default {defaults.cal_samples})")
     parser.add_argument("--cal-seqlen", type=int, default=defaults.cal_seqlen, metavar="L",

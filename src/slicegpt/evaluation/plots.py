@@ -99,8 +99,8 @@ def zeroshot_figure(results: dict[str, dict]) -> Figure:
     return figure
 
 
-def loss_figure(losses: list[float]) -> Figure:
-    """Training loss per step, with a moving average."""
+def loss_figure(losses: list[float], heldout: list[dict] | None = None, ylabel: str = "cross-entropy loss") -> Figure:
+    """Training loss per step, with a moving average, and the held-out points (both corpora) where measured."""
     figure, ax = _figure()
     steps = range(1, len(losses) + 1)
     ax.plot(steps, losses, alpha=0.4, linewidth=0.8, label="loss")
@@ -109,8 +109,14 @@ def loss_figure(losses: list[float]) -> Figure:
         smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
                   for i in range(len(losses))]
         ax.plot(steps, smooth, label=f"moving average ({window} steps)")
+    names = {"kl": "held-out KL", "loss": "held-out LM loss", "second_kl": "second corpus KL",
+             "second_loss": "second corpus LM loss"}
+    for key, name in names.items():
+        points = [(p["step"], p[key]) for p in heldout or [] if key in p]
+        if points:
+            ax.plot(*zip(*points), marker="o", markersize=3, linewidth=1, label=name)
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy loss")
+    ax.set_ylabel(ylabel)
     ax.set_title("Recovery fine-tuning")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -133,5 +139,7 @@ def report_plots(report: dict, spectra: dict | None = None, losses: list[float] 
     if finetuned:
         plots["zeroshot_finetune.png"] = png_bytes(zeroshot_figure(finetuned))
     if losses:
-        plots["loss_curve.png"] = png_bytes(loss_figure(losses))
+        finetune = report.get("finetune") or {}
+        ylabel = "cross-entropy loss" if finetune.get("objective", "next-token loss") == "next-token loss" else "loss"
+        plots["loss_curve.png"] = png_bytes(loss_figure(losses, finetune.get("heldout_losses"), ylabel))
     return plots

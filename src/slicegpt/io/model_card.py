@@ -103,12 +103,22 @@ def finetune_section(finetune: dict) -> list[str]:
     if not finetune:
         return []
     config = finetune["config"]
-    lora = config["lora"]
+    lora = config.get("lora")
+    if lora:
+        trained = (f"LoRA (rank {lora['r']}, alpha {lora['alpha']}, dropout {lora['dropout']}) on the attention and "
+                   f"MLP linears ({', '.join(lora['targets'])}), merged back into the weights.")
+    else:
+        trained = "Every weight of the decoder layers trained (embeddings and head frozen)."
+    objective = finetune.get("objective", "next-token loss")
+    if config.get("distill"):
+        objective += f", distilled from `{config['teacher']}`"
+    data = finetune.get("data")
+    text = (f" The training text: {data['source']}, {data['tokens']:,} tokens, sha256 `{data['sha256'][:16]}`."
+            if data else "")
     lines = ["## Recovery fine-tuning", "",
-             f"LoRA (rank {lora['r']}, alpha {lora['alpha']}, dropout {lora['dropout']}) on the attention and MLP "
-             f"linears ({', '.join(lora['targets'])}), merged back into the weights. {config['steps']} steps of "
+             f"{trained} Loss: {objective}. {config['steps']} steps of "
              f"{config['batch_size']} x {config['seqlen']} tokens from `{config['data']}`, learning rate "
-             f"{config['lr']}. Loss {finetune['loss_first']:.4f} at the first step, "
+             f"{config['lr']}.{text} Loss {finetune['loss_first']:.4f} at the first step, "
              f"{finetune['loss_last']:.4f} (mean of the last steps) at the end.", ""]
     lines += ppl_section(finetune.get("ppl", {}), finetune.get("ppl_config", {}), "Perplexity before and after")
     lines += zeroshot_section(finetune.get("zeroshot", {}), "Zero-shot accuracy before and after")
@@ -171,8 +181,12 @@ def method_section(report: dict) -> list[str]:
     if config.get("refit"):
         sentences.append("After slicing, each layer's output projections were refit by least squares so that "
                          "the sliced model follows the dense one on the calibration text.")
-    if report.get("finetune"):
-        sentences.append("Recovery fine-tuning (LoRA, merged back into the weights) followed; see below.")
+    finetune = report.get("finetune")
+    if finetune:
+        how = "of every decoder weight" if finetune["config"].get("full") else "(LoRA, merged back into the weights)"
+        what = "Recovery by distillation from the dense model" if finetune["config"].get("distill") else \
+            "Recovery fine-tuning"
+        sentences.append(f"{what} {how} followed; see below.")
     return [" ".join(s for s in sentences if s), ""]
 
 

@@ -1,4 +1,4 @@
-"""Recovery fine-tuning (RFT): LoRA on a sliced model, merged back into its weights.
+"""Recovery fine-tuning (RFT): LoRA on a sliced model, merged back into its weights, or every decoder weight.
 
 The adapters go on the attention and MLP linears of every decoder layer, found by the
 names the checkpoint's `config.slicing["family"]` records (q/k/v/o, gate/up/down for the
@@ -7,6 +7,11 @@ consecutive blocks' principal components, and the linears on either side of them
 receive adapters that can absorb any correction, so adapting them too would add
 parameters without adding a direction of change the others lack. The LM head and the
 embeddings stay frozen as in the paper.
+
+The objective is the next-token loss on the training text, or with `distill` the KL from
+the dense teacher (running/distill.py), optionally mixed with it. `full` trains every
+weight of the decoder layers instead of adapters (the embeddings and head stay frozen, as
+Minitron's recovery does), so the two can be compared at equal tokens.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from slicegpt.architectures.families import family_for
 from slicegpt.architectures.modeling_sliced import layer_family
 from slicegpt.errors import SliceGPTError
 from slicegpt.io.data import tokenize_joined
+from slicegpt.running.distill import distill_loss, distill_terms
 from slicegpt.running.finetune_checkpoint import load_state, save_state
+from slicegpt.running.teacher_text import texts_sha256
 
 
 @dataclass
@@ -48,6 +55,16 @@ class FinetuneConfig:
     heldout_fraction: float = 0.0
     heldout_windows: int = 16
     eval_every: int = 0
+    # Distillation: KL(teacher ‖ student), mixed as (1 - lm_weight) KL + lm_weight LM loss;
+    # the head is applied to `kl_chunk` positions at a time. `teacher` names the teacher.
+    distill: bool = False
+    lm_weight: float = 0.0
+    kl_chunk: int = 128
+    teacher: str | None = None
+    # Train every weight of the decoder layers instead of LoRA adapters.
+    full: bool = False
+    # A second held-out corpus (text the training never sees), measured with the held-out windows.
+    heldout_data: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "seqlen", "batch_size", "lora_r"):
@@ -57,6 +74,10 @@ class FinetuneConfig:
             raise SliceGPTError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.heldout_fraction < 1:
             raise SliceGPTError(f"heldout fraction must be in [0, 1), got {self.heldout_fraction}")
+        if not 0 <= self.lm_weight <= 1:
+            raise SliceGPTError(f"lm weight must be in [0, 1], got {self.lm_weight}")
+        if self.kl_chunk < 1:
+            raise SliceGPTError(f"kl-chunk must be at least 1, got {self.kl_chunk}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -155,55 +176,126 @@ def heldout_loss(model: nn.Module, windows: torch.Tensor, batch_size: int) -> fl
     return total / len(windows)
 
 
+@torch.no_grad()
+def heldout_terms(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, batch_size: int,
+                  chunk: int = 128) -> dict:
+    """{"loss": next-token loss, "kl": KL from the teacher} on held-out windows."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    kl = lm = 0.0
+    for batch in windows.split(batch_size):
+        terms = distill_terms(model, teacher, batch.to(device), chunk)
+        kl += terms[0].item() * len(batch)
+        lm += terms[1].item() * len(batch)
+    model.train(was_training)
+    return {"loss": lm / len(windows), "kl": kl / len(windows)}
+
+
+def second_windows(tokenizer, texts: list[str] | None, config: FinetuneConfig) -> torch.Tensor | None:
+    """Up to `heldout_windows` windows from the start of a second held-out corpus."""
+    if not texts:
+        return None
+    stream = training_stream(tokenizer, texts, config.seqlen, config.heldout_data or "the second held-out corpus")
+    count = min(config.heldout_windows, len(stream) // config.seqlen)
+    return stream[:count * config.seqlen].view(count, config.seqlen)
+
+
+def decoder_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every parameter inside the decoder layers (shortcuts included; no embeddings, no head)."""
+    prefix = family_description(model)["layers"] + "."
+    return {name: p for name, p in model.named_parameters() if name.startswith(prefix)}
+
+
 def finetune(model: nn.Module, tokenizer, texts: list[str], config: FinetuneConfig, progress: bool = True,
-             checkpoint_dir: str | None = None, checkpoint_every: int = 50) -> tuple[nn.Module, dict]:
-    """LoRA-fine-tune a sliced model on `texts` and merge the adapters; (merged model, training record).
+             checkpoint_dir: str | None = None, checkpoint_every: int = 50, teacher: nn.Module | None = None,
+             heldout_texts: list[str] | None = None) -> tuple[nn.Module, dict]:
+    """Fine-tune a sliced model on `texts`; (fine-tuned model, training record).
 
-    With `checkpoint_dir`, the LoRA and optimizer state is saved there every `checkpoint_every`
-    steps, and a run finding a checkpoint there continues from it.
+    LoRA adapters, merged back at the end, or with `config.full` every decoder weight. With
+    `config.distill` the loss is the KL from `teacher` (the dense model, same tokenizer),
+    which runs without gradients. `heldout_texts` is a second corpus whose loss joins the
+    held-out curve. With `checkpoint_dir`, the trained and optimizer state is saved there
+    every `checkpoint_every` steps, and a run finding a checkpoint there continues from it.
     """
-    from peft import LoraConfig, get_peft_model
-
+    if config.distill and teacher is None:
+        raise SliceGPTError("distillation needs the teacher model")
     stream, heldout = split_heldout(training_stream(tokenizer, texts, config.seqlen, config.data), config)
-    targets = lora_targets(model)
+    second = second_windows(tokenizer, heldout_texts, config)
+    if teacher is not None:
+        _check_vocabulary(model, teacher)
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
     torch.manual_seed(config.seed)
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=targets, bias="none")
-    peft_model = get_peft_model(model, lora)
-    named = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+    if config.full:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        named = decoder_parameters(model)
+        for p in named.values():
+            p.requires_grad_(True)
+        trained = model
+        student = model
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=lora_targets(model), bias="none")
+        trained = get_peft_model(model, lora)
+        student = trained.get_base_model()  # the adapted model, its own forward (the head apart)
+        named = {name: p for name, p in trained.named_parameters() if p.requires_grad}
     params = list(named.values())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(config.seed)
-    settings = config.to_dict() | {"data_tokens": len(stream)}
+    data = {"source": config.data, "tokens": len(stream) + (0 if heldout is None else heldout.numel()),
+            "sha256": texts_sha256(texts)}
+    settings = config.to_dict() | {"data_tokens": len(stream), "data_sha256": data["sha256"]}
 
     losses: list[float] = []
+    kls: list[float] = []
     curve: list[dict] = []
     done = 0
     if checkpoint_dir is not None:
         restored = load_state(Path(checkpoint_dir), named, optimizer, generator, settings)
         if restored is not None:
             done, saved = restored
-            losses, curve = saved["losses"], saved["heldout"]
+            losses, curve, kls = saved["losses"], saved["heldout"], saved.get("kl", [])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config), last_epoch=-1)
     with warnings.catch_warnings():  # stepping the schedule alone to catch up warns; it is meant
         warnings.simplefilter("ignore", UserWarning)
         for _ in range(done):  # the schedule is a function of the step alone
             scheduler.step()
 
-    def evaluate(step: int) -> None:
-        if heldout is not None and config.eval_every and (step % config.eval_every == 0 or step == config.steps):
-            curve.append({"step": step, "loss": heldout_loss(peft_model, heldout, config.batch_size)})
+    def held(windows: torch.Tensor) -> dict:
+        if teacher is not None:
+            return heldout_terms(student, teacher, windows, config.batch_size, config.kl_chunk)
+        return {"loss": heldout_loss(trained, windows, config.batch_size)}
 
-    peft_model.train()
+    def evaluate(step: int) -> None:
+        if (heldout is None and second is None) or not config.eval_every:
+            return
+        if step % config.eval_every == 0 or step == config.steps:
+            point = {"step": step}
+            if heldout is not None:
+                point |= held(heldout)
+            if second is not None:
+                point |= {f"second_{key}": value for key, value in held(second).items()}
+            curve.append(point)
+
+    trained.train()
     if done == 0:
         evaluate(0)
-    bar = tqdm(range(done, config.steps), desc="Fine-tuning", unit="step", disable=not progress,
-               initial=done, total=config.steps)
+    bar = tqdm(range(done, config.steps), desc="Distilling" if config.distill else "Fine-tuning", unit="step",
+               disable=not progress, initial=done, total=config.steps)
     for step in bar:
         starts = torch.randint(0, len(stream) - config.seqlen + 1, (config.batch_size,), generator=generator)
         batch = torch.stack([stream[s:s + config.seqlen] for s in starts.tolist()]).to(device)
-        loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
+        if config.distill:
+            loss, terms = distill_loss(student, teacher, batch, config.lm_weight, config.kl_chunk)
+            kls.append(terms["kl"])
+        else:
+            loss = trained(input_ids=batch, labels=batch, use_cache=False).loss
         if not math.isfinite(loss.item()):
             raise SliceGPTError(f"fine-tuning loss became {loss.item()} at step {len(losses) + 1} (lower --lr)")
         loss.backward()
@@ -213,22 +305,52 @@ def finetune(model: nn.Module, tokenizer, texts: list[str], config: FinetuneConf
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         evaluate(step + 1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", **({"heldout": f"{curve[-1]['loss']:.3f}"} if curve else {}))
+        last = curve[-1] if curve else {}
+        shown = {"heldout": f"{last.get('kl', last.get('loss', 0.0)):.3f}"} if "kl" in last or "loss" in last else {}
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", **shown)
         if checkpoint_dir is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == config.steps):
             save_state(Path(checkpoint_dir), step + 1, named, optimizer, generator,
-                       {"losses": losses, "heldout": curve}, settings)
+                       {"losses": losses, "heldout": curve, "kl": kls}, settings)
 
-    merged = peft_model.merge_and_unload()
-    merged.eval()
+    if config.full:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        result = model
+    else:
+        result = trained.merge_and_unload()
+    result.eval()
     tail = losses[-max(1, len(losses) // 10):]
     record = {
         "losses": losses,
         "loss_first": losses[0],
         "loss_last": sum(tail) / len(tail),
+        "objective": objective(config),
         "heldout_losses": curve,
         "trainable_params": sum(p.numel() for p in params),
         "tokens_seen": config.steps * config.batch_size * config.seqlen,
         "data_tokens": len(stream),
-        "lora_targets": layer_linears(merged),
+        "data": data,
+        "trained": "full" if config.full else "lora",
     }
-    return merged, record
+    if kls:
+        record["kl_losses"] = kls
+    if not config.full:
+        record["lora_targets"] = layer_linears(result)
+    return result, record
+
+
+def objective(config: FinetuneConfig) -> str:
+    """The loss in words, for reports."""
+    if not config.distill:
+        return "next-token loss"
+    if config.lm_weight == 0:
+        return "KL(teacher || student), T = 1"
+    return f"{1 - config.lm_weight:g} x KL(teacher || student) + {config.lm_weight:g} x next-token loss"
+
+
+def _check_vocabulary(model: nn.Module, teacher: nn.Module) -> None:
+    size = model.get_output_embeddings().out_features
+    other = teacher.get_output_embeddings().out_features
+    if size != other:
+        raise SliceGPTError(f"the teacher's vocabulary ({other}) is not the student's ({size}); "
+                            "distil from the model the slice was made from")

@@ -1,8 +1,8 @@
 """Checkpoints of a recovery fine-tuning run, so that a stopped run continues where it was.
 
-One safetensors file holds the LoRA weights, AdamW's moments, and the random states (the
-window sampler's and torch's, which drives the dropout); its metadata holds the step, the
-losses so far and the settings. A resumed run draws the same windows and dropout masks as
+One safetensors file holds the trained weights (LoRA adapters, or every decoder weight),
+AdamW's moments, and the random states (the window sampler's and torch's, which drives the
+dropout); its metadata holds the step, the losses so far and the settings. A resumed run draws the same windows and dropout masks as
 an uninterrupted one, so it ends with the same weights. The file is written beside and
 renamed into place: a kill while writing leaves the previous checkpoint intact.
 """
@@ -24,7 +24,7 @@ CHECKPOINT_FILE = "rft_checkpoint.safetensors"
 def save_state(directory: Path, step: int, named_params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                generator: torch.Generator, record: dict, settings: dict) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {f"lora/{name}": param.detach().cpu().contiguous() for name, param in named_params.items()}
+    tensors = {f"trained/{name}": param.detach().cpu().contiguous() for name, param in named_params.items()}
     index = {id(p): name for name, p in named_params.items()}
     adam_steps = {}
     for group in optimizer.param_groups:
@@ -66,7 +66,7 @@ def load_state(directory: Path, named_params: dict[str, torch.Tensor], optimizer
     adam_steps = json.loads(metadata["adam_steps"])
     with torch.no_grad():
         for name, param in named_params.items():
-            param.copy_(tensors[f"lora/{name}"])
+            param.copy_(tensors[f"trained/{name}"])
     for group in optimizer.param_groups:
         for param in group["params"]:
             name = next(n for n, p in named_params.items() if p is param)
