@@ -33,6 +33,7 @@ SOURCES = {
     "protocol_p_auto.json": ("python bench/protocol_p.py --sparsities 0.25", "6341f84", "2026-11-28"),
     "size_quality_p_c.json": ("python bench/size_quality.py --variants ...", "7d4cecc", "2026-11-28"),
     "protocol_p_default_refit.json": ("python bench/protocol_p.py --threads 2 --tag default_refit", "aa636ff (0.30: 3ad5517)", "2026-12-01"),
+    "protocol_p_layouts.json": ("python bench/layouts.py", "919012f", "2026-12-05"),
     "speed_auto.json": ("python bench/speed.py --sparsities 0.25 --variants block --no-ablation", "c0cfd31",
                         "2026-11-28"),
 }
@@ -50,8 +51,10 @@ MODELS = [
     ("dense+rft", "dense, then the same fine-tuning", ("rft.jsonl", "dense+rft"), None),
     ("refit-20", "`--sparsity 0.20` (default: one basis, refit)", ("protocol_p_default_refit.json", 0.2), None),
     ("default-20", "`--sparsity 0.20 --no-refit`", None, None),
-    ("default-30", "`--sparsity 0.30` (default: per-block bases, no refit)", ("protocol_p_default_refit.json", 0.3),
-     None),
+    ("refit-30", "`--sparsity 0.30` (default: one basis, refit)",
+     ("protocol_p_layouts.json", (0.3, "rotations=model,refit=true,target_params=103148800")), None),
+    ("default-30", "`--sparsity 0.30 --rotations block` (the default before: per-block bases, no refit)",
+     ("protocol_p_default_refit.json", 0.3), None),
 ]
 
 # bench/distill.py's recipes shown in the table, once distill.jsonl has their rows.
@@ -129,7 +132,7 @@ def perplexity(source, results: Path) -> tuple[float, int] | None:
         for row in data["rows"]:
             if key == "dense":
                 return row["ppl_dense"], row["params_dense"]
-            if row["sparsity"] == key:
+            if row["sparsity"] == key or (isinstance(key, tuple) and (row["sparsity"], row["variant"]) == key):
                 return row["ppl_sliced"], row["params_sliced"]
         return None
     for row in data["rows"]:

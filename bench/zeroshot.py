@@ -14,7 +14,8 @@ Models, in order (calibration: 64 x 2048 tokens of WikiText-2 (v1) validation, s
     default-25+rft    default-25, then recovery fine-tuning (LoRA, merged back)
     dense+rft         the dense model after the same fine-tuning
     default-20        --sparsity 0.20 --no-refit
-    default-30        --sparsity 0.30 (per-block bases, so no refit by default)
+    default-30        --sparsity 0.30 --rotations block (the default before one basis with the refit)
+    refit-30          --sparsity 0.30 (default: one basis, refit)
 Tasks: piqa, arc_easy, arc_challenge, hellaswag, winogrande, lambada_openai through
 lm-evaluation-harness 0.4.13 (0-shot, the local copies of the data, the first --limit
 examples of each).
@@ -64,7 +65,8 @@ MODELS = {
     "default-25+rft": {"slice": {"sparsity": 0.25, "refit": False}, "rft": RFT},
     "dense+rft": {"rft": RFT},
     "default-20": {"slice": {"sparsity": 0.20, "refit": False}},
-    "default-30": {"slice": {"sparsity": 0.30}},
+    "default-30": {"slice": {"sparsity": 0.30, "rotations": "block"}},
+    "refit-30": {"slice": {"sparsity": 0.30}},
 }
 
 

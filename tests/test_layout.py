@@ -139,4 +139,16 @@ def test_refit_auto_is_on_with_shared_bases_and_enough_calibration_tokens():
     assert not refit(rotations="model", cal_samples=8, refit_share=1.0)  # all 8 are still too few
     assert refit(rotations="model", cal_samples=16, refit_share=1.0)
     assert refit(rotations="model", cal_samples=8, refit=True)  # asked for: done
-    assert refit_tokens(SliceConfig(cal_samples=64, cal_seqlen=2048)) == 16 * 2048 == REFIT_MIN_TOKENS
+    assert refit_tokens(SliceConfig(cal_samples=64, cal_seqlen=2048, refit_share=0.25)) == 16 * 2048 == REFIT_MIN_TOKENS
+
+
+def test_the_refit_reads_every_sequence_below_0_8_x_dense_and_a_quarter_above():
+    model, mild = _resolve(sparsity=0.25, round_to=1)
+    _, deep = _resolve(sparsity=0.5)
+    assert (mild.rotations, mild.refit_share) == ("model", 0.25)
+    assert (deep.rotations, deep.refit_share) == ("model", 1.0)
+    assert _resolve(sparsity=0.5, refit_share=0.5)[1].refit_share == 0.5  # given: kept
+    # 16 sequences of 2048 tokens: all of them reach the refit's floor at a deep cut, where auto
+    # then shares one basis; a quarter of them does not at a mild cut.
+    assert _resolve(sparsity=0.5, cal_samples=16)[1].rotations == "model"
+    assert _resolve(sparsity=0.25, round_to=1, cal_samples=16)[1].refit is False

@@ -59,12 +59,13 @@ class SliceConfig:
     # Shared bases (layer, group:K, model) from the covariances of this leading share of the
     # calibration sequences (at least one batch); per-block bases use them all.
     basis_share: float = 1.0
-    # With shared bases, the refit's least squares read this leading share of the calibration
-    # sequences (at least one batch): its passes and sums cost about 3.4 dense forwards over
-    # the share. A quarter keeps the default within 2 dense forwards on protocol P (0.3 took
-    # 2.03); all of them gained another 2 perplexity points there (bench/README.md). The
-    # per-block layout refits on the sequences its PCA reads, all of them.
-    refit_share: float = 0.25
+    # The refit's least squares read this leading share of the calibration sequences (at
+    # least one batch): its passes and sums cost about 3.4 dense forwards over the share.
+    # None (auto): a quarter from 0.8 x dense up, which keeps the default within 2 dense
+    # forwards on protocol P (0.3 took 2.03; all of them gained another 2 perplexity points);
+    # all of them below, where the cut is deep and the refit carries more (at 0.765 x: 48.61
+    # against 52.08 for a quarter; bench/README.md). Settled with the layout (layout.py).
+    refit_share: float | None = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -83,7 +84,7 @@ class SliceConfig:
         if self.target_params is not None and self.target_params < 1:
             raise SliceGPTError(f"target-params must be positive, got {self.target_params}")
         for name in ("basis_share", "refit_share"):
-            if not 0.0 < getattr(self, name) <= 1.0:
+            if getattr(self, name) is not None and not 0.0 < getattr(self, name) <= 1.0:
                 raise SliceGPTError(f"{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")
         if self.widths not in WIDTHS:
             raise SliceGPTError(f"widths must be {', '.join(WIDTHS[:-1])} or {WIDTHS[-1]}, got {self.widths!r}")

@@ -68,7 +68,7 @@ def add_slice_options(parser) -> None:
                              f"calibration sequences (default {defaults.basis_share:g}: all)")
     parser.add_argument("--refit-share", type=float, default=defaults.refit_share, metavar="F",
                         help="with shared bases, the refit fits on the first F of the calibration sequences "
-                             f"(default {defaults.refit_share:g})")
+                             "(default: 0.25 from 0.8 x dense up, all of them below)")
     parser.add_argument("--paper", action="store_true",
                         help="the paper's method exactly, for comparisons: --rotations block --pca raw "
                              "--widths uniform --no-refit --untie-head")

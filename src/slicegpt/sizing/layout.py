@@ -5,15 +5,24 @@ S of the width with a basis per block (two shortcuts per layer); `--target-param
 `--target-ratio` give it directly. Then auto spends that size on the layout that measured
 best there (protocol P on SmolLM2-135M, bench/README.md):
 
-- at 0.82-0.85 x dense, one basis for the whole model: no shortcuts, so the same size buys
-  a wider stream (45.78 at 0.821 x and 39.51 at 0.849 x, against 47.80 for per-block bases
-  at 0.834 x);
-- at 0.75-0.77 x, per-block bases: one basis cannot follow the stream through every layer
-  once this much is cut (71.14 at 0.751 x, against 57.34 at 0.767 x).
+- wherever the refit runs (`--refit auto` with enough calibration tokens, or `--refit`),
+  one basis for the whole model: no shortcuts, so the same size buys a wider stream, and
+  the refit carries the layers through the cut. It beat per-block bases of the same size
+  at every size measured on the passages neither saw (LAMBADA: 3.72 x dense against
+  9.09 x at 0.765 x, 5.33 x against 11.55 x at 0.70 x) and on WikiText-2 down to 0.765 x
+  (52.08 against 57.34); at 0.70 x per-block bases fit WikiText-2 better (68.52 against
+  91.22) but generalise worse. On a held-out 0.5B Qwen2 model one basis with the refit
+  was both smaller and far better (1.49 x dense against 2.78 x at 0.75-0.78 x).
+- without the refit, one basis still wins from 0.8 x dense up (45.78 at 0.821 x and 39.51
+  at 0.849 x, against 47.80 for per-block bases at 0.834 x), but below it cannot follow
+  the stream through every layer (71.14 at 0.751 x, against 57.34 at 0.767 x), so
+  per-block bases are kept there.
 
-The switch sits between the two, at 0.8 x dense. Families with post-norms (Gemma-2/3,
-OLMo-2) always keep per-block bases: on Gemma 3 270M one basis for the whole model gave
-perplexities above 1e9 at 0.85 x dense where per-block bases stay finite (bench/README.md).
+Groups of 10 layers with the refit lost to one basis at the same size (63.24 at 0.754 x,
+LAMBADA 6.67 x: their shortcuts cost width). Families with post-norms (Gemma-2/3, OLMo-2)
+always keep per-block bases: on Gemma 3 270M one basis for the whole model gave
+perplexities above 1e9 at 0.85 x dense where per-block bases stay finite
+(bench/README.md).
 
 `--widths auto` (the default) comes first: for families with post-norms it slices only the
 embeddings (`--widths embedding`, at the size asked for) where that keeps at least half
@@ -51,6 +60,10 @@ SHARED_FROM = 0.8  # real size / dense size from which one shared basis is used
 # too closely and the slice gets worse (SmolLM2, 25%: 2 sequences of 2048 tokens gave
 # 72.64 against 66.16 without it; 16 gave 39.89 against 43.01; bench/README.md).
 REFIT_MIN_TOKENS = 16 * 2048
+# `--refit-share auto`: the refit reads a quarter of the calibration sequences from 0.8 x
+# dense up (within 2 dense forwards at 25%) and all of them below, where it carries a deep
+# cut (SmolLM2 at 0.765 x: 48.61 against 52.08 for a quarter; bench/README.md).
+REFIT_SHARE_MILD, REFIT_SHARE_DEEP = 0.25, 1.0
 
 
 def requested_size(model: nn.Module, family: Family, config: SliceConfig) -> int:
@@ -78,11 +91,23 @@ def resolve_layout(model: nn.Module, family: Family, config: SliceConfig) -> Sli
     """`config` with `widths`, `rotations`, `pca` and `refit` "auto" settled (on the dense, unfused model)."""
     config = _resolve_widths(model, family, config)
     config = _resolve_rotations(model, family, config)
+    if config.refit_share is None:
+        config = dataclasses.replace(config, refit_share=_auto_refit_share(_is_deep(model, family, config)))
     if config.pca == "auto":
         config = dataclasses.replace(config, pca="normalized" if config.rotations == "model" else "raw")
     if config.refit is None:
         config = dataclasses.replace(config, refit=config.rotations != "block" and shared_refit_runs(config))
     return config
+
+
+def _auto_refit_share(deep: bool) -> float:
+    return REFIT_SHARE_DEEP if deep else REFIT_SHARE_MILD
+
+
+def _is_deep(model: nn.Module, family: Family, config: SliceConfig) -> bool:
+    """Whether the sliced model (config settled) is below SHARED_FROM x dense."""
+    size = parameter_budget(model, family, config) or uniform_size(model, family, config)
+    return size < SHARED_FROM * count_parameters(model)
 
 
 def refit_tokens(config: SliceConfig) -> int:
@@ -133,7 +158,8 @@ def _resolve_rotations(model: nn.Module, family: Family, config: SliceConfig) ->
     # Without the refit, one basis cannot follow the stream through a deep cut; with it, one
     # basis won at every size measured.
     deep = size < SHARED_FROM * count_parameters(model)
-    if deep and not shared_refit_runs(config) and (not capped or _fits(model, family, block, size)):
+    shared = dataclasses.replace(config, refit_share=config.refit_share or _auto_refit_share(deep))
+    if deep and not shared_refit_runs(shared) and (not capped or _fits(model, family, block, size)):
         return dataclasses.replace(block, target_params=size) if capped else block
     if not asked:  # the same size, spent on width
         return dataclasses.replace(config, rotations="model", target_params=size)
