@@ -7,12 +7,15 @@ For each model:
   WikiText-2 test, 128 new tokens each) and on one request, new tokens per second, and the
   ratio to dense in the same run.
 
-The models: the dense model; `--sparsity 0.25 --rotations model --round-to 72`, exported with
-`slicegpt export --format plain` (a LlamaForCausalLM that vLLM runs as it is), and the same
-sliced directory served through the plugin (same weights, so plugin against native code);
-`--sparsity 0.25 --rotations block --round-to 72` (shortcut matrices; the plugin only), at the
-same real size. Slices need little calibration for a speed measurement (8 x 512 tokens by
-default); they are kept in the scratch directory, so a second run reuses them.
+The models: the dense model; the default 25% slice (`--sparsity 0.25 --round-to 36`, which
+`--rotations auto` makes one basis for the whole model on SmolLM2, 468 wide: a width that
+the 9 heads divide, as transformers' Llama config requires), exported with `slicegpt export
+--format plain` (a LlamaForCausalLM that vLLM runs as it is), and the same sliced directory
+served through the plugin (same weights: the plugin against vLLM's own Llama); and
+`--sparsity 0.25 --rotations block --round-to 36` (432 wide with two shortcut matrices per
+layer, the same real size: the plugin only). Slices need little calibration for a speed
+measurement (8 x 512 tokens by default); they are kept in the scratch directory, so a
+second run reuses them.
 
 transformers runs here (the project's Python); vLLM runs in another Python
 (`--vllm-python`, made by bench/vllm_env.sh) through bench/vllm_measure.py, one model per
@@ -37,7 +40,7 @@ CAL_DATA = DATA / "wikitext-2-v1.validation.jsonl"
 TEST_DATA = DATA / "wikitext-2-raw-v1.test.jsonl"
 GREEDY_PROMPTS = ["The capital of France is", "In 1905, Albert Einstein published",
                   "The recipe calls for two cups of flour and", "def fibonacci(n):"]
-SLICES = {"block": ["--rotations", "block"], "model": ["--rotations", "model"]}
+SLICES = {"auto36": ["--round-to", "36"], "block36": ["--rotations", "block", "--round-to", "36"]}
 
 
 def cli(*args: str) -> None:
@@ -50,17 +53,17 @@ def make_models(scratch: Path, cal: list[str]) -> dict[str, Path]:
 
     dirs = {"dense": Path(resolve("smollm2-135m"))}
     for name, layout in SLICES.items():
-        out = scratch / f"smollm2-135m-25-{name}72"
+        out = scratch / f"smollm2-135m-25-{name}"
         if not (out / "config.json").is_file():
             print(f"slicing {name} ...", file=sys.stderr, flush=True)
-            cli("slice", "smollm2-135m", "--sparsity", "0.25", *layout, "--round-to", "72", "--cal-data",
+            cli("slice", "smollm2-135m", "--sparsity", "0.25", *layout, "--cal-data",
                 str(CAL_DATA), *cal, "--out", str(out), "--overwrite")
         dirs[f"sliced-{name}"] = out
-    plain = scratch / "smollm2-135m-25-model72-plain"
+    plain = scratch / "smollm2-135m-25-auto36-plain"
     if not (plain / "config.json").is_file():
-        cli("export", str(dirs["sliced-model"]), "--format", "plain", "--out", str(plain), "--overwrite")
+        cli("export", str(dirs["sliced-auto36"]), "--format", "plain", "--out", str(plain), "--overwrite")
     return {"dense": dirs["dense"], "plain 25% (one basis)": plain,
-            "plugin 25% (one basis)": dirs["sliced-model"], "plugin 25% (per block)": dirs["sliced-block"]}
+            "plugin 25% (one basis)": dirs["sliced-auto36"], "plugin 25% (per block)": dirs["sliced-block36"]}
 
 
 def describe(directory: Path) -> dict:
@@ -125,7 +128,10 @@ def run_vllm(vllm_python: str, job: dict, scratch: Path) -> dict:
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"vLLM failed on {job['model']}:\n{result.stderr[-6000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    lines = [line for line in result.stdout.splitlines() if line.startswith("result: ")]
+    if not lines:
+        raise SystemExit(f"vLLM printed no result for {job['model']}:\n{result.stdout[-3000:]}")
+    return json.loads(lines[-1][len("result: "):])
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 Runs in the vLLM environment (bench/vllm_env.sh), one model per process, started by
 bench/vllm.py: `python bench/vllm_measure.py JOB.json` reads the model directory and the
-token ids to run, and prints one JSON line. vLLM's engine starts processes of its own, hence
+token ids to run, and prints one line, "result: " and JSON. vLLM's engine starts processes of its own, hence
 the guarded entry point.
 
 Throughput is `LLM.generate` on every request at once (vLLM batches them as its scheduler
@@ -55,4 +55,4 @@ def measure(job: dict) -> dict:
 if __name__ == "__main__":
     with open(sys.argv[1]) as handle:
         job = json.load(handle)
-    print(json.dumps(measure(job)))
+    print("result: " + json.dumps(measure(job)), flush=True)  # vLLM logs on stdout too
