@@ -4,8 +4,10 @@ per block served through slicegpt's vLLM plugin.
 For each model:
 - greedy tokens: vLLM's against transformers' (float32 both) on a few prompts;
 - offline throughput: `LLM.generate` on 64 requests at once (prompts of 128 tokens from
-  WikiText-2 test, 128 new tokens each) and on one request, new tokens per second, and the
-  ratio to dense in the same run.
+  WikiText-2 test, 128 new tokens each) and on one request, new tokens per second (prefill
+  included), and the ratio to dense in the same run: every model stays loaded in a process
+  of its own and the models are timed in turns, round after round, so the ratio of a round
+  compares models under the same load; the medians over rounds are reported.
 
 The models: the dense model; the default 25% slice (`--sparsity 0.25 --round-to 36`, which
 `--rotations auto` makes one basis for the whole model on SmolLM2, 468 wide: a width that
@@ -19,7 +21,7 @@ second run reuses them.
 
 transformers runs here (the project's Python); vLLM runs in another Python
 (`--vllm-python`, made by bench/vllm_env.sh) through bench/vllm_measure.py, one model per
-process.
+process (1 GiB of KV cache each unless VLLM_CPU_KVCACHE_SPACE says otherwise).
 
     python bench/vllm.py --vllm-python /work/vllm-venv/bin/python
 """
@@ -120,18 +122,42 @@ def transformers_greedy(directory: Path, prompts: list[list[int]], new_tokens: i
     return out
 
 
-def run_vllm(vllm_python: str, job: dict, scratch: Path) -> dict:
-    job_file = scratch / "vllm_job.json"
-    job_file.write_text(json.dumps(job))
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"))
-    result = subprocess.run([vllm_python, str(ROOT / "bench" / "vllm_measure.py"), str(job_file)], env=env,
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"vLLM failed on {job['model']}:\n{result.stderr[-6000:]}")
-    lines = [line for line in result.stdout.splitlines() if line.startswith("result: ")]
-    if not lines:
-        raise SystemExit(f"vLLM printed no result for {job['model']}:\n{result.stdout[-3000:]}")
-    return json.loads(lines[-1][len("result: "):])
+class Engine:
+    """A bench/vllm_measure.py process holding one model in vLLM, asked for timed generates."""
+
+    def __init__(self, vllm_python: str, job: dict, scratch: Path, name: str):
+        slug = "".join(c if c.isalnum() else "-" for c in name)
+        job_file = scratch / f"vllm_job_{slug}.json"
+        job_file.write_text(json.dumps(job))
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+        self.log = scratch / f"vllm_{slug}.log"
+        self.process = subprocess.Popen([vllm_python, str(ROOT / "bench" / "vllm_measure.py"), str(job_file)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=self.log.open("w"), text=True, env=env)
+        self.ready = self.read("ready")
+
+    def read(self, tag: str) -> dict:
+        for line in self.process.stdout:
+            if line.startswith(f"{tag}: "):
+                return json.loads(line[len(tag) + 2:])
+        raise SystemExit(f"vLLM stopped (exit {self.process.wait()}); see {self.log}")
+
+    def ask(self, what: str) -> dict:
+        self.process.stdin.write(what + "\n")
+        self.process.stdin.flush()
+        return self.read("result")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.write("quit\n")
+            self.process.stdin.flush()
+            self.process.wait(timeout=120)
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def main() -> None:
@@ -143,7 +169,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--greedy-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=1, help="timed generates per setting (the best counts)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed generates per model and setting, in turns")
     parser.add_argument("--cal-samples", default="8")
     parser.add_argument("--cal-seqlen", default="512")
     parser.add_argument("--only", nargs="*", help="measure only these models (names as in the JSON)")
@@ -153,37 +179,56 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     models = make_models(args.scratch, ["--cal-samples", args.cal_samples, "--cal-seqlen", args.cal_seqlen])
+    models = {name: d for name, d in models.items() if not args.only or name in args.only or name == "dense"}
     tokenizer = AutoTokenizer.from_pretrained(models["dense"])
     greedy_prompts = [tokenizer(p)["input_ids"] for p in GREEDY_PROMPTS]
     job = {"greedy_prompts": greedy_prompts, "greedy_tokens": args.greedy_tokens, "new_tokens": args.new_tokens,
            "throughput_prompts": throughput_prompts(tokenizer, args.requests, args.prompt_tokens),
-           "batch": args.requests, "repeats": args.repeats, "dtype": "float32",
-           "max_model_len": args.prompt_tokens + args.new_tokens}
-
+           "batch": args.requests, "dtype": "float32", "max_model_len": args.prompt_tokens + args.new_tokens}
     data = {"command": "python bench/vllm.py " + " ".join(sys.argv[1:]),
             "date": datetime.date.today().isoformat(),
             "commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                                      text=True).stdout.strip(),
             "setting": {k: v for k, v in job.items() if k not in ("greedy_prompts", "throughput_prompts")},
             "greedy_prompts": GREEDY_PROMPTS, "load_average_before": [round(x, 2) for x in os.getloadavg()],
-            "note": "2 CPU cores shared with other work; compare ratios within one run", "models": {}}
+            "note": "2 CPU cores shared with other work: models are timed in turns, one round after another, and "
+                    "each ratio to dense is the median over rounds of that round's ratio", "models": {}}
+
+    expected = {}
     for name, directory in models.items():
-        if args.only and name not in args.only:
-            continue
-        print(f"{name}: {directory}", file=sys.stderr, flush=True)
-        expected = transformers_greedy(directory, greedy_prompts, args.greedy_tokens)
-        measured = run_vllm(args.vllm_python, {**job, "model": str(directory)}, args.scratch)
-        entry = {"directory": str(directory), **describe(directory), **measured,
-                 "greedy_equal_transformers": measured["greedy"] == expected}
-        if not entry["greedy_equal_transformers"]:
-            entry["greedy_transformers"] = expected
-        data["models"][name] = entry
-        print(json.dumps({k: entry[k] for k in ("greedy_equal_transformers", "batch", "single")}), file=sys.stderr)
-    dense = data["models"].get("dense")
-    if dense:
-        for entry in data["models"].values():
-            for label in ("batch", "single"):
-                entry[label]["vs_dense"] = round(entry[label]["tokens_per_s"] / dense[label]["tokens_per_s"], 3)
+        print(f"transformers: {name}", file=sys.stderr, flush=True)
+        expected[name] = transformers_greedy(directory, greedy_prompts, args.greedy_tokens)
+    engines = {}
+    try:
+        for name, directory in models.items():
+            print(f"vLLM: loading {name}", file=sys.stderr, flush=True)
+            engines[name] = Engine(args.vllm_python, {**job, "model": str(directory)}, args.scratch, name)
+            ready = engines[name].ready
+            entry = {"directory": str(directory), **describe(directory), "load_s": ready["load_s"],
+                     "vllm_version": ready["vllm_version"], "greedy_equal_transformers": ready["greedy"] == expected[name],
+                     "batch": {"runs": []}, "single": {"runs": []}}
+            if not entry["greedy_equal_transformers"]:
+                entry["greedy_vllm"], entry["greedy_transformers"] = ready["greedy"], expected[name]
+            data["models"][name] = entry
+        for round_index in range(args.rounds):
+            for setting in ("batch", "single"):
+                for name, engine in engines.items():
+                    run = engine.ask(setting)
+                    run["load_average_1min"] = round(os.getloadavg()[0], 2)
+                    data["models"][name][setting]["runs"].append(run)
+                    print(f"round {round_index + 1} {setting} {name}: {run['tokens_per_s']} tok/s", file=sys.stderr,
+                          flush=True)
+    finally:
+        for engine in engines.values():
+            engine.close()
+
+    dense = data["models"]["dense"]
+    for entry in data["models"].values():
+        for setting in ("batch", "single"):
+            runs = entry[setting]["runs"]
+            entry[setting]["tokens_per_s"] = round(median([r["tokens_per_s"] for r in runs]), 2)
+            entry[setting]["vs_dense"] = round(median([r["tokens_per_s"] / d["tokens_per_s"]
+                                                       for r, d in zip(runs, dense[setting]["runs"])]), 3)
     data["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=2) + "\n")

@@ -1,31 +1,36 @@
-"""One model in vLLM's offline engine: greedy tokens and generation throughput.
+"""One model in vLLM's offline engine: greedy tokens, then timed generates on request.
 
 Runs in the vLLM environment (bench/vllm_env.sh), one model per process, started by
-bench/vllm.py: `python bench/vllm_measure.py JOB.json` reads the model directory and the
-token ids to run, and prints one line, "result: " and JSON. vLLM's engine starts processes of its own, hence
-the guarded entry point.
-
-Throughput is `LLM.generate` on every request at once (vLLM batches them as its scheduler
-allows), and on one request: new tokens per second of wall time, prefill included, after a
-warm-up generate that compiles and fills the caches.
+bench/vllm.py: `python bench/vllm_measure.py JOB.json` loads the model the job names, runs
+the greedy prompts and a warm-up, prints "ready: {json}", then for every line "batch" or
+"single" on its standard input times one `LLM.generate` (every throughput request at once,
+or the first alone) and prints "result: {json}". bench/vllm.py keeps one such process per
+model and asks them in turns, so a load that changes during the run reaches every model
+alike. vLLM's engine starts processes of its own, hence the guarded entry point.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
 
-def timed(llm, prompts, params) -> tuple[float, int]:
+def timed(llm, prompts, params) -> dict:
     start = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - start
-    return elapsed, sum(len(o.outputs[0].token_ids) for o in outputs)
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return {"requests": len(prompts), "seconds": round(elapsed, 3), "new_tokens": tokens,
+            "tokens_per_s": round(tokens / elapsed, 2)}
 
 
-def measure(job: dict) -> dict:
+def say(tag: str, payload: dict) -> None:
+    print(f"{tag}: {json.dumps(payload)}", flush=True)  # vLLM logs on stdout too, hence the tag
+
+
+def serve(job: dict) -> None:
+    import vllm
     from vllm import LLM, SamplingParams
 
     started = time.perf_counter()
@@ -34,25 +39,21 @@ def measure(job: dict) -> dict:
     load_s = time.perf_counter() - started
     greedy = SamplingParams(temperature=0.0, max_tokens=job["greedy_tokens"], ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": p} for p in job["greedy_prompts"]], greedy, use_tqdm=False)
-    result = {"load_s": round(load_s, 1), "greedy": [list(o.outputs[0].token_ids) for o in outputs],
-              "vllm_version": __import__("vllm").__version__}
-
-    params = SamplingParams(temperature=0.0, max_tokens=job["new_tokens"], ignore_eos=True)
     prompts = job["throughput_prompts"]
+    params = SamplingParams(temperature=0.0, max_tokens=job["new_tokens"], ignore_eos=True)
     timed(llm, prompts[:4], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))  # warm-up
-    for label, batch in (("batch", prompts[: job["batch"]]), ("single", prompts[:1])):
-        runs = []
-        for _ in range(job["repeats"]):
-            elapsed, tokens = timed(llm, batch, params)
-            runs.append({"seconds": round(elapsed, 3), "new_tokens": tokens,
-                         "tokens_per_s": round(tokens / elapsed, 2)})
-        result[label] = {"requests": len(batch), "runs": runs,
-                         "tokens_per_s": max(r["tokens_per_s"] for r in runs)}
-    result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-    return result
+    say("ready", {"load_s": round(load_s, 1), "greedy": [list(o.outputs[0].token_ids) for o in outputs],
+                  "vllm_version": vllm.__version__})
+    for line in sys.stdin:
+        what = line.strip()
+        if what == "batch":
+            say("result", timed(llm, prompts[: job["batch"]], params))
+        elif what == "single":
+            say("result", timed(llm, prompts[:1], params))
+        elif what == "quit":
+            break
 
 
 if __name__ == "__main__":
     with open(sys.argv[1]) as handle:
-        job = json.load(handle)
-    print("result: " + json.dumps(measure(job)), flush=True)  # vLLM logs on stdout too
+        serve(json.load(handle))

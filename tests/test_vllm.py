@@ -88,8 +88,9 @@ def test_dense_model(tmp_path, tied):
 
 def test_plain_export_of_a_one_basis_slice(tmp_path):
     model = tiny("LlamaForCausalLM", tied=True)
+    family = family_for(model)
     slice_model(model, None, SliceConfig(sparsity=0.25, rotations="model"), random_batches(96, seqlen=32), progress=False)
-    plain = to_plain_model(model, family_for(model))
+    plain = to_plain_model(model, family)
     plain.save_pretrained(tmp_path / "plain")
     assert vllm_tokens(tmp_path / "plain") == transformers_tokens(model)
 
