@@ -9,15 +9,14 @@ For each model:
   of its own and the models are timed in turns, round after round, so the ratio of a round
   compares models under the same load; the medians over rounds are reported.
 
-The models: the dense model; the default 25% slice (`--sparsity 0.25 --round-to 36`, which
-`--rotations auto` makes one basis for the whole model on SmolLM2, 468 wide: a width that
-the 9 heads divide, as transformers' Llama config requires), exported with `slicegpt export
---format plain` (a LlamaForCausalLM that vLLM runs as it is), and the same sliced directory
-served through the plugin (same weights: the plugin against vLLM's own Llama); and
-`--sparsity 0.25 --rotations block --round-to 36` (432 wide with two shortcut matrices per
-layer, the same real size: the plugin only). Slices need little calibration for a speed
-measurement (8 x 512 tokens by default); they are kept in the scratch directory, so a
-second run reuses them.
+The models: the dense model; `--sparsity 0.25 --rotations model --round-to 72` (one basis for
+the whole model, 432 wide: a width the 9 heads divide, as transformers' Llama config
+requires), exported with `slicegpt export --format plain` (a LlamaForCausalLM that vLLM runs
+as it is), and the same sliced directory served through the plugin (same weights: the
+plugin against vLLM's own Llama); and `--sparsity 0.25 --rotations block --round-to 72`
+(432 wide with two shortcut matrices per layer: the plugin only). Slices need little
+calibration for a speed measurement (8 x 512 tokens by default); they are kept in the
+scratch directory, so a second run reuses them.
 
 transformers runs here (the project's Python); vLLM runs in another Python
 (`--vllm-python`, made by bench/vllm_env.sh) through bench/vllm_measure.py, one model per
@@ -42,7 +41,7 @@ CAL_DATA = DATA / "wikitext-2-v1.validation.jsonl"
 TEST_DATA = DATA / "wikitext-2-raw-v1.test.jsonl"
 GREEDY_PROMPTS = ["The capital of France is", "In 1905, Albert Einstein published",
                   "The recipe calls for two cups of flour and", "def fibonacci(n):"]
-SLICES = {"auto36": ["--round-to", "36"], "block36": ["--rotations", "block", "--round-to", "36"]}
+SLICES = {"model72": ["--rotations", "model", "--round-to", "72"], "block72": ["--rotations", "block", "--round-to", "72"]}
 
 
 def cli(*args: str) -> None:
@@ -61,11 +60,11 @@ def make_models(scratch: Path, cal: list[str]) -> dict[str, Path]:
             cli("slice", "smollm2-135m", "--sparsity", "0.25", *layout, "--cal-data",
                 str(CAL_DATA), *cal, "--out", str(out), "--overwrite")
         dirs[f"sliced-{name}"] = out
-    plain = scratch / "smollm2-135m-25-auto36-plain"
+    plain = scratch / "smollm2-135m-25-model72-plain"
     if not (plain / "config.json").is_file():
-        cli("export", str(dirs["sliced-auto36"]), "--format", "plain", "--out", str(plain), "--overwrite")
+        cli("export", str(dirs["sliced-model72"]), "--format", "plain", "--out", str(plain), "--overwrite")
     return {"dense": dirs["dense"], "plain 25% (one basis)": plain,
-            "plugin 25% (one basis)": dirs["sliced-auto36"], "plugin 25% (per block)": dirs["sliced-block36"]}
+            "plugin 25% (one basis)": dirs["sliced-model72"], "plugin 25% (per block)": dirs["sliced-block72"]}
 
 
 def describe(directory: Path) -> dict:
@@ -172,6 +171,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed generates per model and setting, in turns")
     parser.add_argument("--cal-samples", default="8")
     parser.add_argument("--cal-seqlen", default="512")
+    parser.add_argument("--eager", action="store_true",
+                        help="vLLM without torch.compile or graph capture (starts in seconds rather than minutes)")
     parser.add_argument("--only", nargs="*", help="measure only these models (names as in the JSON)")
     args = parser.parse_args()
     args.scratch.mkdir(parents=True, exist_ok=True)
@@ -184,7 +185,8 @@ def main() -> None:
     greedy_prompts = [tokenizer(p)["input_ids"] for p in GREEDY_PROMPTS]
     job = {"greedy_prompts": greedy_prompts, "greedy_tokens": args.greedy_tokens, "new_tokens": args.new_tokens,
            "throughput_prompts": throughput_prompts(tokenizer, args.requests, args.prompt_tokens),
-           "batch": args.requests, "dtype": "float32", "max_model_len": args.prompt_tokens + args.new_tokens}
+           "batch": args.requests, "dtype": "float32", "max_model_len": args.prompt_tokens + args.new_tokens,
+           "enforce_eager": args.eager}
     data = {"command": "python bench/vllm.py " + " ".join(sys.argv[1:]),
             "date": datetime.date.today().isoformat(),
             "commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -35,7 +35,7 @@ def serve(job: dict) -> None:
 
     started = time.perf_counter()
     llm = LLM(model=job["model"], dtype=job.get("dtype", "float32"), max_model_len=job["max_model_len"],
-              max_num_seqs=job["batch"], seed=0)
+              max_num_seqs=job["batch"], enforce_eager=job.get("enforce_eager", False), seed=0)
     load_s = time.perf_counter() - started
     greedy = SamplingParams(temperature=0.0, max_tokens=job["greedy_tokens"], ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": p} for p in job["greedy_prompts"]], greedy, use_tqdm=False)
