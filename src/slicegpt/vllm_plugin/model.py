@@ -167,15 +167,25 @@ class SlicedDecoderLayer(nn.Module):
         self.mlp_shortcut = shortcut(w_mid, w_out, "mlp" in absent, f"{prefix}.mlp_shortcut")
 
     @staticmethod
-    def residual(path: ReplicatedLinear | None, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def through(path: ReplicatedLinear | None, x: torch.Tensor) -> torch.Tensor:
+        """The stream carried across a residual path: x S^T, or x itself."""
         if path is None:
-            return x + out
+            return x
         mapped, _ = path(x)
-        return mapped + out
+        return mapped
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        x = self.residual(self.attn_shortcut, x, self.self_attn(positions, self.input_layernorm(x)))
-        return self.residual(self.mlp_shortcut, x, self.mlp(self.post_attention_layernorm(x)))
+    def forward(self, positions: torch.Tensor, h: torch.Tensor,
+                stream: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """As vLLM's Llama layer: the last branch's output `h` is added to the stream inside the
+        next norm (one fused kernel), so the layer takes and returns (branch output, stream);
+        a shortcut maps the stream before the branch's output joins it."""
+        if stream is None:  # the first layer: h is the embeddings
+            stream, h = h, self.input_layernorm(h)
+        else:
+            h, stream = self.input_layernorm(h, stream)
+        h = self.self_attn(positions, h)
+        h, stream = self.post_attention_layernorm(h, self.through(self.attn_shortcut, stream))
+        return self.mlp(h), self.through(self.mlp_shortcut, stream)
 
 
 class SlicedFinalNorm(nn.Module):
@@ -187,8 +197,8 @@ class SlicedFinalNorm(nn.Module):
         self.map = None if embedding_width is None else ReplicatedLinear(width, embedding_width, bias=False,
                                                                          prefix="model.norm.map")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x)
+    def forward(self, h: torch.Tensor, stream: torch.Tensor) -> torch.Tensor:
+        x, _ = self.norm(h, stream)
         if self.map is not None:
             x, _ = self.map(x)
         return x
@@ -218,10 +228,11 @@ class SlicedModel(nn.Module):
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None = None,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        x = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        h = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        stream = None
         for layer in self.layers:
-            x = layer(positions, x)
-        return self.norm(x)
+            h, stream = layer(positions, h, stream)
+        return self.norm(h, stream)
 
 
 class SlicedForCausalLM(nn.Module):
