@@ -49,6 +49,8 @@ def test_save_and_load_with_slicegpt(tmp_path, arch):
     assert (tmp_path / "out" / "model.safetensors").exists()
     assert not list((tmp_path / "out").glob("*.bin")), "only safetensors, never pickles"
     assert json.loads((tmp_path / "out" / REPORT_FILE).read_text()) == {"params": {}}
+    # Serving engines pick their model by this name: the base class's code cannot run the slice.
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == [f"Sliced{arch}"]
     loaded = load_sliced(tmp_path / "out", attn_implementation="eager")  # as the tiny model in memory
     assert torch.equal(loaded(ids).logits, expected)
 

@@ -156,6 +156,7 @@ def test_loads_with_remote_code(tmp_path):
     path = _sharded(tmp_path, tied=True)
     config = SliceConfig(sparsity=0.25)
     streamed = _streamed(path, config, random_batches(96), tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["SlicedLlamaForCausalLM"]
     remote = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
     _assert_same(streamed, remote)
 

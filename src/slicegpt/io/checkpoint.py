@@ -60,6 +60,21 @@ def atomic_directory(out: Path, overwrite: bool, write) -> None:
 AUTO_MAP = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.SlicedForCausalLM"}
 
 
+def sliced_architecture(slicing: dict) -> str:
+    """The architecture a sliced directory's config.json names: not the base class, whose code
+    cannot run it, but the name of the class its modeling file builds. Serving engines pick
+    their model by this name (slicegpt's vLLM plugin registers `Sliced<Base>`)."""
+    return f"Sliced{slicing['base_architecture']}"
+
+
+def name_sliced_architecture(directory: Path, slicing: dict) -> None:
+    """save_pretrained writes the in-memory class's name; a sliced directory names its own."""
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    config["architectures"] = [sliced_architecture(slicing)]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def write_sliced(model: nn.Module, tokenizer, directory: Path, extra_files: dict[str, str | bytes] | None = None) -> None:
     """Write a sliced model into an existing directory, with its modeling file where it needs one.
 
@@ -73,6 +88,7 @@ def write_sliced(model: nn.Module, tokenizer, directory: Path, extra_files: dict
         # split per expert, renamed heads) are skipped on load for remote-code classes, so
         # reverting them on save would leave keys that nothing maps back.
         model.save_pretrained(directory, safe_serialization=True, save_original_format=False)
+        name_sliced_architecture(directory, model.config.slicing)
     write_companion_files(model.config, tokenizer, directory, extra_files)
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from slicegpt.architectures.families import family_for
 from slicegpt.config import SliceConfig
-from slicegpt.io.checkpoint import AUTO_MAP, check_output_dir, write_companion_files
+from slicegpt.io.checkpoint import AUTO_MAP, check_output_dir, sliced_architecture, write_companion_files
 from slicegpt.io.permissions import ordinary_permissions
 from slicegpt.io.shards import SafetensorsCheckpoint, write_index
 from slicegpt.method.slicing import SliceResult
@@ -99,7 +99,7 @@ class StreamingRun:
 
         config = self.model.config
         config.auto_map = AUTO_MAP
-        config.architectures = [type(self.model).__name__]
+        config.architectures = [sliced_architecture(config.slicing)]
         config.dtype = self.dtype
         write_index(self.directory)
         config.save_pretrained(self.directory)
