@@ -101,3 +101,11 @@ def test_streamed_run_keeps_the_same_importance(tmp_path, rotations):
     for name, values in reference.importance.items():
         torch.testing.assert_close(torch.tensor(streamed.importance[name]), torch.tensor(values), rtol=1e-5, atol=1e-7)
     assert streamed.importance_tokens == reference.importance_tokens
+
+
+def test_shared_bases_leave_the_readers_out_where_holding_their_covariances_is_too_large():
+    from slicegpt.method.importance import holds_reader_covariances
+
+    assert holds_reader_covariances(576, 61, None)  # SmolLM2-135M, one basis: 81 MB
+    assert not holds_reader_covariances(4096, 65, None)  # a 7B shape, one basis: 4.4 GB
+    assert holds_reader_covariances(4096, 65, 1)  # one basis per layer holds three at a time

@@ -16,7 +16,8 @@ weights a quantizer spends its error as if every coordinate carried the same sig
 Per-block bases run every block as it is kept, so hooks read all its linears' inputs exactly.
 Shared bases take the readers' from the dense pass's normed covariances, each held (float32,
 width^2) until its group's basis is fixed: with one basis for the model, 2L+1 of them at once
-(SmolLM2-135M: 81 MB; a 4096-wide 32-layer model: 4.4 GB). The projections' inputs come from
+(SmolLM2-135M: 81 MB; a 4096-wide 32-layer model: 4.4 GB, over HOLD_LIMIT_BYTES, so there the
+readers are left out). The projections' inputs come from
 the dense pass there too (the sliced model's differ by its error).
 
 Names are the plain model's module paths ("model.layers.0.self_attn.q_proj"); values are
@@ -35,6 +36,17 @@ from slicegpt.method.pca import _comm_device, _distributed
 from slicegpt.method.points import EMBEDDINGS, layer_of, layer_output, mlp_input
 
 IMPORTANCE_FILE = "importance.safetensors"
+# Shared bases hold the readers' covariances only up to this many bytes at once: past it (a
+# 4096-wide model with one basis would hold 4.4 GB) the readers' importance is left out, so
+# that keeping it never costs a large model its memory bound; the projections' is kept.
+HOLD_LIMIT_BYTES = 1 << 30
+
+
+def holds_reader_covariances(width: int, points: int, group_size: int | None) -> bool:
+    """Whether a shared-basis pass keeps the readers' importance: the covariances one group
+    holds until its basis is fixed (float32, width^2 each) stay under HOLD_LIMIT_BYTES."""
+    held = points if group_size is None else min(points, 2 * group_size + 1)
+    return held * width * width * 4 <= HOLD_LIMIT_BYTES
 
 
 class InputSquares:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from slicegpt.architectures.modeling_sliced import stream_weight
 from slicegpt.config import SliceConfig
-from slicegpt.method.importance import InputSquares, kept_diagonal, readers_of
+from slicegpt.method.importance import InputSquares, holds_reader_covariances, kept_diagonal, readers_of
 from slicegpt.method.pca import CovarianceAccumulator
 from slicegpt.method.refit import dense_copy, refit_layer
 from slicegpt.method.rotation import change_basis, rotate_input
@@ -179,17 +179,21 @@ def _shared_bases(store, config: SliceConfig, acts, kwargs, rule: WidthRule) -> 
     grouping = GroupBases(names, store.layer_count, config.group_size, rule, joint, mean_axis=store.mean_axis)
     handles: dict[str, str] = {}
     squares, pending, importance = InputSquares(), {}, {}
-    tokens = 0
+    tokens, hold = 0, None
 
     def count(name: str, found: CovarianceAccumulator) -> None:
-        nonlocal tokens
-        if name in grouping.names:
+        nonlocal tokens, hold
+        if hold is None:  # decided on the first point, whose width every point shares
+            hold = holds_reader_covariances(found.normalized.shape[0], len(names), config.group_size)
+        if hold and name in grouping.names:
             pending[name] = (found.normalized.float().cpu(), found.tokens)
         done = grouping.add(name, found.sum)
         if done:
             group, basis = done
             handles.update(dict.fromkeys(group, store.keep_basis(basis, f"group{grouping.group_of[group[0]]:05d}")))
             for member in group:
+                if member not in pending:
+                    continue
                 normed, tokens = pending.pop(member)
                 for reader in readers_of(member, store.family, store.layer_count, store.family.parallel):
                     importance[reader] = kept_diagonal(normed, tokens, basis)
