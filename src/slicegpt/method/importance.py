@@ -71,9 +71,10 @@ class InputSquares:
 
     @contextmanager
     def watching(self, layer: nn.Module, paths: dict[str, str]):
-        """Sum the inputs of the modules at `paths` (path in `layer` -> name) while the block runs."""
-        handles = [get_module(layer, path).register_forward_pre_hook(
-            lambda module, args, name=name: self.add(name, args[0])) for path, name in paths.items()]
+        """Sum the inputs of the modules at `paths` (path in `layer` -> name) while the block runs.
+        A path that is no module (fused expert weights of a mixture of experts) is skipped."""
+        handles = [module.register_forward_pre_hook(lambda module, args, name=name: self.add(name, args[0]))
+                   for path, name in paths.items() if (module := _module_at(layer, path)) is not None]
         try:
             yield self
         finally:
@@ -94,6 +95,13 @@ class InputSquares:
 
     def means(self) -> dict[str, list[float]]:
         return {name: (total / max(self.tokens[name], 1)).float().tolist() for name, total in self.sums.items()}
+
+
+def _module_at(layer: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return get_module(layer, path)
+    except AttributeError:
+        return None
 
 
 def kept_diagonal(covariance: torch.Tensor, tokens: int, basis: torch.Tensor) -> list[float]:
