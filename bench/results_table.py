@@ -51,8 +51,8 @@ MODELS = [
     ("dense+rft", "dense, then the same fine-tuning", ("rft.jsonl", "dense+rft"), None),
     ("refit-20", "`--sparsity 0.20` (default: one basis, refit)", ("protocol_p_default_refit.json", 0.2), None),
     ("default-20", "`--sparsity 0.20 --no-refit`", None, None),
-    ("refit-30", "`--sparsity 0.30` (default: one basis, refit)",
-     ("protocol_p_layouts.json", (0.3, "rotations=model,refit=true,target_params=103148800")), None),
+    ("refit-30", "`--sparsity 0.30` (default: one basis, refit over every sequence)",
+     ("protocol_p_layouts.json", (0.3, "rotations=model,refit=true,refit_share=1.0,target_params=103148800")), None),
     ("default-30", "`--sparsity 0.30 --rotations block` (the default before: per-block bases, no refit)",
      ("protocol_p_default_refit.json", 0.3), None),
 ]

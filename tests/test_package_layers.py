@@ -13,9 +13,10 @@ LAYERS = [
     {"method"},
     {"sizing"},
     {"io"},
+    {"validation"},
     {"evaluation"},
     {"running"},
-    {"commands", "cli", "__init__"},
+    {"commands", "cli", "__init__", "vllm_plugin"},
 ]
 
 

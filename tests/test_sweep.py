@@ -34,4 +34,4 @@ def test_sweep_refuses_bad_sparsities_before_work(tiny_model_dir, tmp_path, caps
         assert code == 2
     assert not (tmp_path / "never").exists()
     error = capsys.readouterr().err
-    assert "comma-separated numbers" in error and "sparsity must be in [0, 1)" in error
+    assert "comma-separated numbers" in error and "--sparsities: each must be in [0, 1), got 1.5" in error
