@@ -8,10 +8,10 @@ best there (protocol P on SmolLM2-135M, bench/README.md):
 - wherever the refit runs (`--refit auto` with enough calibration tokens, or `--refit`),
   one basis for the whole model: no shortcuts, so the same size buys a wider stream, and
   the refit carries the layers through the cut. It beat per-block bases of the same size
-  at every size measured on the passages neither saw (LAMBADA: 3.72 x dense against
-  9.09 x at 0.765 x, 5.33 x against 11.55 x at 0.70 x) and on WikiText-2 down to 0.765 x
-  (52.08 against 57.34); at 0.70 x per-block bases fit WikiText-2 better (68.52 against
-  91.22) but generalise worse. On a held-out 0.5B Qwen2 model one basis with the refit
+  at every size measured on the passages neither saw (LAMBADA: 3.42 x dense against
+  9.09 x at 0.765 x, 5.00 x against 11.55 x at 0.70 x) and on WikiText-2 down to 0.765 x
+  (48.61 against 57.34); at 0.70 x per-block bases fit WikiText-2 better (68.52 against
+  78.35) but generalise worse. On a held-out 0.5B Qwen2 model one basis with the refit
   was both smaller and far better (1.49 x dense against 2.78 x at 0.75-0.78 x).
 - without the refit, one basis still wins from 0.8 x dense up (45.78 at 0.821 x and 39.51
   at 0.849 x, against 47.80 for per-block bases at 0.834 x), but below it cannot follow
