@@ -175,3 +175,12 @@ def test_paper_preset_refuses_other_method_options(tiny_model_dir, tmp_path, cap
     err = capsys.readouterr().err
     assert code == 2 and "--paper uses" in err, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("extra,reason", [(["--no-refit"], "--no-refit turns it off"),
+                                          ([], "calibration tokens of the")])
+def test_the_cli_says_why_auto_keeps_a_basis_per_block(tiny_model_dir, tmp_path, capsys, extra, reason):
+    out = tmp_path / "o"
+    assert main(["slice", str(tiny_model_dir), "--sparsity", "0.5", "--out", str(out), *CAL, *extra]) == 0
+    said = capsys.readouterr()
+    assert "rotations auto: a basis per block" in said.out + said.err and reason in said.out + said.err

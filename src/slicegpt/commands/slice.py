@@ -69,6 +69,8 @@ def resolve_for_cli(args, model, family, config: SliceConfig) -> SliceConfig:
                 else "only the embeddings sliced (a family with post-norms)" if resolved.widths == "embedding"
                 else "a basis per block (per-point widths)" if resolved.widths != "uniform"
                 else "a basis per block (a family with post-norms)" if family.attn_post_norm or family.mlp_post_norm
+                else f"a basis per block (below {SHARED_FROM} x dense, one basis cannot follow the stream without "
+                     "the refit, and --no-refit turns it off)" if config.refit is False
                 else f"a basis per block (below {SHARED_FROM} x dense without the refit, one basis cannot follow "
                      f"the stream; the refit would read {refit_tokens(resolved):,} calibration tokens of the "
                      f"{REFIT_MIN_TOKENS:,} it needs)")
