@@ -29,30 +29,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from slicegpt.method.importance import InputSquares
+
 ROOT = Path(__file__).resolve().parents[1]
 CAL_DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "wikitext-2-v1.validation.jsonl"
 RESULTS = ROOT / "bench" / "results" / "quant_error.json"
 
 
 def input_squares(model: nn.Module, batches: list[dict]) -> dict[str, torch.Tensor]:
-    sums, counts, handles = {}, {}, []
-
-    def hook(name):
-        def add(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return add
-
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            handles.append(module.register_forward_pre_hook(hook(name)))
-    with torch.no_grad():
+    """Mean squares of every linear's input per column, by the slicing run's own accumulator."""
+    paths = {name: name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    squares = InputSquares()
+    with torch.no_grad(), squares.watching(model, paths):
         for batch in batches:
             model(input_ids=batch["input_ids"])
-    for handle in handles:
-        handle.remove()
-    return {name: sums[name] / counts[name] for name in sums}
+    return {name: total / squares.tokens[name] for name, total in squares.sums.items()}
 
 
 def quantized(weight: np.ndarray, qtype: str) -> np.ndarray:

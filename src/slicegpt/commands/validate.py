@@ -65,14 +65,18 @@ def validate_slice(args) -> list[Path]:
     fraction(args, "target_ratio", low_open=True, high_open=False)
     at_least(args, "target_params", 1)
     positive(args, "dist_timeout")
+    return _slicing_run(args, ppl_seqlen=args.ppl_seqlen if args.eval_ppl else None)
+
+
+def _slicing_run(args, ppl_seqlen: int | None) -> list[Path]:
+    """What slice and sweep share: the slicing options, the output and the model's config."""
     slice_options(args)
     check_output_location(args.out)
     check_not_input(args.out, args.model)
     config = read_config(args.model)
     if config is not None:
         check_sliceable(args.model, config)
-        check_positions(args.model, config, {"--cal-seqlen": args.cal_seqlen,
-                                             "--ppl-seqlen": args.ppl_seqlen if args.eval_ppl else None})
+        check_positions(args.model, config, {"--cal-seqlen": args.cal_seqlen, "--ppl-seqlen": ppl_seqlen})
         plain_widths(args, config)
     return [Path(args.out)]
 
@@ -83,15 +87,7 @@ def validate_sweep(args) -> list[Path]:
     for value in parse_sparsities(args.sparsities):
         if not 0 <= value < 1:
             raise SliceGPTError(f"--sparsities: each must be in [0, 1), got {value:g}")
-    slice_options(args)
-    check_output_location(args.out)
-    check_not_input(args.out, args.model)
-    config = read_config(args.model)
-    if config is not None:
-        check_sliceable(args.model, config)
-        check_positions(args.model, config, {"--cal-seqlen": args.cal_seqlen, "--ppl-seqlen": args.ppl_seqlen})
-        plain_widths(args, config)
-    return [Path(args.out)]
+    return _slicing_run(args, ppl_seqlen=args.ppl_seqlen)
 
 
 def validate_ppl(args) -> list[Path]:
