@@ -26,7 +26,9 @@ P's perplexity: the first 16 windows of 2048 tokens), on a third corpus neither 
 nor recovery sees (HellaSwag validation contexts, each followed by its correct ending, one
 passage per example, from example 500 on, past the examples zero-shot reads; read from
 ../shared/data/hellaswag/validation.jsonl), and zero-shot on the six tasks at 500
-examples each (zeroshot.py's machinery, lm-eval batch 8).
+examples each (zeroshot.py's machinery, lm-eval batch 8). Dense and the slice are the very models
+zeroshot.py measured (`dense`, `refit-25`): their zero-shot rows are taken from
+results/zeroshot.jsonl, naming its commit, instead of being measured again.
 
 Budget: 409,600 tokens per recipe (STEPS = 200 steps of 4 x 512), today's RFT budget, so
 recipe a is bench/rft.py's fine-tune unchanged. Per-token rates on this 2-core CPU, from
@@ -113,6 +115,9 @@ RECIPES = {
     "slice-teacher-cal": {"student": "slice", "cal": "teacher"},
 }
 CORPORA = {"wikitext2": WIKITEXT_TEST, "lambada": LAMBADA, "hellaswag_text": HELLASWAG}
+# zeroshot.py measured these very models with the same machinery (lm-eval, 500 examples, batch 8):
+# their rows are taken over rather than spending about half an hour a model again.
+ZEROSHOT_MODELS = {"dense": "dense", "slice": "refit-25"}
 
 
 def third_corpus() -> list[str]:
@@ -283,6 +288,19 @@ class Bench:
         return [r["text"] for r in read_teacher_text(path, config.tokens)], {"source": f"teacher_text:{path.name}",
                                                                              **summary}
 
+    def borrowed_zeroshot(self, name: str, task: str) -> dict | None:
+        """zeroshot.py's row for the same model and task at the same limit, or None."""
+        model = ZEROSHOT_MODELS.get(name)
+        if self.quick or model is None:
+            return None
+        for row in reversed(zeroshot.read_rows(zeroshot.ROWS)):
+            if row["model"] == model and row["task"] == task and row["limit"] == self.settings["zeroshot_limit"]:
+                return {"metrics": row["metrics"], "limit": row["limit"], "versions": row.get("versions"),
+                        "seconds": row["seconds"], "borrowed_from": {"file": zeroshot.ROWS.name, "model": model,
+                                                                    "commit": row["commit"],
+                                                                    "finished": row["finished"]}}
+        return None
+
     def run(self, names: list[str], zeroshot_on: bool) -> None:
         import torch
 
@@ -318,6 +336,8 @@ class Bench:
                     row["ppl"] = perplexity(model, tokenizer, corpus_texts(evaluation), chunks=ppl["chunks"],
                                             seqlen=ppl["seqlen"], progress=False)["ppl"]
                     row["ppl_settings"] = ppl
+                elif (borrowed := self.borrowed_zeroshot(name, evaluation.split(":", 1)[1])) is not None:
+                    row |= borrowed
                 else:
                     task = evaluation.split(":", 1)[1]
                     scores = evaluate_zeroshot(model, tokenizer, [task], limit=self.settings["zeroshot_limit"],

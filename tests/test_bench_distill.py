@@ -50,3 +50,19 @@ def test_readme_gains_the_recovery_rows_once_they_exist(tmp_path):
     assert "40.00 (" in line and "%)" in line
     assert "cal-data teacher" not in text  # no rows for it; quick rows are not shown
     assert "bench/distill.py" in text
+
+
+def test_dense_and_slice_take_zero_shot_rows_over_from_zeroshot_py(tmp_path, monkeypatch):
+    distill = load_bench_script("distill")
+    measured = tmp_path / "zeroshot.jsonl"
+    for model in ("dense", "refit-25", "refit-20"):
+        distill.zeroshot.append_row(measured, {"model": model, "task": "piqa", "limit": 500, "seconds": 9.0,
+                                               "metrics": {"acc_norm": 0.6 if model == "refit-25" else 0.1},
+                                               "commit": "abc1234", "finished": "2026-12-01T00:00:00+00:00"})
+    monkeypatch.setattr(distill.zeroshot, "ROWS", measured)
+    bench = distill.Bench(quick=False, rows=tmp_path / "rows.jsonl", threads=2)
+    row = bench.borrowed_zeroshot("slice", "piqa")
+    assert row["metrics"] == {"acc_norm": 0.6} and row["borrowed_from"]["model"] == "refit-25"
+    assert bench.borrowed_zeroshot("slice", "arc_easy") is None  # not measured there
+    assert bench.borrowed_zeroshot("c-kl-teacher", "piqa") is None  # a new model is measured
+    assert distill.Bench(quick=True, rows=tmp_path / "q.jsonl", threads=2).borrowed_zeroshot("dense", "piqa") is None
