@@ -8,6 +8,8 @@
 # The tools land in CACHE_DIR/bin; put that on PATH (or pass --quantizer CACHE_DIR/bin/llama-quantize)
 # and `slicegpt export --quantize` uses llama-quantize, with an importance matrix.
 # Idempotent: a finished build is reused. Uses all cores at the lowest priority (nice 19).
+# How long the build took goes into CACHE_DIR/build_time.json (seconds, date, cores, the load
+# average before and after, the source); bench/llama_cpp_quant.py copies it into its results.
 #
 # llama.cpp's weight repacking is built off (-DGGML_CPU_REPACK=OFF) and AMX stays off: on a VM whose
 # CPU reports AMX, the AMX and repacked kernels for quantized types die with SIGILL. Run the tools
@@ -32,6 +34,8 @@ SOURCE="$CACHE/src/$(basename "$SDIST" .tar.gz)"
 [ -d "$SOURCE" ] || tar -xzf "$SDIST" -C "$CACHE/src"
 LLAMA="$SOURCE/vendor/llama.cpp"
 
+started=$(date +%s)
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 nice -n 19 cmake -S "$LLAMA" -B "$CACHE/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
   -DGGML_CPU_REPACK=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
   -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
@@ -40,4 +44,9 @@ nice -n 19 cmake --build "$CACHE/build" --config Release -j "$(nproc)" --target 
 for tool in "${TOOLS[@]}"; do
   cp "$CACHE/build/bin/$tool" "$CACHE/bin/$tool"
 done
-echo "llama.cpp $(basename "$SOURCE") tools in $CACHE/bin: ${TOOLS[*]}"
+cat >"$CACHE/build_time.json" <<JSON
+{"seconds": $(( $(date +%s) - started )), "date": "$(date +%Y-%m-%d)", "cores": $(nproc),
+ "load_average_before": "$load_before", "load_average_after": "$(cut -d' ' -f1-3 /proc/loadavg)",
+ "source": "$(basename "$SOURCE")", "tools": "${TOOLS[*]}"}
+JSON
+echo "llama.cpp $(basename "$SOURCE") tools in $CACHE/bin: ${TOOLS[*]} (built in $(( $(date +%s) - started )) s)"
