@@ -529,7 +529,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tools", default=os.environ.get("SLICEGPT_LLAMA_TOOLS", str(Path.home() / ".cache" / "slicegpt"
                                                                                  / "llama-tools")) + "/bin")
-    p.add_argument("--scratch", required=True, help="GGUF files, texts and per-row results (resumable)")
+    p.add_argument("--scratch", help="GGUF files, texts and per-row results (resumable); required but with --table")
     p.add_argument("--slices", default=None, help="where the slices are cached (default: the scratch dir)")
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="of " + ", ".join(MODELS).replace("%", "%%"))
     p.add_argument("--extra-model", action="append", default=[], metavar="NAME=DIR",
@@ -558,6 +558,8 @@ def main() -> None:
     if args.table:
         print(markdown_table(json.loads(RESULTS.read_text())["rows"]))
         return
+    if not args.scratch:
+        raise SystemExit("--scratch DIR is required")
     extras = parse_extra(args.extra_model)
     models = [m for m in args.models.split(",") if m] + list(extras)
     unknown = [m for m in models if m not in MODELS and m not in extras]
