@@ -369,6 +369,9 @@ class Bench:
             print(f"{model} holds no slicegpt importance: no {variant} rows", file=sys.stderr, flush=True)
             return None
         path, fallbacks = self.quantized(model, rotate, qtype, variant)
+        # Counts by type in the row; every tensor's name stays in the quantizer's log beside the file.
+        fallbacks = {**{k: v for k, v in fallbacks.items() if k != "tensors"},
+                     "first": [t["tensor"] for t in fallbacks["tensors"][:3]]}
         row = {**job, "bytes": path.stat().st_size, "cal_samples": self.args.cal_samples,
                "threads": self.args.threads, "fallbacks": fallbacks}
         print(f"{job['corpus']}: {slug(job, self.chunks)} ...", file=sys.stderr, flush=True)

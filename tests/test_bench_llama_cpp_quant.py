@@ -218,6 +218,8 @@ def test_a_killed_run_resumes_where_it_stopped(lq, tmp_path):
     by_key = {lq.row_key(r): r for r in rows}
     q4km = by_key[("25%", "auto", "Q4_K_M", "slicegpt", "lambada")]
     assert q4km["fallbacks"]["by_type"] == {"q4_K -> q5_0": 2, "q6_K -> q8_0": 1} and q4km["chunks"] == 4
+    assert q4km["fallbacks"]["count"] == 3 and q4km["fallbacks"]["first"][0] == "blk.0.attn_q.weight"
+    assert by_key[("25%", "none", "Q4_0", "none", "wikitext2")]["fallbacks"]["count"] == 0
     assert by_key[("25%", "none", "Q4_0", "none", "wikitext2")]["ppl_vs_own_f16"] == pytest.approx(26 / 20)
     assert by_key[("dense", "none", "Q4_0", "none", "wikitext2")]["chunks"] == 8
     assert by_key[("dense", "none", "F16", "none", lq.BENCH)]["tg_tokens_per_s"] == 61.25
