@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 from slicegpt.running import distributed
 from slicegpt.running.in_memory import calibration_data, slice_model
 from slicegpt.method.importance import IMPORTANCE_FILE, save_importance
-from slicegpt.io.checkpoint import CARD_FILE, REPORT_FILE, check_output_dir, save_sliced
+from slicegpt.io.checkpoint import CARD_FILE, REPORT_FILE, atomic_file, check_output_dir, save_sliced
 from slicegpt.io.export import plain_model
 from slicegpt.io.model_card import model_card
-from slicegpt.io.permissions import ordinary_permissions
 from slicegpt.config import SliceConfig
 from slicegpt.io.data import load_texts
 from slicegpt.errors import SliceGPTError
@@ -304,10 +302,7 @@ def rewrite_report(out: Path, report: dict, spectra: dict) -> None:
     files = {REPORT_FILE: json.dumps(report, indent=2) + "\n", CARD_FILE: model_card(report),
              **report_plots(report, spectra)}
     for name, content in files.items():
-        tmp = out / f".{name}.tmp"
-        tmp.write_bytes(content if isinstance(content, bytes) else content.encode())
-        ordinary_permissions(tmp)
-        os.replace(tmp, out / name)
+        atomic_file(out / name, content)
 
 
 def choose_engine(args, config: SliceConfig) -> tuple[bool, str]:

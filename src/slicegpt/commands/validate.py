@@ -18,7 +18,7 @@ from slicegpt.validation.model_config import (attention_heads, check_known_type,
                                               plain_step, plain_width_message, read_config)
 from slicegpt.validation.options import (at_least, check_device, check_ppl_options, check_threads, fraction,
                                          positive)
-from slicegpt.validation.outputs import check_not_input, check_output_location
+from slicegpt.validation.outputs import check_not_input, check_output_location, check_writes
 
 
 def model_options(args) -> None:
@@ -104,12 +104,12 @@ def validate_eval(args) -> list[Path]:
     at_least(args, "limit", 1)
     at_least(args, "batch_size", 1)
     model_options(args)
-    if args.out:
+    if args.out is not None:
         check_output_location(args.out)
     config = read_config(args.model)
     if config is not None:
         check_known_type(args.model, config)
-    return [Path(args.out)] if args.out else []
+    return [Path(args.out)] if args.out is not None else []
 
 
 def validate_finetune(args) -> list[Path]:
@@ -153,7 +153,7 @@ def validate_export(args) -> list[Path]:
 def validate_bench(args) -> list[Path]:
     at_least(args, "warmup", 0)
     model_options(args)
-    if args.out:
+    if args.out is not None:
         check_output_location(args.out, kind="file")
     for name in [args.model] + ([args.compare] if args.compare else []):
         config = read_config(name)
@@ -161,14 +161,32 @@ def validate_bench(args) -> list[Path]:
             check_known_type(name, config)
             if args.prompt_len >= 1 and args.new_tokens >= 1:
                 check_positions(name, config, {"--prompt-len plus --new-tokens": args.prompt_len + args.new_tokens})
-    return [Path(args.out)] if args.out else []
+    return [Path(args.out)] if args.out is not None else []
 
 
 VALIDATORS = {"slice": validate_slice, "sweep": validate_sweep, "ppl": validate_ppl, "eval": validate_eval,
               "finetune": validate_finetune, "export": validate_export, "bench": validate_bench}
 
 
+# Options that may name a path the run reads, and how a refusal names each.
+READ_OPTIONS = {"model": "the model", "compare": "the --compare model", "teacher": "the --teacher model",
+                "cal_data": "the --cal-data text", "ppl_data": "the --ppl-data text", "data": "the --data text",
+                "heldout_data": "the --heldout-data text", "teacher_text": "the --teacher-text file",
+                "imatrix": "the --imatrix file", "data_dir": "the task data in --data-dir"}
+
+
+def read_paths(args) -> list[tuple[str, str]]:
+    """(what, path) for every option of this command line that names something the run reads."""
+    return [(what, value) for name, what in READ_OPTIONS.items() if isinstance(value := getattr(args, name, None), str)
+            and value]
+
+
 def validate(args) -> list[Path]:
     """Check the parsed command line; return the outputs this process holds while the run writes them."""
+    from slicegpt.io.models import cache_dir
+
+    out = getattr(args, "out", None)
+    # One guard for the output of every command, first: before a named model is converted into the cache.
+    check_writes([out] if out is not None else [], read_paths(args), cache_dir())
     outputs = VALIDATORS[args.command](args)
     return outputs if main_rank() else []
