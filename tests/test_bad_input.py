@@ -309,6 +309,38 @@ def test_gguf_output_that_would_destroy_the_file_or_its_conversion(tmp_path, cap
     assert {**tree(gguf_file), **tree(converted)} == before
 
 
+def test_gguf_files_of_one_name_and_size_are_two_models(tmp_path, monkeypatch):
+    """The converted copy is found by the file's bytes, not its name and size: in another folder,
+    or replaced in place, another model loads as itself."""
+    pytest.importorskip("gguf")
+    import torch
+    from test_gguf import GGUF_MODELS, _byte_tokens, write_tiny_gguf
+
+    from slicegpt.io.models import load_model
+
+    monkeypatch.setenv("SLICEGPT_CACHE", str(tmp_path / "cache"))
+    model_class, make_config = GGUF_MODELS["qwen2"]
+    dense = {}
+    for seed, folder in ((0, "a"), (1, "b")):
+        torch.manual_seed(seed)
+        dense[folder] = model_class(make_config(len(_byte_tokens()))).eval()
+        (tmp_path / folder).mkdir()
+        write_tiny_gguf(tmp_path / folder / "model.gguf", "qwen2", dense[folder])
+    assert (tmp_path / "a" / "model.gguf").stat().st_size == (tmp_path / "b" / "model.gguf").stat().st_size
+    ids = torch.arange(20).unsqueeze(0)
+
+    def logits(model):
+        with torch.no_grad():
+            return model(ids).logits
+
+    for folder in ("a", "b"):
+        loaded, _ = load_model(str(tmp_path / folder / "model.gguf"))
+        assert torch.allclose(logits(loaded), logits(dense[folder]), rtol=0, atol=1e-5), folder
+    (tmp_path / "a" / "model.gguf").write_bytes((tmp_path / "b" / "model.gguf").read_bytes())  # same size, in place
+    loaded, _ = load_model(str(tmp_path / "a" / "model.gguf"))
+    assert torch.allclose(logits(loaded), logits(dense["b"]), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["bench", "eval"])
 def test_empty_output_is_refused(tiny_model_dir, tmp_path, capsys, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
