@@ -186,6 +186,10 @@ def command(name, model, out):
     ("finetune", ["--seqlen", "1"], "--seqlen must be at least 2, got 1"),
     ("finetune", [*EVAL_PPL, "--ppl-seqlen", "0"], "--ppl-seqlen must be at least 2, got 0"),
     ("bench", ["--warmup", "-1"], "--warmup must be at least 0, got -1"),
+    # More than the machine can start or hold: refused with the bound, not a traceback mid-run.
+    ("ppl", ["--threads", "100000"], "--threads 100000 is more than this machine runs usefully: at most"),
+    ("bench", ["--threads", "100000"], "--threads 100000 is more than this machine runs usefully"),
+    ("bench", ["--batch-sizes", "1,1000000000"], "--batch-sizes 1000000000: 1000000000 sequences of 10 tokens"),
 ])
 def test_bad_option_value(tiny_model_dir, tmp_path, capsys, name, bad, message):
     refused(capsys, command(name, tiny_model_dir, tmp_path / "out") + bad, message, out=tmp_path / "out")

@@ -9,6 +9,7 @@ their own) costs nothing; a check made only later costs the user the run.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -155,13 +156,39 @@ def validate_bench(args) -> list[Path]:
     model_options(args)
     if args.out is not None:
         check_output_location(args.out, kind="file")
+    configs = {}
     for name in [args.model] + ([args.compare] if args.compare else []):
         config = read_config(name)
         if config is not None:
             check_known_type(name, config)
             if args.prompt_len >= 1 and args.new_tokens >= 1:
                 check_positions(name, config, {"--prompt-len plus --new-tokens": args.prompt_len + args.new_tokens})
+            configs[name] = config
+    bench_memory(args, configs)
     return [Path(args.out)] if args.out is not None else []
+
+
+def bench_memory(args, configs: dict[str, dict]) -> None:
+    """The largest of --batch-sizes fits in memory with the weights (what config.json and the
+    safetensors headers say; a model known only later is not counted)."""
+    from slicegpt.io.models import DTYPES, resolve
+    from slicegpt.io.shards import SafetensorsCheckpoint
+    from slicegpt.running.resources import check_generation_memory, dtype_bytes
+
+    try:
+        batch = max(int(b) for b in args.batch_sizes.split(","))
+    except ValueError:
+        return  # the command refuses it, naming the option
+    if batch < 1 or args.prompt_len < 1 or args.new_tokens < 1 or not configs:
+        return
+    dtype, parameters = DTYPES[args.dtype], 0
+    for name in configs:
+        try:
+            parameters += sum(math.prod(shape) for shape in SafetensorsCheckpoint(resolve(name)).shapes().values())
+        except (SliceGPTError, OSError):
+            pass  # weights not at hand before loading: counted as none
+    check_generation_memory(configs, parameters * dtype_bytes(dtype), batch, args.prompt_len, args.new_tokens, dtype,
+                            args.device)
 
 
 VALIDATORS = {"slice": validate_slice, "sweep": validate_sweep, "ppl": validate_ppl, "eval": validate_eval,
