@@ -190,6 +190,9 @@ def command(name, model, out):
     ("ppl", ["--threads", "100000"], "--threads 100000 is more than this machine runs usefully: at most"),
     ("bench", ["--threads", "100000"], "--threads 100000 is more than this machine runs usefully"),
     ("bench", ["--batch-sizes", "1,1000000000"], "--batch-sizes 1000000000: 1000000000 sequences of 10 tokens"),
+    # Every sparsity of a sweep is checked before the first is sliced.
+    ("sweep", ["--sparsities", "0.25,0.999"], "--sparsities 0.999: sparsity 0.999 with round-to 8 leaves no width"),
+    ("sweep", ["--sparsities", "0.101,0.104"], "would both be saved as sparsity-0.10"),
 ])
 def test_bad_option_value(tiny_model_dir, tmp_path, capsys, name, bad, message):
     refused(capsys, command(name, tiny_model_dir, tmp_path / "out") + bad, message, out=tmp_path / "out")

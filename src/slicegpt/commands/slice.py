@@ -77,6 +77,12 @@ def resolve_for_cli(args, model, family, config: SliceConfig) -> SliceConfig:
         say("refit auto: " + _refit_choice(resolved))
     if getattr(args, "round_for", None):
         say(describe_round_for(config, args.round_to, args.round_for, model.config.hidden_size))
+    check_plain_layout(args, resolved)
+    return resolved
+
+
+def check_plain_layout(args, resolved: SliceConfig) -> None:
+    """--plain needs the layout `auto` settled on to be one basis for the whole model."""
     if args.plain and resolved.widths == "embedding":
         raise SliceGPTError("--plain needs one basis for the whole model; here only the embeddings are sliced "
                             "(--widths auto, a family with post-norms), and a plain class has no place for the "
@@ -85,7 +91,6 @@ def resolve_for_cli(args, model, family, config: SliceConfig) -> SliceConfig:
         raise SliceGPTError(f"--plain needs one basis for the whole model, and at this size --rotations auto picks "
                             f"a basis per block (it shares one with the refit, or from {SHARED_FROM} x dense up); "
                             "pass --rotations model")
-    return resolved
 
 
 def run(args) -> int:
