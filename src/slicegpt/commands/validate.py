@@ -55,9 +55,13 @@ def plain_widths(args, config: dict) -> None:
         args.round_to = step
 
 
-def main_rank() -> bool:
-    """Under torchrun only rank 0 holds the outputs (every rank of one run writes into them)."""
-    return int(os.environ.get("RANK", "0")) == 0
+def holds_outputs(command: str) -> bool:
+    """Whether this process takes the lock on the outputs. Only `slice` coordinates the processes
+    torchrun starts (rank 0 holds the outputs that every rank of the run writes into); any other
+    command run in several processes has each write on its own, so each must hold the lock.
+    RANK alone says nothing: with WORLD_SIZE unset or 1 the process is the only writer."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return command != "slice" or world <= 1 or int(os.environ.get("RANK", "0") or 0) == 0
 
 
 def validate_slice(args) -> list[Path]:
@@ -216,4 +220,4 @@ def validate(args) -> list[Path]:
     # One guard for the output of every command, first: before a named model is converted into the cache.
     check_writes([out] if out is not None else [], read_paths(args), cache_dir())
     outputs = VALIDATORS[args.command](args)
-    return outputs if main_rank() else []
+    return outputs if holds_outputs(args.command) else []
