@@ -186,6 +186,13 @@ def command(name, model, out):
     ("finetune", ["--seqlen", "1"], "--seqlen must be at least 2, got 1"),
     ("finetune", [*EVAL_PPL, "--ppl-seqlen", "0"], "--ppl-seqlen must be at least 2, got 0"),
     ("bench", ["--warmup", "-1"], "--warmup must be at least 0, got -1"),
+    # More than the machine can start or hold: refused with the bound, not a traceback mid-run.
+    ("ppl", ["--threads", "100000"], "--threads 100000 is more than this machine runs usefully: at most"),
+    ("bench", ["--threads", "100000"], "--threads 100000 is more than this machine runs usefully"),
+    ("bench", ["--batch-sizes", "1,1000000000"], "--batch-sizes 1000000000: 1000000000 sequences of 10 tokens"),
+    # Every sparsity of a sweep is checked before the first is sliced.
+    ("sweep", ["--sparsities", "0.25,0.999"], "--sparsities 0.999: sparsity 0.999 with round-to 8 leaves no width"),
+    ("sweep", ["--sparsities", "0.101,0.104"], "would both be saved as sparsity-0.10"),
 ])
 def test_bad_option_value(tiny_model_dir, tmp_path, capsys, name, bad, message):
     refused(capsys, command(name, tiny_model_dir, tmp_path / "out") + bad, message, out=tmp_path / "out")
@@ -228,6 +235,155 @@ def test_output_that_would_replace_the_input(tiny_model_dir, tmp_path, capsys, n
         refused(capsys, command(name, model, out) + ["--overwrite"], "would replace the model the run reads")
     refused(capsys, command(name, model, ""), "--out is empty")
     assert sorted(p.name for p in model.iterdir()) == before
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    """Every file under `path` (or `path` itself), with its bytes."""
+    return {str(p): p.read_bytes() for p in ([path] if path.is_file() else sorted(path.rglob("*"))) if p.is_file()}
+
+
+@pytest.mark.parametrize("name,out,message", [
+    # The model itself, a folder that holds it, a file inside it: for every command that writes.
+    ("eval", "{model}", "would replace the model the run reads"),
+    ("eval", "{root}", "which it holds"),
+    ("sweep", "{model}/sweep", "lies inside the model the run reads"),
+    ("slice-streaming", "{root}", "which it holds"),
+    ("export-gguf", "{model}/model", "lies inside the model the run reads"),
+    ("bench", "{model}/config", "lies inside the model the run reads"),
+    ("finetune", "{model}/finetuned", "lies inside the model the run reads"),
+    ("eval", "{link}", "would replace the model the run reads"),  # another spelling of the model's folder
+    # The data the run reads.
+    ("slice", "{data}", "would replace the --cal-data text the run reads"),
+    ("sweep", "{data}", "would replace the --cal-data text the run reads"),
+    # slicegpt's cache: a named model's or a GGUF file's converted copy, the cache itself, a folder holding it.
+    ("slice", "{cache}/smollm2-135m", "lies in slicegpt's cache"),
+    ("eval", "{cache}/gguf/model-0123456789abcdef", "lies in slicegpt's cache"),
+    ("bench", "{cache}/results", "lies in slicegpt's cache"),
+    ("sweep", "{cache}", "lies in slicegpt's cache"),
+    ("finetune", "{home}", "holds slicegpt's cache"),
+])
+def test_output_that_would_destroy_what_the_run_reads(tiny_model_dir, tmp_path, capsys, monkeypatch, name, out,
+                                                      message):
+    """Refused with --overwrite too, before any work, and nothing read is touched."""
+    import shutil
+
+    home = tmp_path / "home"
+    cache = home / ".cache" / "slicegpt"
+    (cache / "smollm2-135m").mkdir(parents=True)
+    (cache / "smollm2-135m" / "config.json").write_text("{}")
+    monkeypatch.setenv("SLICEGPT_CACHE", str(cache))
+    root = tmp_path / "models"
+    model = shutil.copytree(tiny_model_dir, root / "model")
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(WIKITEXT_VALIDATION, data)
+    (tmp_path / "link").symlink_to(model)
+    fill = dict(model=model, root=root, data=data, cache=cache, home=home, link=tmp_path / "link")
+    argv = command(name, model, out.format(**fill)) + ["--overwrite"]
+    argv = [str(data / WIKITEXT_VALIDATION.name) if a == str(WIKITEXT_VALIDATION) else a for a in argv]
+    before = {**tree(root), **tree(data), **tree(home)}
+    refused(capsys, argv, message)
+    assert {**tree(root), **tree(data), **tree(home)} == before
+
+
+def test_named_model_output_in_the_cache_is_refused_before_converting(tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SLICEGPT_CACHE", str(cache))
+    refused(capsys, ["slice", "smollm2-135m", "--sparsity", "0.25", "--out", str(cache / "smollm2-135m"),
+                     "--overwrite", *CAL], "lies in slicegpt's cache")
+    assert not cache.exists()  # the embedded GGUF was not converted to be replaced
+
+
+def test_gguf_output_that_would_destroy_the_file_or_its_conversion(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("gguf")
+    import torch
+    from test_gguf import GGUF_MODELS, _byte_tokens, write_tiny_gguf
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SLICEGPT_CACHE", str(cache))
+    model_class, make_config = GGUF_MODELS["qwen2"]
+    torch.manual_seed(0)
+    gguf_file = tmp_path / "models" / "tiny.gguf"
+    gguf_file.parent.mkdir()
+    write_tiny_gguf(gguf_file, "qwen2", model_class(make_config(len(_byte_tokens()))))
+    assert main(["ppl", str(gguf_file), *PPL]) == 0  # converts it into the cache
+    converted = next((cache / "gguf").glob("tiny-*"))
+    before = {**tree(gguf_file), **tree(converted)}
+    for out, message in ((gguf_file.parent, "would replace the model the run reads"),
+                         (converted, "lies in slicegpt's cache")):
+        refused(capsys, ["slice", str(gguf_file), "--sparsity", "0.25", "--out", str(out), "--overwrite", *CAL],
+                message)
+    assert {**tree(gguf_file), **tree(converted)} == before
+
+
+def test_gguf_files_of_one_name_and_size_are_two_models(tmp_path, monkeypatch):
+    """The converted copy is found by the file's bytes, not its name and size: in another folder,
+    or replaced in place, another model loads as itself."""
+    pytest.importorskip("gguf")
+    import torch
+    from test_gguf import GGUF_MODELS, _byte_tokens, write_tiny_gguf
+
+    from slicegpt.io.models import load_model
+
+    monkeypatch.setenv("SLICEGPT_CACHE", str(tmp_path / "cache"))
+    model_class, make_config = GGUF_MODELS["qwen2"]
+    dense = {}
+    for seed, folder in ((0, "a"), (1, "b")):
+        torch.manual_seed(seed)
+        dense[folder] = model_class(make_config(len(_byte_tokens()))).eval()
+        (tmp_path / folder).mkdir()
+        write_tiny_gguf(tmp_path / folder / "model.gguf", "qwen2", dense[folder])
+    assert (tmp_path / "a" / "model.gguf").stat().st_size == (tmp_path / "b" / "model.gguf").stat().st_size
+    ids = torch.arange(20).unsqueeze(0)
+
+    def logits(model):
+        with torch.no_grad():
+            return model(ids).logits
+
+    for folder in ("a", "b"):
+        loaded, _ = load_model(str(tmp_path / folder / "model.gguf"))
+        assert torch.allclose(logits(loaded), logits(dense[folder]), rtol=0, atol=1e-5), folder
+    (tmp_path / "a" / "model.gguf").write_bytes((tmp_path / "b" / "model.gguf").read_bytes())  # same size, in place
+    loaded, _ = load_model(str(tmp_path / "a" / "model.gguf"))
+    assert torch.allclose(logits(loaded), logits(dense["b"]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bench", "eval"])
+def test_empty_output_is_refused(tiny_model_dir, tmp_path, capsys, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    argv = command(name, tiny_model_dir, "out")
+    argv[argv.index("--out") + 1] = ""
+    refused(capsys, argv, "--out is empty")
+    assert not list(tmp_path.iterdir())
+
+
+def test_bench_keeps_an_existing_output_without_overwrite(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    out.write_text("earlier results\n")
+    refused(capsys, ["bench", str(tiny_model_dir), *BENCH, "--out", str(out)], "exists (use --overwrite")
+    assert out.read_text() == "earlier results\n"
+
+
+def test_single_file_outputs_are_replaced_whole_or_not_at_all(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """bench's JSON goes to a temporary file beside it, renamed into place; a failed write leaves
+    the old file and no temporary."""
+    import json
+
+    import slicegpt.io.checkpoint as checkpoint
+
+    out = tmp_path / "bench.json"
+    out.write_text("earlier results\n")
+    argv = ["bench", str(tiny_model_dir), *BENCH, "--out", str(out), "--overwrite"]
+    with monkeypatch.context() as patch:
+        def full_disk(path):
+            raise OSError(28, "No space left on device")
+
+        patch.setattr(checkpoint, "ordinary_permissions", full_disk)  # the temporary is written by then
+        refused(capsys, argv, f"cannot write {out}: No space left on device (the earlier file is kept)")
+    assert out.read_text() == "earlier results\n" and sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]
+    assert main(argv) == 0
+    assert isinstance(json.loads(out.read_text()), dict)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]
 
 
 @pytest.fixture(scope="module")

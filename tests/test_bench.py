@@ -73,8 +73,10 @@ def test_bench_command(tiny_model_dir, tmp_path, capsys):
     ratios = data["vs_first"][str(out)]
     assert set(ratios) == {"prefill", "decode", "peak_memory", "params"}
     assert all(r > 0 for r in ratios["decode"].values())
-    assert main(args) == 0
-    assert main([*args, "--cache", "static"]) == 0
+    assert main(args) == 2  # b.json is there now: replaced only when asked
+    assert "exists (use --overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    assert main([*args, "--cache", "static", "--overwrite"]) == 0
     table = capsys.readouterr().out
     assert "decode b1" in table and "ratio" in table
 

@@ -1,9 +1,12 @@
 """One output takes one run at a time: a second run is refused naming the first; a killed run frees it."""
 
+import errno
 import os
 import subprocess
 import sys
 import time
+
+import pytest
 
 from slicegpt import load_sliced
 from slicegpt.cli import main
@@ -85,3 +88,73 @@ def test_the_lock_removes_the_folders_it_made(tmp_path):
     with output_lock(out):
         assert lock_path(out).is_file() and f"pid {os.getpid()}" in lock_path(out).read_text()
     assert not (tmp_path / "a").exists()
+
+
+BENCH = ["--batch-sizes", "1", "--prompt-len", "8", "--new-tokens", "2", "--repeats", "1", "--warmup", "0"]
+
+
+def commands(model, out):
+    return {
+        "bench": ["bench", str(model), *BENCH, "--out", str(out)],
+        "sweep": ["sweep", str(model), "--sparsities", "0.25", "--out", str(out), *CAL],
+        "slice": slice_args(model, out),
+    }
+
+
+@pytest.mark.parametrize("name,env", [
+    ("bench", {"RANK": "1"}),
+    ("bench", {"RANK": "1", "WORLD_SIZE": "2"}),  # bench does not share its work out: each process writes
+    ("sweep", {"RANK": "1", "WORLD_SIZE": "2"}),
+    ("slice", {"RANK": "1"}),  # RANK without a world of several: the only writer
+    ("slice", {"RANK": "1", "WORLD_SIZE": "1"}),
+])
+def test_every_process_that_writes_takes_the_lock(tiny_model_dir, tmp_path, monkeypatch, name, env):
+    from slicegpt.cli import build_parser
+    from slicegpt.commands.validate import validate
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "out"
+    assert validate(build_parser().parse_args(commands(tiny_model_dir, out)[name])) == [out]
+
+
+def test_a_process_of_rank_one_is_refused_by_a_held_output(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "bench.json"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom slicegpt.io.output_lock import output_lock\n"
+         "with output_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)\n", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setenv("RANK", "1")
+        refused_by(capsys, main(commands(tiny_model_dir, out)["bench"]), holder.pid)
+        assert not out.exists()
+    finally:
+        kill(holder)
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.ENOSYS])
+def test_a_filesystem_without_locks_runs_unlocked_after_one_warning(tiny_model_dir, tmp_path, capsys, monkeypatch,
+                                                                     code):
+    """NFSv3 without its lock daemon answers flock with ENOLCK, some FUSE mounts with ENOSYS."""
+    import fcntl
+    from types import SimpleNamespace
+
+    import slicegpt.io.output_lock as output_lock_module
+
+    def no_locks(fd, operation):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(output_lock_module, "fcntl", SimpleNamespace(flock=no_locks, LOCK_EX=fcntl.LOCK_EX,
+                                                                      LOCK_NB=fcntl.LOCK_NB))
+    out = tmp_path / "bench.json"
+    lock_path(out).write_text("pid 1: another run's lock file\n")  # never held here, so never removed
+    assert main(commands(tiny_model_dir, out)["bench"]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("slicegpt: warning: cannot lock")]
+    assert len(warnings) == 1 and os.strerror(code) in warnings[0] and "Traceback" not in err, err
+    assert out.is_file() and lock_path(out).read_text() == "pid 1: another run's lock file\n"
+    with output_lock(tmp_path / "other"):
+        assert lock_path(tmp_path / "other").exists()
+    assert lock_path(tmp_path / "other").exists()  # the run made it but never held it: it stays

@@ -10,6 +10,7 @@ import torch
 
 from slicegpt.evaluation.benchmark import BenchSettings, format_table, run_benchmark, summarise
 from slicegpt.errors import SliceGPTError
+from slicegpt.io.checkpoint import atomic_file
 from slicegpt.io.models import load_model
 from slicegpt.io.report import versions
 from slicegpt.commands.common import add_model_options, apply_threads, print_json, say
@@ -34,6 +35,7 @@ def add_parser(subparsers) -> None:
                         help="torch.compile each model before timing (compiling takes minutes on a small CPU)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--out", metavar="FILE", help="also write the JSON to FILE")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     add_model_options(parser)
     parser.set_defaults(run=run)
 
@@ -54,6 +56,8 @@ def run(args) -> int:
                              compile=args.compile)
     if settings.compile and settings.warmup < 1:
         raise SliceGPTError("--compile needs --warmup 1 or more: the first repeat compiles")
+    if args.out is not None and Path(args.out).exists() and not args.overwrite:
+        raise SliceGPTError(f"--out {args.out} exists (use --overwrite to replace it)")
     models = {}
     for name in [args.model] + ([args.compare] if args.compare else []):
         models[name], _ = load_model(name, dtype=args.dtype, device=args.device)
@@ -64,9 +68,8 @@ def run(args) -> int:
     environment = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
                    "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()], **versions()}
     data = summarise(figures, settings, environment)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(data, indent=2) + "\n")
+    if args.out is not None:
+        atomic_file(args.out, json.dumps(data, indent=2) + "\n")
     if args.json:
         print_json(data)
     else:

@@ -43,7 +43,7 @@ def run_zeroshot(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise SliceGPTError(f"--limit must be at least 1, got {args.limit}")
     check_task_data(tasks, args.data_dir)
-    out = Path(args.out) if args.out else None
+    out = Path(args.out) if args.out is not None else None
     if out is not None:
         check_output_dir(out, args.overwrite)
     timings: dict[str, float] = {}

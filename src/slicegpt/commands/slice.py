@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 from slicegpt.running import distributed
 from slicegpt.running.in_memory import calibration_data, slice_model
 from slicegpt.method.importance import IMPORTANCE_FILE, save_importance
-from slicegpt.io.checkpoint import CARD_FILE, REPORT_FILE, check_output_dir, save_sliced
+from slicegpt.io.checkpoint import CARD_FILE, REPORT_FILE, atomic_file, check_output_dir, save_sliced
 from slicegpt.io.export import plain_model
 from slicegpt.io.model_card import model_card
-from slicegpt.io.permissions import ordinary_permissions
 from slicegpt.config import SliceConfig
 from slicegpt.io.data import load_texts
 from slicegpt.errors import SliceGPTError
@@ -79,6 +77,12 @@ def resolve_for_cli(args, model, family, config: SliceConfig) -> SliceConfig:
         say("refit auto: " + _refit_choice(resolved))
     if getattr(args, "round_for", None):
         say(describe_round_for(config, args.round_to, args.round_for, model.config.hidden_size))
+    check_plain_layout(args, resolved)
+    return resolved
+
+
+def check_plain_layout(args, resolved: SliceConfig) -> None:
+    """--plain needs the layout `auto` settled on to be one basis for the whole model."""
     if args.plain and resolved.widths == "embedding":
         raise SliceGPTError("--plain needs one basis for the whole model; here only the embeddings are sliced "
                             "(--widths auto, a family with post-norms), and a plain class has no place for the "
@@ -87,7 +91,6 @@ def resolve_for_cli(args, model, family, config: SliceConfig) -> SliceConfig:
         raise SliceGPTError(f"--plain needs one basis for the whole model, and at this size --rotations auto picks "
                             f"a basis per block (it shares one with the refit, or from {SHARED_FROM} x dense up); "
                             "pass --rotations model")
-    return resolved
 
 
 def run(args) -> int:
@@ -304,10 +307,7 @@ def rewrite_report(out: Path, report: dict, spectra: dict) -> None:
     files = {REPORT_FILE: json.dumps(report, indent=2) + "\n", CARD_FILE: model_card(report),
              **report_plots(report, spectra)}
     for name, content in files.items():
-        tmp = out / f".{name}.tmp"
-        tmp.write_bytes(content if isinstance(content, bytes) else content.encode())
-        ordinary_permissions(tmp)
-        os.replace(tmp, out / name)
+        atomic_file(out / name, content)
 
 
 def choose_engine(args, config: SliceConfig) -> tuple[bool, str]:

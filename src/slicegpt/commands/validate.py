@@ -9,6 +9,7 @@ their own) costs nothing; a check made only later costs the user the run.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from slicegpt.validation.model_config import (attention_heads, check_known_type,
                                               plain_step, plain_width_message, read_config)
 from slicegpt.validation.options import (at_least, check_device, check_ppl_options, check_threads, fraction,
                                          positive)
-from slicegpt.validation.outputs import check_not_input, check_output_location
+from slicegpt.validation.outputs import check_not_input, check_output_location, check_writes
 
 
 def model_options(args) -> None:
@@ -54,9 +55,13 @@ def plain_widths(args, config: dict) -> None:
         args.round_to = step
 
 
-def main_rank() -> bool:
-    """Under torchrun only rank 0 holds the outputs (every rank of one run writes into them)."""
-    return int(os.environ.get("RANK", "0")) == 0
+def holds_outputs(command: str) -> bool:
+    """Whether this process takes the lock on the outputs. Only `slice` coordinates the processes
+    torchrun starts (rank 0 holds the outputs that every rank of the run writes into); any other
+    command run in several processes has each write on its own, so each must hold the lock.
+    RANK alone says nothing: with WORLD_SIZE unset or 1 the process is the only writer."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return command != "slice" or world <= 1 or int(os.environ.get("RANK", "0") or 0) == 0
 
 
 def validate_slice(args) -> list[Path]:
@@ -104,12 +109,12 @@ def validate_eval(args) -> list[Path]:
     at_least(args, "limit", 1)
     at_least(args, "batch_size", 1)
     model_options(args)
-    if args.out:
+    if args.out is not None:
         check_output_location(args.out)
     config = read_config(args.model)
     if config is not None:
         check_known_type(args.model, config)
-    return [Path(args.out)] if args.out else []
+    return [Path(args.out)] if args.out is not None else []
 
 
 def validate_finetune(args) -> list[Path]:
@@ -153,22 +158,66 @@ def validate_export(args) -> list[Path]:
 def validate_bench(args) -> list[Path]:
     at_least(args, "warmup", 0)
     model_options(args)
-    if args.out:
+    if args.out is not None:
         check_output_location(args.out, kind="file")
+    configs = {}
     for name in [args.model] + ([args.compare] if args.compare else []):
         config = read_config(name)
         if config is not None:
             check_known_type(name, config)
             if args.prompt_len >= 1 and args.new_tokens >= 1:
                 check_positions(name, config, {"--prompt-len plus --new-tokens": args.prompt_len + args.new_tokens})
-    return [Path(args.out)] if args.out else []
+            configs[name] = config
+    bench_memory(args, configs)
+    return [Path(args.out)] if args.out is not None else []
+
+
+def bench_memory(args, configs: dict[str, dict]) -> None:
+    """The largest of --batch-sizes fits in memory with the weights (what config.json and the
+    safetensors headers say; a model known only later is not counted)."""
+    from slicegpt.io.models import DTYPES, resolve
+    from slicegpt.io.shards import SafetensorsCheckpoint
+    from slicegpt.running.resources import check_generation_memory, dtype_bytes
+
+    try:
+        batch = max(int(b) for b in args.batch_sizes.split(","))
+    except ValueError:
+        return  # the command refuses it, naming the option
+    if batch < 1 or args.prompt_len < 1 or args.new_tokens < 1 or not configs:
+        return
+    dtype, parameters = DTYPES[args.dtype], 0
+    for name in configs:
+        try:
+            parameters += sum(math.prod(shape) for shape in SafetensorsCheckpoint(resolve(name)).shapes().values())
+        except (SliceGPTError, OSError):
+            pass  # weights not at hand before loading: counted as none
+    check_generation_memory(configs, parameters * dtype_bytes(dtype), batch, args.prompt_len, args.new_tokens, dtype,
+                            args.device)
 
 
 VALIDATORS = {"slice": validate_slice, "sweep": validate_sweep, "ppl": validate_ppl, "eval": validate_eval,
               "finetune": validate_finetune, "export": validate_export, "bench": validate_bench}
 
 
+# Options that may name a path the run reads, and how a refusal names each.
+READ_OPTIONS = {"model": "the model", "compare": "the --compare model", "teacher": "the --teacher model",
+                "cal_data": "the --cal-data text", "ppl_data": "the --ppl-data text", "data": "the --data text",
+                "heldout_data": "the --heldout-data text", "teacher_text": "the --teacher-text file",
+                "imatrix": "the --imatrix file", "data_dir": "the task data in --data-dir"}
+
+
+def read_paths(args) -> list[tuple[str, str]]:
+    """(what, path) for every option of this command line that names something the run reads."""
+    return [(what, value) for name, what in READ_OPTIONS.items() if isinstance(value := getattr(args, name, None), str)
+            and value]
+
+
 def validate(args) -> list[Path]:
     """Check the parsed command line; return the outputs this process holds while the run writes them."""
+    from slicegpt.io.models import cache_dir
+
+    out = getattr(args, "out", None)
+    # One guard for the output of every command, first: before a named model is converted into the cache.
+    check_writes([out] if out is not None else [], read_paths(args), cache_dir())
     outputs = VALIDATORS[args.command](args)
-    return outputs if main_rank() else []
+    return outputs if holds_outputs(args.command) else []

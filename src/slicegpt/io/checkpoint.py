@@ -9,6 +9,7 @@ trust_remote_code=True)` works where slicegpt is not installed.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -55,6 +56,28 @@ def atomic_directory(out: Path, overwrite: bool, write) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def atomic_file(path: str | Path, content: str | bytes) -> Path:
+    """Write `path` through a temporary file beside it, renamed into place: a reader sees the old
+    file or the new one, never half of one, and a failed write leaves the old file as it was."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(content if isinstance(content, bytes) else content.encode())
+        ordinary_permissions(Path(tmp))  # mkstemp makes it private; an output is shared
+        os.replace(tmp, path)
+    except BaseException as error:
+        if tmp is not None and os.path.lexists(tmp):
+            os.unlink(tmp)
+        if isinstance(error, OSError):
+            kept = " (the earlier file is kept)" if path.exists() else ""
+            raise SliceGPTError(f"cannot write {path}: {error.strerror or error}{kept}") from None
+        raise
+    return path
 
 
 AUTO_MAP = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.SlicedForCausalLM"}

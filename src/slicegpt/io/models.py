@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.metadata
 import json
@@ -37,6 +38,7 @@ NAMED_MODELS = (*EMBEDDED, *ASSEMBLED)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
+SOURCE_FILE = "source.json"  # in a converted model's folder: the GGUF file it came from, and its sha256
 
 
 def cache_dir() -> Path:
@@ -77,8 +79,9 @@ def convert_assembled(name: str, target: Path) -> Path:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def convert_gguf(gguf: Path, target: Path) -> Path:
-    """Dequantise a GGUF file once into a float32 safetensors directory (atomic)."""
+def convert_gguf(gguf: Path, target: Path, digest: str | None = None) -> Path:
+    """Dequantise a GGUF file once into a float32 safetensors directory (atomic); `digest`, the
+    file's sha256, is recorded in its source.json."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_gguf_magic(gguf)
@@ -99,7 +102,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
         model.is_quantized = False
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        (tmp / SOURCE_FILE).write_text(json.dumps({"gguf": str(gguf), **({"sha256": digest} if digest else {})}))
         ordinary_permissions(tmp)
         if target.exists():
             shutil.rmtree(target)
@@ -111,6 +114,46 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
 
 
 GGUF_MAGIC = b"GGUF"
+
+
+def gguf_digest(path: Path) -> str:
+    """The sha256 of a GGUF file's bytes, which name its converted copy in the cache: two files
+    of one name and size (in two folders, or one replaced in place) are two models.
+
+    Hashing reads the whole file (about a second per GiB), so the digest is kept in the cache,
+    under the file's real path, with the inode, size and modification and change times it was
+    taken at; any write to the file changes its change time (which no tool can set back), and
+    the next run hashes it again.
+    """
+    real = path.resolve()
+    stat = real.stat()
+    seen = {"path": str(real), "dev": stat.st_dev, "ino": stat.st_ino, "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
+    memo = cache_dir() / "gguf" / ".digests" / f"{hashlib.sha256(str(real).encode()).hexdigest()[:32]}.json"
+    try:
+        kept = json.loads(memo.read_text())
+        if {key: kept.get(key) for key in seen} == seen and isinstance(kept.get("sha256"), str):
+            return kept["sha256"]
+    except (OSError, ValueError):
+        pass
+    with open(real, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**seen, "sha256": digest}))
+        os.replace(tmp, memo)
+    except OSError:
+        pass  # a cache that cannot be written costs a hash per run, nothing else
+    return digest
+
+
+def converted_from(directory: Path) -> str | None:
+    """The sha256 of the GGUF file a cached conversion was made from (None: not recorded)."""
+    try:
+        return json.loads((directory / SOURCE_FILE).read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def check_gguf_magic(path: Path) -> None:
@@ -134,9 +177,10 @@ def resolve(name_or_path: str) -> str:
         if not path.is_file():
             raise SliceGPTError(f"GGUF file not found: {path}")
         check_gguf_magic(path)
-        target = cache_dir() / "gguf" / f"{path.stem}-{path.stat().st_size}"
-        if not (target / "config.json").exists():
-            convert_gguf(path.resolve(), target)
+        digest = gguf_digest(path)
+        target = cache_dir() / "gguf" / f"{path.stem}-{digest[:16]}"
+        if not (target / "config.json").exists() or converted_from(target) != digest:
+            convert_gguf(path.resolve(), target, digest)
         return str(target)
     if path.exists():
         if not (path / "config.json").is_file():

@@ -10,10 +10,13 @@ line, so a refused run can say which run holds the output.
 
 The file is removed when the lock is released; a run that finds a file it cannot lock
 reads who holds it, and a run that locks a file another has just removed tries again.
+On a filesystem without locks (NFSv3 without its lock daemon, some FUSE mounts) the run
+says so once and goes on unlocked; it never removes a lock file it did not hold.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import sys
@@ -56,47 +59,75 @@ def _created_parents(directory: Path) -> list[Path]:
     return missing
 
 
+# flock's answers on filesystems that cannot lock at all: NFSv3 without a lock daemon (ENOLCK),
+# some FUSE mounts (ENOSYS), others (EOPNOTSUPP). The run goes on unlocked and says so once.
+UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
+_warned: set[Path] = set()
+
+
+def _warn_unlocked(out: Path, path: Path, error: OSError) -> None:
+    if path not in _warned:
+        _warned.add(path)
+        print(f"slicegpt: warning: cannot lock the output {out} ({path}: {error.strerror}): this filesystem has no "
+              "locks; going on without one, so make sure no other run writes to it", file=sys.stderr, flush=True)
+
+
+def _take(path: Path, out: Path) -> tuple[int | None, bool]:
+    """(fd, held): the lock file opened and locked; (None, False) where the filesystem cannot lock.
+    Retries when the previous holder removed the file between our open and our lock."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise SliceGPTError(f"cannot lock the output {out} ({path}): {error.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SliceGPTError(
+                f"{out} is being written by another slicegpt run ({holder(path)}); one output takes one run at "
+                "a time: wait for that run to finish or stop it, or choose another --out") from None
+        except OSError as error:
+            os.close(fd)
+            if error.errno in UNSUPPORTED:
+                _warn_unlocked(out, path, error)
+                return None, False
+            raise SliceGPTError(f"cannot lock the output {out} ({path}): {error.strerror}") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd, True
+        os.close(fd)
+
+
 @contextmanager
 def output_lock(out: str | Path):
-    """Hold the output `out` (a directory or a file, and its `.partial` beside it) for the block."""
+    """Hold the output `out` (a directory or a file, and its `.partial` beside it) for the block.
+
+    Where the filesystem cannot lock, the block runs unlocked after one warning, and the lock
+    file, which this run never held, is left where it is."""
     out = Path(out)
     path = lock_path(out)
     try:
         created = _created_parents(path.parent)
     except OSError as error:
         raise SliceGPTError(f"cannot create {path.parent} for the output {out}: {error.strerror}") from None
-    fd = None
+    fd, held = None, False
     try:
-        while True:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as error:
-                raise SliceGPTError(f"cannot lock the output {out} ({path}): {error.strerror}") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                fd = None
-                raise SliceGPTError(
-                    f"{out} is being written by another slicegpt run ({holder(path)}); one output takes one run at "
-                    "a time: wait for that run to finish or stop it, or choose another --out") from None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)  # the previous holder removed the file between our open and our lock
-            fd = None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}: {' '.join(['slicegpt', *sys.argv[1:]])}\n".encode())
+        fd, held = _take(path, out)
+        if held:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}: {' '.join(['slicegpt', *sys.argv[1:]])}\n".encode())
         yield path
     finally:
-        if fd is not None:
+        if held:
             try:
                 path.unlink()  # still ours: nobody else can hold it while we do
             except OSError:
                 pass
+        if fd is not None:
             os.close(fd)
         for directory in created:  # a run that wrote nothing leaves no empty folders behind
             try:

@@ -81,3 +81,48 @@ def check_disk(path: str | Path, needs: dict[str, int], already_there: int = 0) 
         raise SliceGPTError(f"not enough disk space for {path}: this run needs about {gib(total)} ({parts}"
                             f"{f', less {gib(already_there)} already written' if already_there else ''}), "
                             f"but only {gib(free)} is free")
+
+
+def _first(config: dict, *names: str, default: int | None = None) -> int | None:
+    for name in names:
+        if isinstance(config.get(name), int):
+            return config[name]
+    return default
+
+
+def generation_bytes(config: dict, prompt_len: int, new_tokens: int, dtype: torch.dtype) -> int | None:
+    """Memory one sequence of a greedy generation takes beyond the weights, from config.json: its KV
+    cache over prompt and new tokens, one prefill layer's widest activations and attention scores,
+    and the last position's logits (float32). None where the config does not say its sizes."""
+    config = config.get("text_config") or config
+    hidden = _first(config, "hidden_size", "n_embd", "d_model")
+    layers = _first(config, "num_hidden_layers", "n_layer", "num_layers")
+    heads = _first(config, "num_attention_heads", "n_head", "num_heads")
+    vocab = _first(config, "vocab_size")
+    if not (hidden and layers and heads and vocab):
+        return None
+    kv_heads = _first(config, "num_key_value_heads", "num_kv_heads", default=1 if config.get("multi_query") else heads)
+    head_dim = _first(config, "head_dim", default=hidden // heads)
+    inner = _first(config, "intermediate_size", "n_inner", "ffn_hidden_size", default=4 * hidden)
+    size = dtype_bytes(dtype)
+    cache = (prompt_len + new_tokens) * layers * 2 * kv_heads * head_dim * size
+    activations = prompt_len * (3 * inner + 4 * hidden) * size + heads * prompt_len**2 * size
+    return cache + activations + vocab * 4
+
+
+def check_generation_memory(models: dict[str, dict], weights: int, batch: int, prompt_len: int, new_tokens: int,
+                            dtype: torch.dtype, device: str = "cpu") -> None:
+    """Refuse a batch whose generation (every model's cache alive at once, as `bench` runs them in
+    lock step) cannot fit in `device`'s free memory with the weights, naming the largest that would."""
+    per_sequence = [generation_bytes(config, prompt_len, new_tokens, dtype) for config in models.values()]
+    if None in per_sequence:
+        return
+    per_sequence_total = sum(per_sequence)
+    need, free = weights + batch * per_sequence_total, available_memory(device)
+    if need <= free:
+        return
+    largest = (free - weights) // per_sequence_total if free > weights else 0
+    raise SliceGPTError(f"--batch-sizes {batch}: {batch} sequences of {prompt_len + new_tokens} tokens need about "
+                        f"{gib(need)} (weights, KV cache, activations and logits), and {gib(free)} is free on "
+                        f"{device}; " + (f"the largest batch that fits is about {largest}" if largest >= 1 else
+                                         "not even one sequence fits"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 from slicegpt.errors import SliceGPTError
 
@@ -36,8 +37,18 @@ def fraction(args, name: str, low_open: bool, high_open: bool, option: str | Non
         raise SliceGPTError(f"{option or flag(name)} must be in {interval}, got {value:g}")
 
 
+THREADS_PER_CPU = 4  # past a few threads per CPU a run only slows; far past it, threads fail to start
+
+
 def check_threads(args) -> None:
+    """At least one thread, and at most THREADS_PER_CPU per CPU: torch takes any number, and one
+    the system cannot start ends the run later, with a traceback."""
     at_least(args, "threads", 1)
+    cpus = os.cpu_count()
+    threads = getattr(args, "threads", None)
+    if cpus and threads is not None and threads > THREADS_PER_CPU * cpus:
+        raise SliceGPTError(f"--threads {threads} is more than this machine runs usefully: at most "
+                            f"{THREADS_PER_CPU * cpus} ({THREADS_PER_CPU} per CPU, {cpus} CPUs)")
 
 
 def check_ppl_options(args, prefix: str = "") -> None:

@@ -1,8 +1,11 @@
-"""Output locations: refused before any work when nothing could be written there.
+"""Output locations: refused before any work when nothing could be written there, or when
+writing there would destroy what the run reads.
 
 A run that writes under a regular file, under /proc or /dev/null, or into a directory it
 may not write used to find out only when saving, after all the work, and with a
-traceback (or, in /proc, a complaint about disk space).
+traceback (or, in /proc, a complaint about disk space). An output set to the model itself,
+to a folder that holds it, or to slicegpt's cache replaced the model (`--overwrite`) or a
+cached conversion that later runs read.
 """
 
 from __future__ import annotations
@@ -41,7 +44,45 @@ def check_output_location(out: str | Path, option: str = "--out", kind: str = "d
 
 
 def check_not_input(out: str | Path, model: str, option: str = "--out") -> None:
-    """`out` neither is nor holds the model the run reads: --overwrite would delete its source."""
-    source, target = Path(model).resolve(), Path(out).resolve()
-    if Path(model).exists() and (source == target or target in source.parents):
-        raise SliceGPTError(f"{option} {out} would replace the model the run reads ({model}); choose another {option}")
+    """`out` neither is, holds, nor lies inside the model the run reads."""
+    check_writes([out], [("the model", model)], option=option)
+
+
+def _real(path: str | Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def check_writes(outputs: list[str | Path], reads: list[tuple[str, str | Path]], cache: str | Path | None = None,
+                 option: str = "--out") -> None:
+    """No output is, holds or lies inside a path the run reads, nor slicegpt's cache.
+
+    `reads` are (what, path) pairs: the model, data files, folders; those that do not exist
+    (a hub id, a hub dataset) are passed over. An output that holds a path the run reads
+    would take it along when replaced (--overwrite); one inside it would change what the run
+    reads (a model's config.json). The cache holds the converted models that runs read (a
+    named model's folder, a GGUF file's), so only slicegpt writes there. Symbolic links are
+    followed: two spellings of one place are one place.
+    """
+    for out in outputs:
+        if not str(out).strip():
+            raise SliceGPTError(f"{option} is empty; give a path")
+        target = _real(out)
+        for what, path in reads:
+            if not os.path.lexists(path):
+                continue
+            source = _real(path)
+            if target == source:
+                raise SliceGPTError(f"{option} {out} would replace {what} the run reads ({path}); "
+                                    f"choose another {option}")
+            if source.is_relative_to(target):
+                raise SliceGPTError(f"{option} {out} would replace {what} the run reads ({path}), which it "
+                                    f"holds; choose another {option}")
+            if target.is_relative_to(source):
+                raise SliceGPTError(f"{option} {out} lies inside {what} the run reads ({path}); "
+                                    f"choose another {option}")
+        if cache is not None:
+            root = _real(cache)
+            if target.is_relative_to(root) or root.is_relative_to(target):
+                where = "lies in" if target.is_relative_to(root) else "holds"
+                raise SliceGPTError(f"{option} {out} {where} slicegpt's cache ({root}), which holds the converted "
+                                    f"models runs read; choose another {option}")
