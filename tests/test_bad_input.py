@@ -336,3 +336,44 @@ def test_rotary_model_past_its_context_is_noted(tiny_model_dir, tmp_path, capsys
     (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
     assert main(["ppl", str(model), *PPL]) == 0
     assert "note: --seqlen is 32 tokens, longer than the 16 positions" in capsys.readouterr().err
+
+
+# --- Text rows: each row's text is a string (a blank one too), or the run stops at its file and line. ---
+
+def rows_file(directory: Path, bad: str) -> Path:
+    """Good rows (one with a U+2028 inside its string, one blank, an empty line), then `bad` on line 4."""
+    path = directory / "rows.jsonl"
+    path.write_text('{"text": "one\u2028line"}\n{"text": ""}\n\n' + bad + '\n{"text": "after"}\n', encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("row,message", [('{"text": null}', "'text' is null, not a string"),
+                                         ('{"text": ["a", "b"]}', "'text' is a list ([\"a\", \"b\"]), not a string"),
+                                         ('{"text": 7}', "'text' is an int (7), not a string")])
+def test_text_row_that_is_not_a_string(tmp_path, capsys, tiny_model_dir, row, message):
+    data = rows_file(tmp_path, row)
+    refused(capsys, ["ppl", str(tiny_model_dir), *PPL, "--data", str(data)], f"{data}:4: {message}")
+
+
+@pytest.mark.parametrize("name,option", [("slice", ["--cal-data"]), ("slice-streaming", ["--cal-data"]),
+                                         ("slice", [*EVAL_PPL, "--ppl-data"]), ("sweep", ["--cal-data"]),
+                                         ("sweep", ["--ppl-data"]), ("finetune", ["--data"]),
+                                         ("finetune", ["--heldout-data"]), ("finetune", [*EVAL_PPL, "--ppl-data"])])
+def test_every_reader_of_text_rows_checks_them(sliced_dirs, tiny_model_dir, tmp_path, capsys, name, option):
+    data = rows_file(tmp_path, '{"text": null}')
+    model = sliced_dirs / "memory" if name == "finetune" else tiny_model_dir
+    out = tmp_path / "out"
+    refused(capsys, command(name, model, out) + option + [str(data)], f"{data}:4: 'text' is null", out=out)
+
+
+def test_hub_rows_that_are_not_strings(monkeypatch):
+    import datasets
+
+    from slicegpt.errors import SliceGPTError
+    from slicegpt.io.data import load_texts
+
+    rows = datasets.Dataset.from_dict({"text": ["a", "", None]})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: rows)
+    with pytest.raises(SliceGPTError, match=r"dataset 'some/corpus' \(split train\), row 3: 'text' is null"):
+        load_texts("some/corpus")
+
