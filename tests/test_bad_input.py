@@ -1,6 +1,7 @@
 """Damaged input ends in one `slicegpt: error:` line (exit status 2), and outputs get ordinary permissions."""
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -376,4 +377,42 @@ def test_hub_rows_that_are_not_strings(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: rows)
     with pytest.raises(SliceGPTError, match=r"dataset 'some/corpus' \(split train\), row 3: 'text' is null"):
         load_texts("some/corpus")
+
+
+# --- The Python API: the rules the CLI checks its flags by, as ValueErrors and TypeErrors. ---
+
+def _perplexity(*args, **kwargs):
+    from slicegpt import perplexity
+
+    return perplexity(*args, progress=False, **kwargs)
+
+
+def _zeroshot(*args, **kwargs):
+    from slicegpt.evaluation.zeroshot import evaluate_zeroshot
+
+    return evaluate_zeroshot(*args, **kwargs)
+
+
+@pytest.mark.parametrize("call,kind,message", [
+    pytest.param(lambda model: SliceConfig(sparsity="0.25"), TypeError, "sparsity must be a number, got '0.25' (str)",
+                 id="SliceConfig-string-sparsity"),
+    pytest.param(lambda model: SliceConfig(cal_samples=0), ValueError, "cal-samples must be at least 1, got 0",
+                 id="SliceConfig-cal-samples"),
+    pytest.param(lambda model: _perplexity(model, None, ["some text"], seqlen=1), ValueError,
+                 "seqlen must be at least 2, got 1", id="perplexity-seqlen"),
+    pytest.param(lambda model: _perplexity(model, None, ["some text"], chunks=0), ValueError,
+                 "chunks must be at least 1, got 0", id="perplexity-chunks"),
+    pytest.param(lambda model: _perplexity(model, None, ["a", "", None]), TypeError,
+                 "texts[2] is null, not a string", id="perplexity-None-text"),
+    pytest.param(lambda model: slice_model(model, None, SliceConfig(), ["a", None], progress=False), TypeError,
+                 "texts[1] is null, not a string", id="slice_model-None-text"),
+    pytest.param(lambda model: _zeroshot(model, None, "piqa", limit=0), ValueError, "limit must be at least 1, got 0",
+                 id="evaluate_zeroshot-limit"),
+])
+def test_python_api_refuses_what_the_cli_refuses(call, kind, message):
+    from slicegpt.errors import SliceGPTError
+
+    with pytest.raises(kind, match=re.escape(message)) as caught:
+        call(make_tiny_model("LlamaForCausalLM"))
+    assert isinstance(caught.value, SliceGPTError)  # the CLI's own refusal, one line there
 

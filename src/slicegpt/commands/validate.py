@@ -16,7 +16,8 @@ from slicegpt.commands.common import say
 from slicegpt.errors import SliceGPTError
 from slicegpt.validation.model_config import (attention_heads, check_known_type, check_positions, check_sliceable,
                                               plain_step, plain_width_message, read_config)
-from slicegpt.validation.options import (at_least, check_device, check_ppl_options, check_threads, fraction,
+from slicegpt.validation.options import (at_least, check_device, check_fraction, check_ppl_options,
+                                         check_slice_values, check_threads, check_zeroshot_values, flag, fraction,
                                          positive)
 from slicegpt.validation.outputs import check_not_input, check_output_location
 
@@ -27,16 +28,14 @@ def model_options(args) -> None:
 
 
 def zeroshot_options(args) -> None:
-    at_least(args, "zeroshot_limit", 1)
-    at_least(args, "zeroshot_batch_size", 1)
+    check_zeroshot_values(getattr(args, "zeroshot_limit", None), getattr(args, "zeroshot_batch_size", None),
+                          ("--zeroshot-limit", "--zeroshot-batch-size"))
 
 
 def slice_options(args) -> None:
-    """What `slice` and `sweep` share: the method's numbers, perplexity, zero-shot, the model."""
-    for name in ("round_to", "cal_samples", "cal_seqlen", "cal_batch_size"):
-        at_least(args, name, 1)
-    fraction(args, "basis_share", low_open=True, high_open=False)
-    fraction(args, "refit_share", low_open=True, high_open=False)
+    """What `slice` and `sweep` share: the method's numbers (SliceConfig's rules, by flag), perplexity,
+    zero-shot, the model."""
+    check_slice_values(lambda field: getattr(args, field, None), flag)
     check_ppl_options(args, "ppl-")
     zeroshot_options(args)
     model_options(args)
@@ -60,10 +59,6 @@ def main_rank() -> bool:
 
 
 def validate_slice(args) -> list[Path]:
-    if args.sparsity is not None:
-        fraction(args, "sparsity", low_open=False, high_open=True)
-    fraction(args, "target_ratio", low_open=True, high_open=False)
-    at_least(args, "target_params", 1)
     positive(args, "dist_timeout")
     return _slicing_run(args, ppl_seqlen=args.ppl_seqlen if args.eval_ppl else None)
 
@@ -85,8 +80,7 @@ def validate_sweep(args) -> list[Path]:
     from slicegpt.commands.sweep import parse_sparsities
 
     for value in parse_sparsities(args.sparsities):
-        if not 0 <= value < 1:
-            raise SliceGPTError(f"--sparsities: each must be in [0, 1), got {value:g}")
+        check_fraction(value, "--sparsities: each", low_open=False, high_open=True)
     return _slicing_run(args, ppl_seqlen=args.ppl_seqlen)
 
 
@@ -101,8 +95,7 @@ def validate_ppl(args) -> list[Path]:
 
 
 def validate_eval(args) -> list[Path]:
-    at_least(args, "limit", 1)
-    at_least(args, "batch_size", 1)
+    check_zeroshot_values(args.limit, args.batch_size, ("--limit", "--batch-size"))
     model_options(args)
     if args.out:
         check_output_location(args.out)
