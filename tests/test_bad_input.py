@@ -245,6 +245,8 @@ def config_dirs(tmp_path_factory, tiny_model_dir):
     transformers.BloomConfig(vocab_size=96, hidden_size=64, n_layer=2, n_head=4).save_pretrained(root / "bloom")
     (root / "not-json").mkdir()
     (root / "not-json" / "config.json").write_text("{ not json")
+    (root / "no-model-type").mkdir()
+    (root / "no-model-type" / "config.json").write_text("{}")
     (root / "unknown-type").mkdir()
     config = json.loads((tiny_model_dir / "config.json").read_text())
     (root / "unknown-type" / "config.json").write_text(json.dumps({**config, "model_type": "no-such-type"}))
@@ -282,6 +284,9 @@ EXPORT = ["export", "{model}", "--format", "plain", "--out", "{out}"]
     ("not-json", [*SLICE, "--streaming"], "config.json is not valid JSON"),
     ("not-json", ["ppl", "{model}", *PPL], "config.json is not valid JSON"),
     ("not-json", EXPORT, "config.json is not valid JSON"),
+    ("no-model-type", SLICE, "config.json has no model_type"),
+    ("no-model-type", [*SLICE, "--streaming"], "config.json has no model_type"),
+    ("no-model-type", ["ppl", "{model}", *PPL], "config.json has no model_type"),
     ("unknown-type", SLICE, "model type 'no-such-type' in config.json is unknown to transformers"),
     ("unknown-type", SLICE, "; slicegpt slices CohereForCausalLM, "),  # its own list, not transformers' every config
     ("unknown-type", ["ppl", "{model}", *PPL], "model type 'no-such-type' in config.json is unknown"),
@@ -337,6 +342,29 @@ def test_rotary_model_past_its_context_is_noted(tiny_model_dir, tmp_path, capsys
     (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
     assert main(["ppl", str(model), *PPL]) == 0
     assert "note: --seqlen is 32 tokens, longer than the 16 positions" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def mismatched_dirs(tiny_model_dir, tmp_path_factory):
+    """The tiny model's weights under a config.json that gives another width or vocabulary."""
+    import json
+
+    root = tmp_path_factory.mktemp("mismatched")
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    for name, change in {"hidden": {"hidden_size": 48}, "vocab": {"vocab_size": config["vocab_size"] + 10}}.items():
+        copy_dir(tiny_model_dir, root / name)
+        (root / name / "config.json").write_text(json.dumps({**config, **change}))
+    return root
+
+
+@pytest.mark.parametrize("name", ["slice", "slice-streaming", "ppl"])
+@pytest.mark.parametrize("which,message", [
+    ("hidden", "config.json gives hidden_size 48, but the weights are 64 wide (model.layers.0.input_layernorm"),
+    ("vocab", "config.json gives vocab_size 49162, but the weights hold 49152 tokens (model.embed_tokens.weight"),
+])
+def test_config_sizes_that_disagree_with_the_weights(mismatched_dirs, tmp_path, capsys, name, which, message):
+    """Read from the safetensors headers before loading: loading itself fails with a traceback."""
+    refused(capsys, command(name, mismatched_dirs / which, tmp_path / "out"), message, out=tmp_path / "out")
 
 
 # --- Text rows: each row's text is a string (a blank one too), or the run stops at its file and line. ---

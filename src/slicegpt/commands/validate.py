@@ -15,7 +15,7 @@ from pathlib import Path
 from slicegpt.commands.common import say
 from slicegpt.errors import SliceGPTError
 from slicegpt.validation.model_config import (attention_heads, check_known_type, check_positions, check_sliceable,
-                                              plain_step, plain_width_message, read_config)
+                                              check_weight_shapes, plain_step, plain_width_message, read_config)
 from slicegpt.validation.options import (at_least, check_device, check_fraction, check_ppl_options,
                                          check_slice_values, check_threads, check_zeroshot_values, flag, fraction,
                                          positive)
@@ -71,6 +71,7 @@ def _slicing_run(args, ppl_seqlen: int | None) -> list[Path]:
     config = read_config(args.model)
     if config is not None:
         check_sliceable(args.model, config)
+        check_weight_shapes(args.model, config)
         check_positions(args.model, config, {"--cal-seqlen": args.cal_seqlen, "--ppl-seqlen": ppl_seqlen})
         plain_widths(args, config)
     return [Path(args.out)]
@@ -90,6 +91,7 @@ def validate_ppl(args) -> list[Path]:
     config = read_config(args.model)
     if config is not None:
         check_known_type(args.model, config)
+        check_weight_shapes(args.model, config)
         check_positions(args.model, config, {"--seqlen": args.seqlen})
     return []
 
@@ -102,6 +104,7 @@ def validate_eval(args) -> list[Path]:
     config = read_config(args.model)
     if config is not None:
         check_known_type(args.model, config)
+        check_weight_shapes(args.model, config)
     return [Path(args.out)] if args.out else []
 
 
