@@ -367,6 +367,19 @@ def test_config_sizes_that_disagree_with_the_weights(mismatched_dirs, tmp_path, 
     refused(capsys, command(name, mismatched_dirs / which, tmp_path / "out"), message, out=tmp_path / "out")
 
 
+@pytest.mark.parametrize("name", ["slice", "slice-streaming", "sweep", "finetune", "export-plain", "export-gguf",
+                                  "eval"])
+def test_output_name_too_long_for_the_temporaries_beside_it(tiny_model_dir, tmp_path, capsys, name):
+    """249 bytes fit NAME_MAX (255), but `.NAME.partial-XXXXXXXX` does not: refused before the work, not
+    when the slice is saved."""
+    if os.pathconf(tmp_path, "PC_NAME_MAX") != 255:
+        pytest.skip("this filesystem's NAME_MAX is not 255")
+    out = tmp_path / ("a" * 249)
+    refused(capsys, command(name, tiny_model_dir, out), "bytes, too long for the temporaries the run writes",
+            "use a name of at most 237 bytes", out=out)
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- Text rows: each row's text is a string (a blank one too), or the run stops at its file and line. ---
 
 def rows_file(directory: Path, bad: str) -> Path:

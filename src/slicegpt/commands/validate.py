@@ -19,7 +19,7 @@ from slicegpt.validation.model_config import (attention_heads, check_known_type,
 from slicegpt.validation.options import (at_least, check_device, check_fraction, check_ppl_options,
                                          check_slice_values, check_threads, check_zeroshot_values, flag, fraction,
                                          positive)
-from slicegpt.validation.outputs import check_not_input, check_output_location
+from slicegpt.validation.outputs import check_name_length, check_not_input, check_output_location
 
 
 def model_options(args) -> None:
@@ -67,6 +67,7 @@ def _slicing_run(args, ppl_seqlen: int | None) -> list[Path]:
     """What slice and sweep share: the slicing options, the output and the model's config."""
     slice_options(args)
     check_output_location(args.out)
+    check_name_length(args.out)
     check_not_input(args.out, args.model)
     config = read_config(args.model)
     if config is not None:
@@ -101,6 +102,7 @@ def validate_eval(args) -> list[Path]:
     model_options(args)
     if args.out:
         check_output_location(args.out)
+        check_name_length(args.out)
     config = read_config(args.model)
     if config is not None:
         check_known_type(args.model, config)
@@ -122,6 +124,7 @@ def validate_finetune(args) -> list[Path]:
     zeroshot_options(args)
     model_options(args)
     check_output_location(args.out)
+    check_name_length(args.out)
     check_not_input(args.out, args.model)
     if Path(args.model).is_dir():
         config = read_config(args.model)
@@ -133,6 +136,7 @@ def validate_finetune(args) -> list[Path]:
 def validate_export(args) -> list[Path]:
     at_least(args, "threads", 1)
     check_output_location(args.out, kind="directory" if args.format == "plain" else "file")
+    check_name_length(args.out)
     check_not_input(args.out, args.model)
     config = read_config(args.model)
     if config is not None and args.format == "plain":
@@ -151,6 +155,7 @@ def validate_bench(args) -> list[Path]:
     model_options(args)
     if args.out:
         check_output_location(args.out, kind="file")
+        check_name_length(args.out)
     for name in [args.model] + ([args.compare] if args.compare else []):
         config = read_config(name)
         if config is not None:
