@@ -1,5 +1,6 @@
 """Damaged input ends in one `slicegpt: error:` line (exit status 2), and outputs get ordinary permissions."""
 
+import errno
 import os
 import re
 import stat
@@ -457,3 +458,63 @@ def test_python_api_refuses_what_the_cli_refuses(call, kind, message):
         call(make_tiny_model("LlamaForCausalLM"))
     assert isinstance(caught.value, SliceGPTError)  # the CLI's own refusal, one line there
 
+
+# --- A disk that fills in the middle of a write: one line, and nothing half-written left. ---
+
+def _no_space(path) -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def _fill_then_fail(tensors, path, *args, **kwargs):
+    """A safetensors writer on a disk that fills: a few bytes of `path`, then ENOSPC."""
+    Path(path).write_bytes(b"\0" * 64)
+    raise _no_space(path)
+
+
+def _fill_then_fail_in_rust(tensors, path, *args, **kwargs):
+    """As safetensors reports it: its own error type, the errno only in the text."""
+    from safetensors import SafetensorError
+
+    Path(path).write_bytes(b"\0" * 64)
+    raise SafetensorError(f'Error while serializing: I/O error: No space left on device (os error 28) at path "{path}"')
+
+
+def _gguf_fill_then_fail(self, *args, **kwargs):
+    raise _no_space(self.path)
+
+
+DISK_FULL_WRITERS = {
+    "slice": ("transformers.modeling_utils.safe_save_file", _fill_then_fail),
+    "slice-streaming": ("slicegpt.io.shards.save_file", _fill_then_fail_in_rust),
+    "finetune": ("transformers.modeling_utils.safe_save_file", _fill_then_fail),
+    "export-plain": ("transformers.modeling_utils.safe_save_file", _fill_then_fail),
+    "export-gguf": ("gguf.GGUFWriter.write_tensors_to_file", _gguf_fill_then_fail),
+}
+
+
+@pytest.fixture(scope="module")
+def shared_basis_dir(tiny_model_dir, smollm2_tokenizer, tmp_path_factory):
+    """The tiny model sliced with one basis, which plain and GGUF export take."""
+    import transformers
+
+    out = tmp_path_factory.mktemp("shared-basis") / "sliced"
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    slice_model(model, smollm2_tokenizer, SliceConfig(sparsity=0.25, rotations="model"),
+                random_batches(len(smollm2_tokenizer), count=1), progress=False)
+    save_sliced(model, smollm2_tokenizer, out, report={"config": {"model": str(tiny_model_dir)}})
+    return out
+
+
+@pytest.mark.parametrize("name", list(DISK_FULL_WRITERS))
+def test_disk_full_while_writing(tiny_model_dir, shared_basis_dir, tmp_path, capsys, monkeypatch, name):
+    if name == "export-gguf":
+        pytest.importorskip("gguf")
+    target, writer = DISK_FULL_WRITERS[name]
+    monkeypatch.setattr(target, writer)
+    model = tiny_model_dir if name.startswith("slice") else shared_basis_dir
+    out = tmp_path / "out"
+    code = main(command(name, model, out))
+    assert_one_error_line(capsys, code, "no space left on the device while writing ", "run the command again")
+    leftovers = [p.name for p in tmp_path.rglob("*")
+                 if p.name.endswith((".tmp", ".gguf", ".gguf.partial")) or "partial-" in p.name]
+    assert not out.exists() and not Path(f"{out}.gguf").exists() and leftovers == []
