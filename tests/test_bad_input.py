@@ -1,6 +1,8 @@
 """Damaged input ends in one `slicegpt: error:` line (exit status 2), and outputs get ordinary permissions."""
 
+import errno
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -400,6 +402,8 @@ def config_dirs(tmp_path_factory, tiny_model_dir):
     transformers.BloomConfig(vocab_size=96, hidden_size=64, n_layer=2, n_head=4).save_pretrained(root / "bloom")
     (root / "not-json").mkdir()
     (root / "not-json" / "config.json").write_text("{ not json")
+    (root / "no-model-type").mkdir()
+    (root / "no-model-type" / "config.json").write_text("{}")
     (root / "unknown-type").mkdir()
     config = json.loads((tiny_model_dir / "config.json").read_text())
     (root / "unknown-type" / "config.json").write_text(json.dumps({**config, "model_type": "no-such-type"}))
@@ -437,6 +441,9 @@ EXPORT = ["export", "{model}", "--format", "plain", "--out", "{out}"]
     ("not-json", [*SLICE, "--streaming"], "config.json is not valid JSON"),
     ("not-json", ["ppl", "{model}", *PPL], "config.json is not valid JSON"),
     ("not-json", EXPORT, "config.json is not valid JSON"),
+    ("no-model-type", SLICE, "config.json has no model_type"),
+    ("no-model-type", [*SLICE, "--streaming"], "config.json has no model_type"),
+    ("no-model-type", ["ppl", "{model}", *PPL], "config.json has no model_type"),
     ("unknown-type", SLICE, "model type 'no-such-type' in config.json is unknown to transformers"),
     ("unknown-type", SLICE, "; slicegpt slices CohereForCausalLM, "),  # its own list, not transformers' every config
     ("unknown-type", ["ppl", "{model}", *PPL], "model type 'no-such-type' in config.json is unknown"),
@@ -492,3 +499,178 @@ def test_rotary_model_past_its_context_is_noted(tiny_model_dir, tmp_path, capsys
     (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
     assert main(["ppl", str(model), *PPL]) == 0
     assert "note: --seqlen is 32 tokens, longer than the 16 positions" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def mismatched_dirs(tiny_model_dir, tmp_path_factory):
+    """The tiny model's weights under a config.json that gives another width or vocabulary."""
+    import json
+
+    root = tmp_path_factory.mktemp("mismatched")
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    for name, change in {"hidden": {"hidden_size": 48}, "vocab": {"vocab_size": config["vocab_size"] + 10}}.items():
+        copy_dir(tiny_model_dir, root / name)
+        (root / name / "config.json").write_text(json.dumps({**config, **change}))
+    return root
+
+
+@pytest.mark.parametrize("name", ["slice", "slice-streaming", "ppl"])
+@pytest.mark.parametrize("which,message", [
+    ("hidden", "config.json gives hidden_size 48, but the weights are 64 wide (model.layers.0.input_layernorm"),
+    ("vocab", "config.json gives vocab_size 49162, but the weights hold 49152 tokens (model.embed_tokens.weight"),
+])
+def test_config_sizes_that_disagree_with_the_weights(mismatched_dirs, tmp_path, capsys, name, which, message):
+    """Read from the safetensors headers before loading: loading itself fails with a traceback."""
+    refused(capsys, command(name, mismatched_dirs / which, tmp_path / "out"), message, out=tmp_path / "out")
+
+
+@pytest.mark.parametrize("name", ["slice", "slice-streaming", "sweep", "finetune", "export-plain", "export-gguf",
+                                  "eval"])
+def test_output_name_too_long_for_the_temporaries_beside_it(tiny_model_dir, tmp_path, capsys, name):
+    """249 bytes fit NAME_MAX (255), but `.NAME.partial-XXXXXXXX` does not: refused before the work, not
+    when the slice is saved."""
+    if os.pathconf(tmp_path, "PC_NAME_MAX") != 255:
+        pytest.skip("this filesystem's NAME_MAX is not 255")
+    out = tmp_path / ("a" * 249)
+    refused(capsys, command(name, tiny_model_dir, out), "bytes, too long for the temporaries the run writes",
+            "use a name of at most 237 bytes", out=out)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- Text rows: each row's text is a string (a blank one too), or the run stops at its file and line. ---
+
+def rows_file(directory: Path, bad: str) -> Path:
+    """Good rows (one with a U+2028 inside its string, one blank, an empty line), then `bad` on line 4."""
+    path = directory / "rows.jsonl"
+    path.write_text('{"text": "one\u2028line"}\n{"text": ""}\n\n' + bad + '\n{"text": "after"}\n', encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("row,message", [('{"text": null}', "'text' is null, not a string"),
+                                         ('{"text": ["a", "b"]}', "'text' is a list ([\"a\", \"b\"]), not a string"),
+                                         ('{"text": 7}', "'text' is an int (7), not a string")])
+def test_text_row_that_is_not_a_string(tmp_path, capsys, tiny_model_dir, row, message):
+    data = rows_file(tmp_path, row)
+    refused(capsys, ["ppl", str(tiny_model_dir), *PPL, "--data", str(data)], f"{data}:4: {message}")
+
+
+@pytest.mark.parametrize("name,option", [("slice", ["--cal-data"]), ("slice-streaming", ["--cal-data"]),
+                                         ("slice", [*EVAL_PPL, "--ppl-data"]), ("sweep", ["--cal-data"]),
+                                         ("sweep", ["--ppl-data"]), ("finetune", ["--data"]),
+                                         ("finetune", ["--heldout-data"]), ("finetune", [*EVAL_PPL, "--ppl-data"])])
+def test_every_reader_of_text_rows_checks_them(sliced_dirs, tiny_model_dir, tmp_path, capsys, name, option):
+    data = rows_file(tmp_path, '{"text": null}')
+    model = sliced_dirs / "memory" if name == "finetune" else tiny_model_dir
+    out = tmp_path / "out"
+    refused(capsys, command(name, model, out) + option + [str(data)], f"{data}:4: 'text' is null", out=out)
+
+
+def test_hub_rows_that_are_not_strings(monkeypatch):
+    import datasets
+
+    from slicegpt.errors import SliceGPTError
+    from slicegpt.io.data import load_texts
+
+    rows = datasets.Dataset.from_dict({"text": ["a", "", None]})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: rows)
+    with pytest.raises(SliceGPTError, match=r"dataset 'some/corpus' \(split train\), row 3: 'text' is null"):
+        load_texts("some/corpus")
+
+
+# --- The Python API: the rules the CLI checks its flags by, as ValueErrors and TypeErrors. ---
+
+def _perplexity(*args, **kwargs):
+    from slicegpt import perplexity
+
+    return perplexity(*args, progress=False, **kwargs)
+
+
+def _zeroshot(*args, **kwargs):
+    from slicegpt.evaluation.zeroshot import evaluate_zeroshot
+
+    return evaluate_zeroshot(*args, **kwargs)
+
+
+@pytest.mark.parametrize("call,kind,message", [
+    pytest.param(lambda model: SliceConfig(sparsity="0.25"), TypeError, "sparsity must be a number, got '0.25' (str)",
+                 id="SliceConfig-string-sparsity"),
+    pytest.param(lambda model: SliceConfig(cal_samples=0), ValueError, "cal-samples must be at least 1, got 0",
+                 id="SliceConfig-cal-samples"),
+    pytest.param(lambda model: _perplexity(model, None, ["some text"], seqlen=1), ValueError,
+                 "seqlen must be at least 2, got 1", id="perplexity-seqlen"),
+    pytest.param(lambda model: _perplexity(model, None, ["some text"], chunks=0), ValueError,
+                 "chunks must be at least 1, got 0", id="perplexity-chunks"),
+    pytest.param(lambda model: _perplexity(model, None, ["a", "", None]), TypeError,
+                 "texts[2] is null, not a string", id="perplexity-None-text"),
+    pytest.param(lambda model: slice_model(model, None, SliceConfig(), ["a", None], progress=False), TypeError,
+                 "texts[1] is null, not a string", id="slice_model-None-text"),
+    pytest.param(lambda model: _zeroshot(model, None, "piqa", limit=0), ValueError, "limit must be at least 1, got 0",
+                 id="evaluate_zeroshot-limit"),
+])
+def test_python_api_refuses_what_the_cli_refuses(call, kind, message):
+    from slicegpt.errors import SliceGPTError
+
+    with pytest.raises(kind, match=re.escape(message)) as caught:
+        call(make_tiny_model("LlamaForCausalLM"))
+    assert isinstance(caught.value, SliceGPTError)  # the CLI's own refusal, one line there
+
+
+# --- A disk that fills in the middle of a write: one line, and nothing half-written left. ---
+
+def _no_space(path) -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def _fill_then_fail(tensors, path, *args, **kwargs):
+    """A safetensors writer on a disk that fills: a few bytes of `path`, then ENOSPC."""
+    Path(path).write_bytes(b"\0" * 64)
+    raise _no_space(path)
+
+
+def _fill_then_fail_in_rust(tensors, path, *args, **kwargs):
+    """As safetensors reports it: its own error type, the errno only in the text."""
+    from safetensors import SafetensorError
+
+    Path(path).write_bytes(b"\0" * 64)
+    raise SafetensorError(f'Error while serializing: I/O error: No space left on device (os error 28) at path "{path}"')
+
+
+def _gguf_fill_then_fail(self, *args, **kwargs):
+    raise _no_space(self.path)
+
+
+DISK_FULL_WRITERS = {
+    "slice": ("transformers.modeling_utils.safe_save_file", _fill_then_fail),
+    "slice-streaming": ("slicegpt.io.shards.save_file", _fill_then_fail_in_rust),
+    "finetune": ("transformers.modeling_utils.safe_save_file", _fill_then_fail),
+    "export-plain": ("transformers.modeling_utils.safe_save_file", _fill_then_fail),
+    "export-gguf": ("gguf.GGUFWriter.write_tensors_to_file", _gguf_fill_then_fail),
+}
+
+
+@pytest.fixture(scope="module")
+def shared_basis_dir(tiny_model_dir, smollm2_tokenizer, tmp_path_factory):
+    """The tiny model sliced with one basis, which plain and GGUF export take."""
+    import transformers
+
+    out = tmp_path_factory.mktemp("shared-basis") / "sliced"
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    slice_model(model, smollm2_tokenizer, SliceConfig(sparsity=0.25, rotations="model"),
+                random_batches(len(smollm2_tokenizer), count=1), progress=False)
+    save_sliced(model, smollm2_tokenizer, out, report={"config": {"model": str(tiny_model_dir)}})
+    return out
+
+
+@pytest.mark.parametrize("name", list(DISK_FULL_WRITERS))
+def test_disk_full_while_writing(tiny_model_dir, shared_basis_dir, tmp_path, capsys, monkeypatch, name):
+    if name == "export-gguf":
+        pytest.importorskip("gguf")
+    target, writer = DISK_FULL_WRITERS[name]
+    monkeypatch.setattr(target, writer)
+    model = tiny_model_dir if name.startswith("slice") else shared_basis_dir
+    out = tmp_path / "out"
+    code = main(command(name, model, out))
+    assert_one_error_line(capsys, code, "no space left on the device while writing ", "run the command again")
+    leftovers = [p.name for p in tmp_path.rglob("*")
+                 if p.name.endswith((".tmp", ".gguf", ".gguf.partial")) or "partial-" in p.name]
+    assert not out.exists() and not Path(f"{out}.gguf").exists() and leftovers == []

@@ -9,6 +9,7 @@ from slicegpt.commands import bench, eval as eval_command, export, finetune, ppl
 from slicegpt.commands.validate import validate
 from slicegpt.errors import SliceGPTError
 from slicegpt.io.output_lock import output_locks
+from slicegpt.io.write_failure import no_space_message
 
 COMMANDS = [slice_command, sweep, ppl, eval_command, finetune, export, bench]
 
@@ -29,6 +30,12 @@ def main(argv: list[str] | None = None) -> int:
             return args.run(args)
     except SliceGPTError as error:
         print(f"slicegpt: error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # a full disk is the one failure in the work itself said in one line
+        message = no_space_message(error)
+        if message is None:
+            raise
+        print(f"slicegpt: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("slicegpt: interrupted", file=sys.stderr)

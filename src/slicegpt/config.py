@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from slicegpt.errors import SliceGPTError
+from slicegpt.validation.options import check_number, check_slice_values
 
 CONFIG_VERSION = 1
 WIDTHS = ("auto", "uniform", "variance", "embedding")  # see SliceConfig.widths
@@ -72,20 +73,11 @@ class SliceConfig:
         self.validate()
 
     def validate(self) -> None:
-        if not 0.0 <= self.sparsity < 1.0:
-            raise SliceGPTError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        for name in ("round_to", "cal_samples", "cal_seqlen", "cal_batch_size"):
-            if getattr(self, name) < 1:
-                raise SliceGPTError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        # The numbers follow the rules the CLI checks its flags by (a ValueError or TypeError here).
+        check_number(self.sparsity, "sparsity")  # always set: None is only the CLI's "not given"
+        check_slice_values(lambda field: getattr(self, field), lambda field: field.replace("_", "-"))
         if self.target_params is not None and self.target_ratio is not None:
             raise SliceGPTError("give target-params or target-ratio, not both")
-        if self.target_ratio is not None and not 0.0 < self.target_ratio <= 1.0:
-            raise SliceGPTError(f"target-ratio must be in (0, 1], got {self.target_ratio}")
-        if self.target_params is not None and self.target_params < 1:
-            raise SliceGPTError(f"target-params must be positive, got {self.target_params}")
-        for name in ("basis_share", "refit_share"):
-            if getattr(self, name) is not None and not 0.0 < getattr(self, name) <= 1.0:
-                raise SliceGPTError(f"{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")
         if self.widths not in WIDTHS:
             raise SliceGPTError(f"widths must be {', '.join(WIDTHS[:-1])} or {WIDTHS[-1]}, got {self.widths!r}")
         if self.widths == "embedding" and self.rotations not in ("auto", "block"):

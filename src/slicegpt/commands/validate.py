@@ -16,10 +16,11 @@ from pathlib import Path
 from slicegpt.commands.common import say
 from slicegpt.errors import SliceGPTError
 from slicegpt.validation.model_config import (attention_heads, check_known_type, check_positions, check_sliceable,
-                                              plain_step, plain_width_message, read_config)
-from slicegpt.validation.options import (at_least, check_device, check_ppl_options, check_threads, fraction,
+                                              check_weight_shapes, plain_step, plain_width_message, read_config)
+from slicegpt.validation.options import (at_least, check_device, check_fraction, check_ppl_options,
+                                         check_slice_values, check_threads, check_zeroshot_values, flag, fraction,
                                          positive)
-from slicegpt.validation.outputs import check_not_input, check_output_location, check_writes
+from slicegpt.validation.outputs import check_name_length, check_not_input, check_output_location, check_writes
 
 
 def model_options(args) -> None:
@@ -28,16 +29,14 @@ def model_options(args) -> None:
 
 
 def zeroshot_options(args) -> None:
-    at_least(args, "zeroshot_limit", 1)
-    at_least(args, "zeroshot_batch_size", 1)
+    check_zeroshot_values(getattr(args, "zeroshot_limit", None), getattr(args, "zeroshot_batch_size", None),
+                          ("--zeroshot-limit", "--zeroshot-batch-size"))
 
 
 def slice_options(args) -> None:
-    """What `slice` and `sweep` share: the method's numbers, perplexity, zero-shot, the model."""
-    for name in ("round_to", "cal_samples", "cal_seqlen", "cal_batch_size"):
-        at_least(args, name, 1)
-    fraction(args, "basis_share", low_open=True, high_open=False)
-    fraction(args, "refit_share", low_open=True, high_open=False)
+    """What `slice` and `sweep` share: the method's numbers (SliceConfig's rules, by flag), perplexity,
+    zero-shot, the model."""
+    check_slice_values(lambda field: getattr(args, field, None), flag)
     check_ppl_options(args, "ppl-")
     zeroshot_options(args)
     model_options(args)
@@ -65,10 +64,6 @@ def holds_outputs(command: str) -> bool:
 
 
 def validate_slice(args) -> list[Path]:
-    if args.sparsity is not None:
-        fraction(args, "sparsity", low_open=False, high_open=True)
-    fraction(args, "target_ratio", low_open=True, high_open=False)
-    at_least(args, "target_params", 1)
     positive(args, "dist_timeout")
     return _slicing_run(args, ppl_seqlen=args.ppl_seqlen if args.eval_ppl else None)
 
@@ -77,10 +72,12 @@ def _slicing_run(args, ppl_seqlen: int | None) -> list[Path]:
     """What slice and sweep share: the slicing options, the output and the model's config."""
     slice_options(args)
     check_output_location(args.out)
+    check_name_length(args.out)
     check_not_input(args.out, args.model)
     config = read_config(args.model)
     if config is not None:
         check_sliceable(args.model, config)
+        check_weight_shapes(args.model, config)
         check_positions(args.model, config, {"--cal-seqlen": args.cal_seqlen, "--ppl-seqlen": ppl_seqlen})
         plain_widths(args, config)
     return [Path(args.out)]
@@ -90,8 +87,7 @@ def validate_sweep(args) -> list[Path]:
     from slicegpt.commands.sweep import parse_sparsities
 
     for value in parse_sparsities(args.sparsities):
-        if not 0 <= value < 1:
-            raise SliceGPTError(f"--sparsities: each must be in [0, 1), got {value:g}")
+        check_fraction(value, "--sparsities: each", low_open=False, high_open=True)
     return _slicing_run(args, ppl_seqlen=args.ppl_seqlen)
 
 
@@ -101,19 +97,21 @@ def validate_ppl(args) -> list[Path]:
     config = read_config(args.model)
     if config is not None:
         check_known_type(args.model, config)
+        check_weight_shapes(args.model, config)
         check_positions(args.model, config, {"--seqlen": args.seqlen})
     return []
 
 
 def validate_eval(args) -> list[Path]:
-    at_least(args, "limit", 1)
-    at_least(args, "batch_size", 1)
+    check_zeroshot_values(args.limit, args.batch_size, ("--limit", "--batch-size"))
     model_options(args)
     if args.out is not None:
         check_output_location(args.out)
+        check_name_length(args.out)
     config = read_config(args.model)
     if config is not None:
         check_known_type(args.model, config)
+        check_weight_shapes(args.model, config)
     return [Path(args.out)] if args.out is not None else []
 
 
@@ -131,6 +129,7 @@ def validate_finetune(args) -> list[Path]:
     zeroshot_options(args)
     model_options(args)
     check_output_location(args.out)
+    check_name_length(args.out)
     check_not_input(args.out, args.model)
     if Path(args.model).is_dir():
         config = read_config(args.model)
@@ -142,6 +141,7 @@ def validate_finetune(args) -> list[Path]:
 def validate_export(args) -> list[Path]:
     at_least(args, "threads", 1)
     check_output_location(args.out, kind="directory" if args.format == "plain" else "file")
+    check_name_length(args.out)
     check_not_input(args.out, args.model)
     config = read_config(args.model)
     if config is not None and args.format == "plain":
@@ -160,6 +160,7 @@ def validate_bench(args) -> list[Path]:
     model_options(args)
     if args.out is not None:
         check_output_location(args.out, kind="file")
+        check_name_length(args.out)
     configs = {}
     for name in [args.model] + ([args.compare] if args.compare else []):
         config = read_config(name)

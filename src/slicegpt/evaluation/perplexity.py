@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from slicegpt.io.data import tokenize_joined
 from slicegpt.errors import SliceGPTError
+from slicegpt.validation.options import check_ppl_values
 
 
 LOSS_POSITIONS = 512  # positions per cross-entropy call: a 262k vocabulary's copies stay small
@@ -31,6 +32,7 @@ def _summed_loss(logits: torch.Tensor, targets: torch.Tensor) -> float:
 def perplexity(model: nn.Module, tokenizer, texts: list[str], seqlen: int = 2048, chunks: int | None = None,
                batch_size: int = 1, progress: bool = True) -> dict:
     """exp(mean next-token loss) over the first `chunks` windows of `seqlen` tokens."""
+    check_ppl_values(chunks, seqlen, batch_size)  # the rules `slicegpt ppl` checks its flags by
     stream = tokenize_joined(tokenizer, texts)
     available = len(stream) // seqlen
     count = available if chunks is None else min(chunks, available)

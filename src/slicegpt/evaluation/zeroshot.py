@@ -24,6 +24,7 @@ import yaml
 
 from slicegpt.errors import SliceGPTError
 from slicegpt.tasks import paper_metric
+from slicegpt.validation.options import check_zeroshot_values
 
 TASK_DIR = Path(__file__).parent / "tasks"
 DATA_DIR_ENV = "SLICEGPT_DATA_DIR"
@@ -155,6 +156,8 @@ def task_metrics(raw: dict) -> dict:
 def evaluate_zeroshot(model, tokenizer, tasks: str | list[str], limit: int | None = None, batch_size: int = 1,
                       data_dir: str | Path | None = None) -> dict:
     """Zero-shot metrics of `model` on `tasks`, per task as lm-eval names them, plus the paper's average."""
+    # The rules `slicegpt eval` checks --limit and --batch-size by; lm-eval's "auto" batch sizes pass.
+    check_zeroshot_values(limit, None if isinstance(batch_size, str) else batch_size)
     tasks = parse_tasks(tasks)
     local = find_data_dir(data_dir)
     try:

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from slicegpt.errors import SliceGPTError
 from slicegpt.io.permissions import ordinary_permissions
+from slicegpt.io.write_failure import removed_on_failure
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -105,7 +106,8 @@ def write_shard(directory: Path, name: str, tensors: dict[str, torch.Tensor]) ->
     """Write one shard atomically: a crash leaves either the old file or the whole new one."""
     final = Path(directory) / name
     tmp = final.with_name(f".{name}.tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+    with removed_on_failure(tmp):
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
     os.replace(tmp, final)
     ordinary_permissions(final)  # save_file writes 0600
 

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from slicegpt.errors import SliceGPTError
+from slicegpt.io.write_failure import removed_on_failure
 from slicegpt.method.activations import Activations
 from slicegpt.method.slicing import SliceResult, StreamPoint
 from slicegpt.running.spill import DiskActivations
@@ -107,7 +108,7 @@ class WorkDir:
     def write_state(self, state: dict) -> None:
         """Replace state.json atomically (rank 0 only), then drop the files it no longer names."""
         tmp = self.state_file.with_name(f".{STATE_FILE}.tmp")
-        with open(tmp, "w") as f:
+        with removed_on_failure(tmp), open(tmp, "w") as f:
             f.write(json.dumps({"format": FORMAT, **state}, indent=1))
             f.flush()
             os.fsync(f.fileno())
@@ -131,7 +132,8 @@ class WorkDir:
     def _atomic_save(self, tensors: dict, name: str) -> None:
         final = self.path / name
         tmp = final.with_name(f".{name}.tmp")
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        with removed_on_failure(tmp):
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, final)

@@ -19,15 +19,21 @@ from slicegpt.errors import SliceGPTError
 LEARNED_POSITIONS = {"gpt2": "n_positions", "opt": "max_position_embeddings"}
 
 
-def read_config(model: str) -> dict | None:
-    """The config.json of `model` as a dict; None where it is not at hand before loading (a hub
-    id that cannot be reached now fails, clearly, when the model loads)."""
+def local_source(model: str) -> Path | None:
+    """The directory `model` loads from, where it is on this machine (None: a hub id)."""
     from slicegpt.io.models import NAMED_MODELS, resolve
 
     path = Path(model)
     if model in NAMED_MODELS or path.suffix == ".gguf" or path.exists():
-        source = Path(resolve(model))  # a GGUF is converted once, as loading would; a directory is checked
-    else:
+        return Path(resolve(model))  # a GGUF is converted once, as loading would; a directory is checked
+    return None
+
+
+def read_config(model: str) -> dict | None:
+    """The config.json of `model` as a dict; None where it is not at hand before loading (a hub
+    id that cannot be reached now fails, clearly, when the model loads)."""
+    source = local_source(model)
+    if source is None:
         try:
             from transformers import AutoConfig
 
@@ -43,6 +49,9 @@ def read_config(model: str) -> dict | None:
         raise SliceGPTError(f"{config} is not valid JSON ({error})") from None
     if not isinstance(data, dict):
         raise SliceGPTError(f"{config} is not a JSON object")
+    if "model_type" not in data and "AutoConfig" not in (data.get("auto_map") or {}):
+        raise SliceGPTError(f"{config} has no model_type, so it does not say which kind of model it describes "
+                            "(transformers builds none without it)")
     return data
 
 
@@ -100,6 +109,58 @@ def check_positions(model: str, config: dict, lengths: dict[str, int]) -> None:
         if table is None and isinstance(context, int) and length > context:
             print(f"note: {option} is {length} tokens, longer than the {context} positions {model} is made for "
                   "(max_position_embeddings); it runs, but the model has not seen such lengths", file=sys.stderr)
+
+
+# --- the weights' shapes ---------------------------------------------------------------------------
+
+def tensor_shape(checkpoint, name: str) -> tuple[str, tuple[int, ...]] | None:
+    """The stored name and header shape of the module-path tensor `name`, also where the checkpoint
+    leaves out a leading prefix (GPT-2's `h.0...` for `transformer.h.0...`); None where absent."""
+    from slicegpt.io.shards import open_safetensors
+
+    parts = name.split(".")
+    for start in range(len(parts) - 1):
+        stored = ".".join(parts[start:])
+        if stored in checkpoint:
+            with open_safetensors(checkpoint.directory / checkpoint.weight_map[stored]) as f:
+                return stored, tuple(f.get_slice(stored).get_shape())
+    return None
+
+
+def check_weight_shapes(model: str, config: dict) -> None:
+    """The hidden and vocabulary sizes config.json gives match the weights, read from the safetensors
+    headers alone; a config from other weights fails otherwise while loading, with a traceback
+    (in memory) or a complaint from accelerate (streamed)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from slicegpt.architectures.families import FAMILIES
+    from slicegpt.io.shards import INDEX_FILE, SINGLE_FILE, SafetensorsCheckpoint
+
+    source = local_source(model)
+    if source is None or "slicing" in config:  # a sliced checkpoint's widths are its own
+        return
+    if not ((source / INDEX_FILE).is_file() or (source / SINGLE_FILE).is_file()):
+        return  # .bin weights: no header to read without loading them
+    arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"))
+    family = FAMILIES.get(arch) or FAMILIES.get((config.get("architectures") or [None])[0])
+    if family is None:
+        return
+    text = text_config(config)
+    aliases = getattr(CONFIG_MAPPING.get(text.get("model_type")), "attribute_map", {})
+    checkpoint = SafetensorsCheckpoint(source)
+    checks = [("vocab_size", f"{family.embeddings[0]}.weight", 0, "hold {} tokens"),  # the token table's rows
+              ("hidden_size", f"{family.layers}.0.{family.attn_norm}.weight", -1, "are {} wide")]  # the first norm
+    for attribute, name, axis, saying in checks:
+        key = aliases.get(attribute, attribute)
+        found = tensor_shape(checkpoint, name)
+        if not isinstance(text.get(key), int) or found is None:
+            continue
+        stored, shape = found
+        if shape[axis] != text[key]:
+            raise SliceGPTError(f"{model}: config.json gives {key} {text[key]}, but the weights "
+                                f"{saying.format(shape[axis])} ({stored} is {list(shape)}); the config does not "
+                                "belong to these weights")
 
 
 # --- plain widths -------------------------------------------------------------------------------

@@ -86,3 +86,30 @@ def check_writes(outputs: list[str | Path], reads: list[tuple[str, str | Path]],
                 where = "lies in" if target.is_relative_to(root) else "holds"
                 raise SliceGPTError(f"{option} {out} {where} slicegpt's cache ({root}), which holds the converted "
                                     f"models runs read; choose another {option}")
+
+
+# The longest name a run makes beside its output: `.NAME.partial-XXXXXXXX`, the temporary
+# directory a sliced model is written into (io/checkpoint.py); `.NAME.partial`, `.NAME.lock`
+# and `.NAME.rft-partial` are shorter.
+BESIDE_OUTPUT = len("..partial-") + 8
+
+
+def check_name_length(out: str | Path, option: str = "--out") -> None:
+    """Every name the run creates for `out` fits the filesystem's NAME_MAX: the folders it makes, and
+    the output's own name with the longest temporary beside it (a long name used to fail
+    when the slice was saved, after all the work)."""
+    path = Path(os.path.abspath(out))
+    existing = nearest_existing(path)
+    try:
+        limit = os.pathconf(existing if existing.is_dir() else existing.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return  # the filesystem does not say; saving reports it
+    for folder in path.relative_to(existing).parts[:-1] if existing != path else ():
+        if len(os.fsencode(folder)) > limit:
+            raise SliceGPTError(f"{option} {out}: the folder name {folder[:20]}... is {len(os.fsencode(folder))} "
+                                f"bytes; this filesystem allows {limit}")
+    size = len(os.fsencode(path.name))
+    if size + BESIDE_OUTPUT > limit:
+        raise SliceGPTError(f"{option} {out}: the name is {size} bytes, too long for the temporaries the run "
+                            f"writes beside it (.NAME.partial-XXXXXXXX) on this filesystem, which allows {limit}; "
+                            f"use a name of at most {limit - BESIDE_OUTPUT} bytes")
