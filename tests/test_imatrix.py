@@ -13,7 +13,7 @@ from slicegpt import SliceConfig, slice_model
 from slicegpt.cli import main
 from slicegpt.io.checkpoint import save_sliced
 from slicegpt.io.imatrix import gguf_weight_name, read_imatrix
-from slicegpt.method.importance import IMPORTANCE_FILE, save_importance
+from slicegpt.method.importance import IMPORTANCE_FILE, LEGACY_IMPORTANCE_FILE, save_importance
 
 from conftest import random_batches
 from test_export import tiny_bpe_tokenizer
@@ -94,6 +94,32 @@ def test_slice_command_saves_the_importance(tmp_path, tiny_model_dir):
     importance, tokens = load_importance(out / IMPORTANCE_FILE)
     assert tokens == 4 * 64 and "model.layers.1.mlp.down_proj" in importance and "lm_head" in importance
     assert importance["model.layers.0.self_attn.q_proj"].shape == (48,)
+
+
+@pytest.mark.parametrize("streaming", ["--no-streaming", "--streaming"])
+def test_slice_output_has_only_weights_in_the_weights_pattern(tmp_path, tiny_model_dir, streaming):
+    """vLLM loads every top-level *.safetensors of a model directory as weights: only the weights
+    may match it, and export still finds the importance."""
+    from conftest import tiny_slice_args
+
+    out = tmp_path / "sliced"
+    args = [a for a in tiny_slice_args(tiny_model_dir, out) if a != "--eval-ppl"]
+    assert main(args + ["--rotations", "model", streaming]) == 0
+    index = out / "model.safetensors.index.json"
+    weights = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
+    assert {p.name for p in out.glob("*.safetensors")} == weights
+    assert main(["export", str(out), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
+    assert read_imatrix(tmp_path / "m.imatrix.gguf")["blk.0.attn_q.weight"].shape == (48,)
+
+
+def test_export_reads_the_importance_where_earlier_versions_kept_it(tmp_path):
+    directory, result = quantizable_slice(tmp_path)
+    (directory / IMPORTANCE_FILE).rename(directory / LEGACY_IMPORTANCE_FILE)
+    assert main(["export", str(directory), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
+    ours = np.asarray(result.importance["model.layers.1.mlp.down_proj"], dtype=np.float32)
+    assert np.allclose(read_imatrix(tmp_path / "m.imatrix.gguf")["blk.1.ffn_down.weight"], ours, rtol=1e-5)
+    assert main(["export", str(directory), "--format", "plain", "--out", str(tmp_path / "plain")]) == 0
+    assert (tmp_path / "plain" / IMPORTANCE_FILE).is_file() and not (tmp_path / "plain" / LEGACY_IMPORTANCE_FILE).exists()
 
 
 def _quantizer_available() -> bool:

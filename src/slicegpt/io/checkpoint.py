@@ -123,6 +123,7 @@ def write_companion_files(config, tokenizer, directory: Path, extra_files: dict[
     if slicing is not None:
         (directory / MODELING_FILE).write_text(modeling_source(slicing["base_architecture"]))
     for name, content in (extra_files or {}).items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)  # e.g. importance/
         if isinstance(content, bytes):
             (directory / name).write_bytes(content)
         else:

@@ -21,7 +21,7 @@ from slicegpt.io.checkpoint import CARD_FILE, REPORT_FILE, atomic_directory, wri
 from slicegpt.io.gguf_export import write_gguf
 from slicegpt.io.imatrix import IMATRIX_SUFFIX, write_imatrix
 from slicegpt.io.llama_quantize import describe_misfits, quantize_with_log, takes_imatrix, width_misfits
-from slicegpt.method.importance import IMPORTANCE_FILE, load_importance
+from slicegpt.method.importance import IMPORTANCE_FILE, importance_path, load_importance
 from slicegpt.io.models import EMBEDDED, cache_dir, load_model
 from slicegpt.sizing.counts import count_parameters
 
@@ -93,8 +93,8 @@ def export_plain(directory: str | Path, out: str | Path, overwrite: bool = False
              "`slicegpt export --format plain`. RMSNorm scales and epsilon are set so that a standard norm over "
              "the sliced width equals the sliced model's norm. " + (note or "") + "\n")
     extras = {CARD_FILE: card}
-    if (directory / IMPORTANCE_FILE).is_file():
-        extras[IMPORTANCE_FILE] = (directory / IMPORTANCE_FILE).read_bytes()
+    if (importance := importance_path(directory)) is not None:
+        extras[IMPORTANCE_FILE] = importance.read_bytes()
     if (directory / REPORT_FILE).is_file():
         report = json.loads((directory / REPORT_FILE).read_text())
         report["export"] = {"format": "plain", "untied_head": note is not None,
@@ -113,9 +113,10 @@ def imatrix_path_for(out: Path) -> Path:
 def write_slice_imatrix(directory: Path, out: Path, transform=None) -> Path | None:
     """The slice's own importance (IMPORTANCE_FILE) as llama.cpp's imatrix file at `out` (through
     `transform`, where the weights were rotated again); None if it has none."""
-    if not (directory / IMPORTANCE_FILE).is_file():
+    source = importance_path(directory)
+    if source is None:
         return None
-    importance, tokens = load_importance(directory / IMPORTANCE_FILE)
+    importance, tokens = load_importance(source)
     if transform is not None:
         importance = transform(importance)
     config = {}

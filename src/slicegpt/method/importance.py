@@ -27,6 +27,7 @@ float32 mean squares, one per input column; `tokens` is how many tokens each mea
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,7 +36,10 @@ from slicegpt.architectures.family import Family, get_module
 from slicegpt.method.pca import _comm_device, _distributed
 from slicegpt.method.points import EMBEDDINGS, layer_of, layer_output, mlp_input
 
-IMPORTANCE_FILE = "importance.safetensors"
+# In a subfolder, out of the weights' file pattern: vLLM loads every top-level *.safetensors of
+# a model directory as weights (and transformers reads model*.safetensors or the index).
+IMPORTANCE_FILE = "importance/mean_squares.safetensors"
+LEGACY_IMPORTANCE_FILE = "importance.safetensors"  # beside the weights in earlier outputs: read, never written
 # Shared bases hold the readers' covariances only up to this many bytes at once: past it (a
 # 4096-wide model with one basis would hold 4.4 GB) the readers' importance is left out, so
 # that keeping it never costs a large model its memory bound; the projections' is kept.
@@ -147,6 +151,12 @@ def save_importance(importance: dict[str, list[float]], tokens: int) -> bytes:
 
     return save(importance_tensors(importance), metadata={"tokens": str(tokens), "statistic": "mean square of "
                                                           "each input column on the calibration text"})
+
+
+def importance_path(directory: str | Path) -> Path | None:
+    """The importance file of a sliced directory (or where earlier versions put it); None if it has none."""
+    return next((p for p in (Path(directory) / IMPORTANCE_FILE, Path(directory) / LEGACY_IMPORTANCE_FILE)
+                 if p.is_file()), None)
 
 
 def load_importance(path) -> tuple[dict[str, torch.Tensor], int]:
