@@ -157,6 +157,73 @@ def test_imatrix_needs_an_existing_file(tmp_path, capsys):
     assert "importance matrix not found" in capsys.readouterr().err
 
 
+def fake_quantizer(monkeypatch, fail: bool):
+    """llama-quantize stood in for: it copies its input, or fails; it records the imatrix it was given."""
+    from slicegpt.errors import SliceGPTError
+
+    given = []
+
+    def quantize(source, target, quant, quantizer=None, threads=2, imatrix=None):
+        given.append((imatrix, imatrix is not None and imatrix.is_file()))
+        if fail:
+            raise SliceGPTError("llama.cpp's quantizer failed (fake)")
+        shutil.copy(source, target)
+        return {"out": target, "quantizer": "fake", "without_importance": []}
+
+    monkeypatch.setattr("slicegpt.io.export.quantize_with_log", quantize)
+    monkeypatch.setattr("slicegpt.io.export.takes_imatrix", lambda quantizer=None: True)
+    return given
+
+
+def test_failed_quantization_leaves_no_imatrix(tmp_path, monkeypatch):
+    directory, _ = quantizable_slice(tmp_path)
+    given = fake_quantizer(monkeypatch, fail=True)
+    out = tmp_path / "exports" / "q4.gguf"
+    out.parent.mkdir()
+    assert main(["export", str(directory), "--format", "gguf", "--out", str(out), "--quantize", "Q4_0"]) == 2
+    assert given and given[0][1], "the quantizer was handed the slice's importance matrix"
+    assert list(out.parent.iterdir()) == []
+
+
+def test_quantized_export_publishes_the_imatrix_it_used(tmp_path, monkeypatch, capsys):
+    directory, _ = quantizable_slice(tmp_path)
+    given = fake_quantizer(monkeypatch, fail=False)
+    out = tmp_path / "exports" / "q4.gguf"
+    capsys.readouterr()
+    assert main(["export", str(directory), "--format", "gguf", "--out", str(out), "--quantize", "Q4_0",
+                 "--json"]) == 0
+    sidecar = tmp_path / "exports" / "q4.imatrix.gguf"
+    assert given[0][0] != sidecar, "written under a temporary name until the export succeeds"
+    assert json.loads(capsys.readouterr().out)["imatrix"] == str(sidecar)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["q4.gguf", "q4.imatrix.gguf"]
+    assert "blk.0.attn_q.weight" in read_imatrix(sidecar)
+
+
+@pytest.mark.parametrize("quantize", [[], ["--quantize", "Q4_0"]])
+def test_existing_imatrix_needs_overwrite(tmp_path, monkeypatch, capsys, quantize):
+    directory, _ = quantizable_slice(tmp_path)
+    fake_quantizer(monkeypatch, fail=False)
+    out, sidecar = tmp_path / "m.gguf", tmp_path / "m.imatrix.gguf"
+    sidecar.write_bytes(b"another model's importance matrix")
+    args = ["export", str(directory), "--format", "gguf", "--out", str(out), *quantize]
+    assert main(args) == 2
+    assert f"{sidecar} exists (use --overwrite to replace it)" in capsys.readouterr().err
+    assert sidecar.read_bytes() == b"another model's importance matrix" and not out.exists()
+    assert main(args + ["--overwrite"]) == 0
+    assert "blk.0.attn_q.weight" in read_imatrix(sidecar)
+
+
+def test_imatrix_beside_the_output_is_locked(tmp_path, capsys):
+    from slicegpt.io.output_lock import output_lock
+
+    directory, _ = quantizable_slice(tmp_path)
+    out = tmp_path / "m.gguf"
+    with output_lock(tmp_path / "m.imatrix.gguf"):
+        assert main(["export", str(directory), "--format", "gguf", "--out", str(out)]) == 2
+    assert "is being written by another slicegpt run" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_round_for_a_gguf_type():
     from slicegpt import SliceConfig
     from slicegpt.commands.slice_options import describe_round_for, round_for

@@ -152,6 +152,10 @@ def validate_export(args) -> list[Path]:
         problem = plain_width_message(config, slicing["embedding_width"], round_to)
         if problem:
             raise SliceGPTError(f"cannot export {args.model} as a plain model: {problem}")
+    if args.format == "gguf" and args.out.endswith(".gguf"):
+        from slicegpt.io.export import imatrix_path_for
+
+        return [Path(args.out), imatrix_path_for(Path(args.out))]  # the slice's importance matrix goes beside it
     return [Path(args.out)]
 
 

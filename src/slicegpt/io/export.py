@@ -110,6 +110,16 @@ def imatrix_path_for(out: Path) -> Path:
     return out.with_name(out.name[: -len(".gguf")] + IMATRIX_SUFFIX)
 
 
+def staged(path: Path) -> Path:
+    """The temporary name beside `path` that a file is written under until the export succeeds."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def writes_slice_imatrix(directory: Path, imatrix: str | None, use_imatrix: bool) -> bool:
+    """Whether the export writes the slice's own importance matrix beside its output."""
+    return use_imatrix and imatrix is None and importance_path(directory) is not None
+
+
 def write_slice_imatrix(directory: Path, out: Path, transform=None) -> Path | None:
     """The slice's own importance (IMPORTANCE_FILE) as llama.cpp's imatrix file at `out` (through
     `transform`, where the weights were rotated again); None if it has none."""
@@ -129,7 +139,8 @@ def write_slice_imatrix(directory: Path, out: Path, transform=None) -> Path | No
 def choose_imatrix(directory: Path, out: Path, quant: str | None, imatrix: str | None, use_imatrix: bool,
                    quantizer: str | None, warn, transform=None) -> tuple[Path | None, str | None]:
     """(the importance matrix to quantize with, where it came from): `imatrix` (a file from
-    llama-imatrix), else the slice's own written beside `out`; None where there is none or the
+    llama-imatrix), else the slice's own, written under the staged name of its place beside
+    `out` (the export renames it there once it succeeds); None where there is none or the
     quantizer cannot take one (said through `warn`)."""
     if not use_imatrix:
         return None, None
@@ -138,15 +149,16 @@ def choose_imatrix(directory: Path, out: Path, quant: str | None, imatrix: str |
         if not path.is_file():
             raise SliceGPTError(f"importance matrix not found: {imatrix}")
     else:
-        path, source = write_slice_imatrix(directory, imatrix_path_for(out), transform), "slicegpt"
+        path, source = write_slice_imatrix(directory, staged(imatrix_path_for(out)), transform), "slicegpt"
         if path is None:
             if quant:
                 warn(f"note: {directory} holds no {IMPORTANCE_FILE} (slice it with this version, or pass --imatrix "
                      "FILE from llama-imatrix): quantizing without an importance matrix")
             return None, None
     if quant and not takes_imatrix(quantizer):
+        name = imatrix_path_for(out).name if source == "slicegpt" else path.name
         warn("note: the quantizer found is llama-cpp-python's quantize function, which is called without an "
-             f"importance matrix: quantizing without {path.name} (llama-quantize takes it; "
+             f"importance matrix: quantizing without {name} (llama-quantize takes it; "
              "bench/llama_cpp_tools.sh builds one)")
         return None, None
     return path, source
@@ -161,14 +173,17 @@ def export_gguf(directory: str | Path, out: str | Path, out_type: str = "f16", q
 
     The slice's importance (IMPORTANCE_FILE, kept by the slicing run) is written beside the file as
     llama.cpp's imatrix (model.imatrix.gguf) and weighs the quantization, unless `use_imatrix` is
-    off or `imatrix` names another imatrix file (from llama-imatrix). `rotate` (auto, hadamard,
+    off or `imatrix` names another imatrix file (from llama-imatrix). Like the model, it replaces
+    an existing file only with `overwrite`, and appears only once the export has succeeded. `rotate` (auto, hadamard,
     random) folds one more orthogonal rotation of the stream into the weights first
     (method/extra_rotation.py)."""
     directory, out = Path(directory), Path(out)
-    if out.exists() and not overwrite:
-        raise SliceGPTError(f"{out} exists (use --overwrite to replace it)")
     if out.suffix != ".gguf":
         raise SliceGPTError(f"the GGUF output should end in .gguf, not {out.name}")
+    sidecar = imatrix_path_for(out)
+    for target in (out, sidecar) if writes_slice_imatrix(directory, imatrix, use_imatrix) else (out,):
+        if target.exists() and not overwrite:
+            raise SliceGPTError(f"{target} exists (use --overwrite to replace it)")
     model, tokenizer, note = plain_model(directory, dtype)
     if note:
         warn(note)
@@ -195,21 +210,24 @@ def export_gguf(directory: str | Path, out: str | Path, out_type: str = "f16", q
              "(pass --tokenizer-pre NAME, e.g. the one convert_hf_to_gguf.py picks for the base model)")
     name = directory.resolve().name
     out.parent.mkdir(parents=True, exist_ok=True)
-    imatrix_file, imatrix_source = choose_imatrix(directory, out, quant, imatrix, use_imatrix, quantizer, warn,
-                                                  transform)
     quantized = {}
-    if quant is None:
-        write_gguf(model, tokenizer, out, out_type, name=name, tokenizer_pre=pre, description=note)
-    else:
-        unquantized = out.with_name(f".{out.stem}.{out_type}.gguf")
-        try:
+    unquantized = out.with_name(f".{out.stem}.{out_type}.gguf")
+    try:
+        imatrix_file, imatrix_source = choose_imatrix(directory, out, quant, imatrix, use_imatrix, quantizer, warn,
+                                                      transform)
+        if quant is None:
+            write_gguf(model, tokenizer, out, out_type, name=name, tokenizer_pre=pre, description=note)
+        else:
             write_gguf(model, tokenizer, unquantized, out_type, name=name, tokenizer_pre=pre, description=note)
-            partial = out.with_name(f".{out.name}.partial")
-            quantized = quantize_with_log(unquantized, partial, quant, quantizer, threads, imatrix_file)
-            shutil.move(partial, out)
-        finally:
-            for leftover in (unquantized, out.with_name(f".{out.name}.partial")):
-                leftover.unlink(missing_ok=True)
+            quantized = quantize_with_log(unquantized, staged(out), quant, quantizer, threads, imatrix_file)
+            shutil.move(staged(out), out)
+        if staged(sidecar).exists():  # the slice's own matrix, published with the model it belongs to
+            staged(sidecar).replace(sidecar)
+        if imatrix_source == "slicegpt":
+            imatrix_file = sidecar
+    finally:
+        for leftover in (unquantized, staged(out), staged(sidecar)):
+            leftover.unlink(missing_ok=True)
     return {"out": str(out), "bytes": out.stat().st_size, "type": quant or out_type.upper(),
             "params": count_parameters(model), "hidden_size": model.config.hidden_size,
             "tokenizer_pre": pre, "untied_head_note": note, "fallbacks": misfits,
