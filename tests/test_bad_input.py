@@ -195,9 +195,22 @@ def command(name, model, out):
     # Every sparsity of a sweep is checked before the first is sliced.
     ("sweep", ["--sparsities", "0.25,0.999"], "--sparsities 0.999: sparsity 0.999 with round-to 8 leaves no width"),
     ("sweep", ["--sparsities", "0.101,0.104"], "would both be saved as sparsity-0.10"),
+    ("export-gguf", ["--rotate", "random", "--rotate-seed", str(2**63)],
+     f"--rotate-seed must be in [0, 2**63), got {2**63}"),
 ])
 def test_bad_option_value(tiny_model_dir, tmp_path, capsys, name, bad, message):
     refused(capsys, command(name, tiny_model_dir, tmp_path / "out") + bad, message, out=tmp_path / "out")
+
+
+@pytest.mark.parametrize("content,quantize,message", [
+    (b"PK\x03\x04 a zip file", ["--quantize", "Q4_0"], "is not a GGUF file"),
+    (b"GGUF\x03\x00\x00\x00", [], "--imatrix weighs llama.cpp's quantization: it needs --quantize TYPE"),
+])
+def test_imatrix_that_cannot_weigh_a_quantization(tiny_model_dir, tmp_path, capsys, content, quantize, message):
+    given = tmp_path / "given.imatrix.gguf"
+    given.write_bytes(content)
+    refused(capsys, command("export-gguf", tiny_model_dir, tmp_path / "out") + ["--imatrix", str(given), *quantize],
+            message, out=tmp_path / "out.gguf")
 
 
 @pytest.mark.parametrize("name", ["slice", "ppl", "eval", "finetune", "bench"])

@@ -152,11 +152,27 @@ def validate_export(args) -> list[Path]:
         problem = plain_width_message(config, slicing["embedding_width"], round_to)
         if problem:
             raise SliceGPTError(f"cannot export {args.model} as a plain model: {problem}")
+    export_imatrix(args)
+    if not 0 <= args.rotate_seed < 2**63:  # torch's generator takes 64 bits, and aliases some of them
+        raise SliceGPTError(f"--rotate-seed must be in [0, 2**63), got {args.rotate_seed}")
     if args.format == "gguf" and args.out.endswith(".gguf"):
         from slicegpt.io.export import imatrix_path_for
 
         return [Path(args.out), imatrix_path_for(Path(args.out))]  # the slice's importance matrix goes beside it
     return [Path(args.out)]
+
+
+def export_imatrix(args) -> None:
+    """--imatrix FILE: a GGUF file that exists, and --quantize for it to weigh."""
+    if args.imatrix is None:
+        return
+    if not Path(args.imatrix).is_file():
+        raise SliceGPTError(f"importance matrix not found: {args.imatrix}")
+    from slicegpt.io.models import check_gguf_magic
+
+    check_gguf_magic(Path(args.imatrix))
+    if not args.quantize:
+        raise SliceGPTError("--imatrix weighs llama.cpp's quantization: it needs --quantize TYPE")
 
 
 def validate_bench(args) -> list[Path]:
