@@ -119,7 +119,8 @@ def test_export_reads_the_importance_where_earlier_versions_kept_it(tmp_path):
     ours = np.asarray(result.importance["model.layers.1.mlp.down_proj"], dtype=np.float32)
     assert np.allclose(read_imatrix(tmp_path / "m.imatrix.gguf")["blk.1.ffn_down.weight"], ours, rtol=1e-5)
     assert main(["export", str(directory), "--format", "plain", "--out", str(tmp_path / "plain")]) == 0
-    assert (tmp_path / "plain" / IMPORTANCE_FILE).is_file() and not (tmp_path / "plain" / LEGACY_IMPORTANCE_FILE).exists()
+    plain = tmp_path / "plain"
+    assert (plain / IMPORTANCE_FILE).is_file() and not (plain / LEGACY_IMPORTANCE_FILE).exists()
 
 
 def _quantizer_available() -> bool:
