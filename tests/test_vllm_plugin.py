@@ -1,13 +1,18 @@
 """The vLLM plugin's registration, checked without vLLM (tests/test_vllm.py runs the model in vLLM)."""
 
+import re
 import tomllib
 from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 import slicegpt.vllm_plugin as plugin
 from slicegpt.architectures.families import FAMILIES
 from slicegpt.io.checkpoint import sliced_architecture
 
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = ROOT / "pyproject.toml"
 
 
 def test_the_plugin_registers_the_names_sliced_directories_give():
@@ -22,3 +27,14 @@ def test_vllm_finds_the_plugin_through_its_entry_point():
     module, _, function = plugin.MODEL_CLASS.partition(":")
     assert module == "slicegpt.vllm_plugin.model" and function == "SlicedForCausalLM"
     assert callable(plugin.register)
+
+
+def test_the_vllm_extra_asks_for_the_version_the_plugin_was_tested_with():
+    """bench/vllm_env.sh installs the vLLM that tests/test_vllm.py runs the plugin in; an older
+    one lacks the model interface the plugin uses."""
+    script = (ROOT / "bench" / "vllm_env.sh").read_text()
+    tested = Version(re.search(r"VLLM_VERSION=\$\{VLLM_VERSION:-([0-9.]+)\}", script)[1])
+    extra = [Requirement(r) for r in tomllib.loads(PYPROJECT.read_text())["project"]["optional-dependencies"]["vllm"]]
+    (floor,) = [spec.version for r in extra if r.name == "vllm" for spec in r.specifier if spec.operator == ">="]
+    assert Version(floor).release[:2] == tested.release[:2]
+    assert f"tested with vLLM {tested}" in (ROOT / "README.md").read_text()
