@@ -1,5 +1,7 @@
 """The importance of every kept linear's inputs (method/importance.py) against hooks on the result."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -103,9 +105,76 @@ def test_streamed_run_keeps_the_same_importance(tmp_path, rotations):
     assert streamed.importance_tokens == reference.importance_tokens
 
 
-def test_shared_bases_leave_the_readers_out_where_holding_their_covariances_is_too_large():
+def test_shared_bases_hold_the_readers_covariances_only_where_they_fit():
     from slicegpt.method.importance import holds_reader_covariances
 
     assert holds_reader_covariances(576, 61, None)  # SmolLM2-135M, one basis: 81 MB
     assert not holds_reader_covariances(4096, 65, None)  # a 7B shape, one basis: 4.4 GB
     assert holds_reader_covariances(4096, 65, 1)  # one basis per layer holds three at a time
+
+
+def padded_batches(vocab: int) -> list[dict]:
+    """random_batches with the tail of one sequence padded, so the readers' masks count."""
+    batches = random_batches(vocab)
+    batches[1]["attention_mask"][0, 11:] = 0
+    return batches
+
+
+@pytest.mark.parametrize("arch,tied,refit", [("LlamaForCausalLM", False, False), ("LlamaForCausalLM", False, True),
+                                             ("Qwen2ForCausalLM", True, True), ("PhiForCausalLM", False, False),
+                                             ("Gemma2ForCausalLM", True, False)])
+def test_readers_past_the_hold_limit_are_measured_in_the_rotation_pass(monkeypatch, arch, tied, refit):
+    """Where the readers' covariances would pass the hold limit (lowered here to nothing), the
+    rotation pass measures their importance on the dense stream: every reader is there, equal to
+    what the held covariances give."""
+    import slicegpt.method.importance as importance
+
+    config = SliceConfig(sparsity=0.25, rotations="model", refit=refit, refit_share=1.0)
+    batches = padded_batches(96)
+    held = slice_model(make_tiny_model(arch, tied=tied), None, config, batches, progress=False)
+    monkeypatch.setattr(importance, "HOLD_LIMIT_BYTES", 0)
+    measured = slice_model(make_tiny_model(arch, tied=tied), None, config, batches, progress=False)
+    assert "lm_head" in held.importance and measured.importance.keys() == held.importance.keys()
+    for name, values in held.importance.items():
+        torch.testing.assert_close(torch.tensor(measured.importance[name]), torch.tensor(values), rtol=1e-4,
+                                   atol=1e-6 * max(values), msg=lambda m: f"{name}: {m}")
+    assert measured.importance_tokens == held.importance_tokens == 3 * 2 * 16 - 5
+
+
+@pytest.mark.parametrize("refit,spill", [(False, "always"), (True, "never")])
+def test_streamed_readers_past_the_hold_limit_survive_a_resume(tmp_path, monkeypatch, refit, spill):
+    """A streamed run that measures its readers in the rotation pass, stopped after its first layer
+    and resumed, has the importance the held covariances give (the dense stream checkpointed,
+    spilled to disk or not)."""
+    import transformers
+
+    import slicegpt.method.importance as importance
+    import slicegpt.running.streamed_store as streamed_store
+    from slicegpt.running.streaming import StreamingRun
+    from test_streaming import _sharded
+
+    path = _sharded(tmp_path, "LlamaForCausalLM", tied=False)
+    config = SliceConfig(sparsity=0.25, rotations="model", refit=refit, refit_share=1.0)
+    batches = padded_batches(96)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    held = slice_model(model, None, config, batches, progress=False)
+    monkeypatch.setattr(importance, "HOLD_LIMIT_BYTES", 0)
+
+    def stop_after_first_layer(layer, rank):
+        if layer == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(streamed_store, "_fault_injection", stop_after_first_layer)
+    job = StreamingRun(path, tmp_path / "streamed", config, spill=spill, progress=False)
+    job.plan(batches)
+    with pytest.raises(KeyboardInterrupt):
+        job.run(batches)
+    monkeypatch.setattr(streamed_store, "_fault_injection", lambda layer, rank: None)
+    job = StreamingRun(path, tmp_path / "streamed", config, spill=spill, progress=False)
+    job.plan(batches)
+    assert json.loads(job.store.work.state_file.read_text())["next_layer"] == 1
+    streamed = job.run(batches)
+    assert streamed.importance.keys() == held.importance.keys()
+    for name, values in held.importance.items():
+        torch.testing.assert_close(torch.tensor(streamed.importance[name]), torch.tensor(values), rtol=1e-4,
+                                   atol=1e-6 * max(values), msg=lambda m: f"{name}: {m}")

@@ -7,6 +7,12 @@ import torch
 from slicegpt.errors import SliceGPTError
 
 
+def rms_normed(x: torch.Tensor) -> torch.Tensor:
+    """Each token over its root mean square: what a norm that reads the stream sees, less its
+    epsilon and scale (fusion folds the scale into the readers)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).clamp(min=1e-30))
+
+
 class CovarianceAccumulator:
     """Sums X^T X over every non-padding token it is shown."""
 
@@ -38,7 +44,7 @@ class CovarianceAccumulator:
         for chunk in x.split(self.CHUNK):
             chunk = chunk.to(self.sum.device, compute)
             if self.normalize or self.normalized_sum is not None:
-                normed = chunk * torch.rsqrt(chunk.pow(2).mean(-1, keepdim=True).clamp(min=1e-30))
+                normed = rms_normed(chunk)
                 if self.normalize:
                     chunk = normed
                 else:

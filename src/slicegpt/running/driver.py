@@ -16,13 +16,15 @@ come from a survey of an eighth of the calibration batches, before any layer is 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from slicegpt.architectures.modeling_sliced import stream_weight
+from slicegpt.architectures.modeling_sliced import first_output, stream_weight
 from slicegpt.config import SliceConfig
-from slicegpt.method.importance import InputSquares, holds_reader_covariances, kept_diagonal, readers_of
+from slicegpt.method.importance import (InputSquares, ReaderSquares, holds_reader_covariances, kept_diagonal,
+                                        readers_of)
 from slicegpt.method.pca import CovarianceAccumulator
 from slicegpt.method.refit import dense_copy, refit_layer
 from slicegpt.method.rotation import change_basis, rotate_input
@@ -168,23 +170,28 @@ def _per_block(store, config: SliceConfig, batches, budget, state, override) -> 
     return slicer.result
 
 
+def _holds_readers(store, config: SliceConfig) -> bool:
+    """Whether the covariance pass holds the readers' covariances (else the rotation pass
+    measures their importance: method/importance.py)."""
+    return holds_reader_covariances(store.dense, len(stream_points(store.family, store.layer_count)),
+                                    config.group_size)
+
+
 def _shared_bases(store, config: SliceConfig, acts, kwargs, rule: WidthRule) -> tuple[dict[str, str], list, dict, int]:
     """The first pass: every point's covariance over all batches, one basis per group, kept
     (by the store) as soon as the group is complete. Returns each point's basis handle, the
     points' records, and the importance of every kept linear's inputs with its token count
     (the readers' from the normed covariances in their group's basis, held until the group is
-    complete; the projections' from the pass's hooks)."""
+    complete where they fit; the projections' from the pass's hooks)."""
     joint = store.tied and config.tied_head_basis == "joint"
     names = stream_points(store.family, store.layer_count)
     grouping = GroupBases(names, store.layer_count, config.group_size, rule, joint, mean_axis=store.mean_axis)
     handles: dict[str, str] = {}
     squares, pending, importance = InputSquares(), {}, {}
-    tokens, hold = 0, None
+    tokens, hold = 0, _holds_readers(store, config)
 
     def count(name: str, found: CovarianceAccumulator) -> None:
-        nonlocal tokens, hold
-        if hold is None:  # decided on the first point, whose width every point shares
-            hold = holds_reader_covariances(found.normalized.shape[0], len(names), config.group_size)
+        nonlocal tokens
         if hold and name in grouping.names:
             pending[name] = (found.normalized.float().cpu(), found.tokens)
         done = grouping.add(name, found.sum)
@@ -203,25 +210,32 @@ def _shared_bases(store, config: SliceConfig, acts, kwargs, rule: WidthRule) -> 
     squares.all_reduce()
     importance.update(squares.means())
     store.barrier()  # every group's basis is kept before any rank reads one
-    return handles, grouping.stream_points(), importance, tokens
+    return handles, grouping.stream_points(), importance, tokens or max(squares.tokens.values(), default=0)
 
 
 def _shared(store, config: SliceConfig, batches, budget, state, override) -> SliceResult:
     family, refit = store.family, config.refit
     streams: dict = {}
     refit_batches = leading_share(batches, config.refit_share) if refit and config.refit_share < 1 else batches
+    # The bases may come from the leading share of the batches (--basis-share).
+    basis_batches = leading_share(batches, config.basis_share) if config.basis_share < 1 else batches
+    # The rotation pass carries the dense stream for the refit, and for the readers' importance
+    # where the first pass could not hold their covariances.
+    measure_readers = not _holds_readers(store, config)
+    dense_batches = refit_batches if refit else basis_batches
     if state is None:
         widths, _ = _widths(store, config, budget, batches, override)
-        # The bases may come from the leading share of the batches (--basis-share).
-        acts, kwargs = store.capture(leading_share(batches, config.basis_share) if config.basis_share < 1 else batches)
+        acts, kwargs = store.capture(basis_batches)
         handles, points, importance, tokens = _shared_bases(store, config, acts, kwargs,
                                                             _rule(budget, widths, override))
         _drop(acts)  # the first pass moved them past the last layer
         result = SliceResult(points=points, importance=importance, importance_tokens=tokens)
         Q_embedding = store.basis(handles[EMBEDDINGS])
-        if refit:  # the first layer's inputs again: dense, and in the embedding basis
-            dense, kwargs = store.capture(refit_batches)
-            streams = {DENSE: dense, SLICED: store.copy(dense, SLICED, lambda x: change_basis(x, Q_embedding))}
+        if refit or measure_readers:  # the first layer's inputs again: dense (and, to refit, in the embedding basis)
+            dense, kwargs = store.capture(dense_batches)
+            streams = {DENSE: dense}
+        if refit:
+            streams[SLICED] = store.copy(dense, SLICED, lambda x: change_basis(x, Q_embedding))
         for path in family.embeddings:
             rotate_input(stream_weight(store.model, path), Q_embedding)
         result.embedding_width = Q_embedding.shape[1]
@@ -230,7 +244,7 @@ def _shared(store, config: SliceConfig, batches, budget, state, override) -> Sli
     else:
         start, handles, widths = state["next_layer"], state["bases"], state["widths"]
         result = result_from_dict(state["result"])
-        acts, kwargs = store.capture(refit_batches if refit else batches, keep_hidden=False)
+        acts, kwargs = store.capture(dense_batches, keep_hidden=False)
         streams = store.restore(state, acts.masks)
         store.close_embeddings(write=False)
 
@@ -249,6 +263,11 @@ def _shared(store, config: SliceConfig, batches, budget, state, override) -> Sli
                 loaded[handle] = store.basis(handle)
         return {name: loaded[handle] for name, handle in wanted.items()}
 
+    readers = ReaderSquares(family, store.layer_count, streams[DENSE].masks) if measure_readers else None
+
+    def watching(dense_layer, index: int, bases: dict):
+        return nullcontext() if readers is None else readers.watching(dense_layer, index, bases, result.importance)
+
     if state is None:
         checkpoint(0)
     for index in _layers(store, start):
@@ -256,16 +275,22 @@ def _shared(store, config: SliceConfig, batches, budget, state, override) -> Sli
         mid, out = mlp_input(index), layer_output(index)
         bases = bases_for([layer_input(index), mid, out])
         reference = dense_copy(layer) if refit else None
+        if readers is not None and not refit:  # a dense forward for the readers' importance alone
+            with watching(layer, index, bases):
+                streams[DENSE].map(lambda x, kw: first_output(layer(x, **kw)), kwargs[index])
         result.layer_widths.append(rotate_layer(layer, family, index, bases))
         if refit:
-            refit_layer(reference, layer, family.for_layer(index), streams[DENSE], streams[SLICED], kwargs[index],
-                        bases.get(mid), bases[out])
+            with watching(reference, index, bases):
+                refit_layer(reference, layer, family.for_layer(index), streams[DENSE], streams[SLICED],
+                            kwargs[index], bases.get(mid), bases[out])
             del reference
         kwargs[index] = None
         store.close_layer(index, layer)
         checkpoint(index + 1)
     last = layer_output(store.layer_count - 1)
     bases = bases_for([last, EMBEDDINGS])
+    if readers is not None:
+        readers.head(streams[DENSE], bases[last], result.importance)
     store.close_head(lambda: rotate_head(store.model, family, bases[last], bases[EMBEDDINGS]))
     result.head_in = bases[last].shape[1]
     for stream in streams.values():
