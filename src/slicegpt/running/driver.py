@@ -5,7 +5,9 @@
   does the per-layer step).
 - Shared bases (`layer`, `group:K`, `model`): a first pass over the fused dense layers
   collects every stream point's covariance, and each group's basis is fixed as soon as
-  its last point is in; a second pass rotates every layer into its bases.
+  its last point is in; a second pass rotates every layer into its bases (where the
+  readers' importance is measured there, on the dense stream, each layer also runs dense:
+  the refit's reference, or the layer itself before it is rotated; method/importance.py).
 
 Either can refit each sliced layer's output projections (`--refit`, refit.py), carrying
 the dense stream beside the sliced one. The store (layer_store.py) decides where weights

@@ -6,7 +6,8 @@ they came from spectra, the files of the bases the rest of the run needs, and ea
 rank's activation streams (the sliced one, and the dense one under the refit). Per-block
 bases keep the basis entering the next layer and the embedding basis; shared bases keep
 every stream point's group basis (written by the covariance pass), and carry no
-activations unless the refit needs them. The sliced layers themselves are already in
+activations unless the refit, or the readers' importance of a model too wide to hold their
+covariances, needs the dense stream (method/importance.py). The sliced layers themselves are already in
 the output shards beside it. `state.json` is replaced atomically and written last, so
 it always describes files that exist; files it no longer names are deleted only after
 it is replaced. A run with other settings than the recorded ones is refused, naming the
