@@ -111,6 +111,28 @@ def test_bad_settings_are_refused():
         finetune_module.FinetuneConfig(lr=0)
 
 
+def test_checkpoint_keeps_every_gpus_random_state(tmp_path, monkeypatch):
+    """Dropout on a GPU draws from that GPU's generator, so a resumed run restores it too (CUDA mocked:
+    two GPUs when saved, the same two when resumed, then one)."""
+    from slicegpt.running.finetune_checkpoint import load_state, save_state
+
+    states = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
+    restored, visible = [], [2]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible[0])
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [state.clone() for state in states])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    layer = torch.nn.Linear(2, 2)
+    named, optimizer = {"weight": layer.weight}, torch.optim.AdamW([layer.weight])
+    save_state(tmp_path, 3, named, optimizer, torch.Generator(), {"losses": []}, {"lr": 1})
+    assert load_state(tmp_path, named, optimizer, torch.Generator(), {"lr": 1})[0] == 3
+    visible[0] = 1
+    load_state(tmp_path, named, optimizer, torch.Generator(), {"lr": 1})
+    assert [len(given) for given in restored] == [2, 1]
+    assert all(torch.equal(a, b) for a, b in zip(restored[0], states)) and torch.equal(restored[1][0], states[0])
+
+
 def test_plain_export_can_be_finetuned(tiny_model_dir, tmp_path):
     """A plain export has no config.slicing; the adapters find their linears through the family registry."""
     from slicegpt.io.models import load_model
