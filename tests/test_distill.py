@@ -152,6 +152,54 @@ def test_distillation_needs_a_teacher_of_the_same_vocabulary():
         finetune_module.finetune(student, _Tokenizer(), TEXTS, _distill_config(), progress=False, teacher=other)
 
 
+def _word_tokenizer(words: list[str], eos: str = "</s>"):
+    """A whole-word tokenizer over `words` (ids in their order) with <unk>, <s> and </s>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *words])},
+                                         unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token=eos)
+
+
+def test_a_teacher_with_another_tokenizer_is_refused():
+    """Same size is not enough: the KL compares the models id by id, so each id must be the same token."""
+    words = [f"w{i}" for i in range(20)]
+    student = _word_tokenizer(words)
+    assert distill.tokenizer_difference(student, _word_tokenizer(words)) is None
+    swapped = _word_tokenizer([words[1], words[0], *words[2:]])
+    assert distill.tokenizer_difference(student, swapped) == "token 'w0' is id 4 in the teacher's, 3 in the student's"
+    other_end = _word_tokenizer(words, eos="w19")
+    assert "eos_token_id is 22 in the teacher's, 2 in the student's" in distill.tokenizer_difference(student, other_end)
+    assert "has 21 tokens, the student's 23" in distill.tokenizer_difference(student, _word_tokenizer(words[:-2]))
+    model, teacher = _tiny_pair()
+    with pytest.raises(SliceGPTError, match="the tokenizer of tiny is not the student's .token 'w0'"):
+        finetune_module.finetune(model, student, [" ".join(words * 20)], _distill_config(), progress=False,
+                                 teacher=teacher, teacher_tokenizer=swapped)
+
+
+def test_finetune_refuses_a_teacher_whose_tokenizer_differs(tiny_sliced_dir, tiny_model_dir, tmp_path, monkeypatch,
+                                                           capsys):
+    """The teacher's tokenizer.json with two ids swapped: the vocabulary is as large, the text is not the same."""
+    import shutil
+
+    from slicegpt.commands import finetune as command
+
+    teacher = shutil.copytree(tiny_model_dir, tmp_path / "teacher")
+    spec = json.loads((teacher / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    first, second = "the", "and"
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (teacher / "tokenizer.json").write_text(json.dumps(spec))
+    monkeypatch.setattr(command, "finetune", lambda *a, **k: pytest.fail("training started"))
+    code = main(["finetune", str(tiny_sliced_dir), "--out", str(tmp_path / "out"), "--distill", "--teacher",
+                 str(teacher), "--data", str(WIKITEXT_VALIDATION), "--steps", "1", "--seqlen", "32"])
+    error = capsys.readouterr().err
+    assert code == 2 and f"the tokenizer of {teacher} is not the student's" in error
+    assert not (tmp_path / "out").exists()
+
+
 # --- The teacher's text -----------------------------------------------------------------
 
 SMALL_TEXT = dict(tokens=120, sample_tokens=12, batch_size=2, opening_tokens=4)

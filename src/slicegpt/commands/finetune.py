@@ -9,6 +9,7 @@ from pathlib import Path
 from slicegpt.io.checkpoint import REPORT_FILE, check_output_dir, save_sliced
 from slicegpt.io.data import load_texts
 from slicegpt.errors import SliceGPTError
+from slicegpt.running.distill import check_same_tokenizer
 from slicegpt.running.finetune import FinetuneConfig, check_usable_text, finetune
 from slicegpt.running import teacher_text
 from slicegpt.io.models import is_sliced_dir, load_model
@@ -160,7 +161,10 @@ def run(args) -> int:
     timings: dict[str, float] = {}
     with timed(timings, "load"):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-        teacher = load_model(config.teacher, dtype=args.dtype, device=args.device)[0] if needs_teacher else None
+        teacher = None
+        if needs_teacher:
+            teacher, teacher_tokenizer = load_model(config.teacher, dtype=args.dtype, device=args.device)
+            check_same_tokenizer(tokenizer, teacher_tokenizer, config.teacher)
     text_summary = None
     if from_teacher:
         with timed(timings, "teacher_text"):

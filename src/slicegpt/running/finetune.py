@@ -30,7 +30,7 @@ from slicegpt.architectures.families import family_for
 from slicegpt.architectures.modeling_sliced import layer_family
 from slicegpt.errors import SliceGPTError
 from slicegpt.io.data import tokenize_joined
-from slicegpt.running.distill import distill_loss, distill_terms
+from slicegpt.running.distill import check_same_tokenizer, distill_loss, distill_terms
 from slicegpt.running.finetune_checkpoint import load_state, save_state
 from slicegpt.running.teacher_text import texts_sha256
 
@@ -209,17 +209,20 @@ def decoder_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def finetune(model: nn.Module, tokenizer, texts: list[str], config: FinetuneConfig, progress: bool = True,
              checkpoint_dir: str | None = None, checkpoint_every: int = 50, teacher: nn.Module | None = None,
-             heldout_texts: list[str] | None = None) -> tuple[nn.Module, dict]:
+             heldout_texts: list[str] | None = None, teacher_tokenizer=None) -> tuple[nn.Module, dict]:
     """Fine-tune a sliced model on `texts`; (fine-tuned model, training record).
 
     LoRA adapters, merged back at the end, or with `config.full` every decoder weight. With
     `config.distill` the loss is the KL from `teacher` (the dense model, same tokenizer),
-    which runs without gradients. `heldout_texts` is a second corpus whose loss joins the
-    held-out curve. With `checkpoint_dir`, the trained and optimizer state is saved there
-    every `checkpoint_every` steps, and a run finding a checkpoint there continues from it.
+    which runs without gradients; a `teacher_tokenizer` given is checked to be the student's.
+    `heldout_texts` is a second corpus whose loss joins the held-out curve. With
+    `checkpoint_dir`, the trained and optimizer state is saved there every
+    `checkpoint_every` steps, and a run finding a checkpoint there continues from it.
     """
     if config.distill and teacher is None:
         raise SliceGPTError("distillation needs the teacher model")
+    if teacher_tokenizer is not None:
+        check_same_tokenizer(tokenizer, teacher_tokenizer, config.teacher or "the teacher")
     stream, heldout = split_heldout(training_stream(tokenizer, texts, config.seqlen, config.data), config)
     second = second_windows(tokenizer, heldout_texts, config)
     if teacher is not None:
