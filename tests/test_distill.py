@@ -3,6 +3,8 @@
 import copy
 import functools
 import json
+import multiprocessing
+import time
 
 import pytest
 import torch
@@ -246,6 +248,116 @@ def test_teacher_text_resumes_and_extends_to_the_same_file(tiny_teacher, tmp_pat
     with pytest.raises(SliceGPTError, match="other settings .*top_p"):
         _write(tiny_teacher, whole, top_p=0.5)
 
+
+def test_two_runs_on_one_teacher_text_file_leave_one_runs_rows(tiny_teacher, tmp_path, monkeypatch):
+    """Two runs start on one file at once (a learning-rate sweep into sibling outputs): the second waits
+    for the first and reuses its rows, so the file is the one a run alone writes."""
+    alone = tmp_path / "alone.jsonl"
+    _write(tiny_teacher, alone)
+    real_sample = teacher_text.sample
+
+    def slow_sample(*args, **kwargs):  # both runs are sure to have started before either finishes
+        time.sleep(0.05)
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(teacher_text, "sample", slow_sample)
+    shared = tmp_path / "shared.jsonl"
+    context = multiprocessing.get_context("fork")
+    start = context.Barrier(2)
+
+    def run():
+        start.wait()
+        _write(tiny_teacher, shared)
+
+    runs = [context.Process(target=run) for _ in range(2)]
+    for process in runs:
+        process.start()
+    for process in runs:
+        process.join(timeout=300)
+    assert [process.exitcode for process in runs] == [0, 0]
+    assert shared.read_bytes() == alone.read_bytes()
+    assert teacher_text.summary(shared, 120)["sha256"] == teacher_text.summary(alone, 120)["sha256"]
+
+
+class _IdTokenizer:
+    """Token ids as words, and a tiny model's special ids: enough for the teacher to write with."""
+
+    bos_token_id, eos_token_id = 1, 2
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(f"t{i}" for i in ids)
+
+
+def _scripted(model, answers: dict[int, int]):
+    """`model` now answers an input token found in `answers` with the token given there (its own choice
+    elsewhere)."""
+
+    def answer(module, args, kwargs, output):
+        for row, token in enumerate(kwargs["input_ids"][:, -1].tolist()):
+            if token in answers:
+                output.logits[row, -1] = -1e4
+                output.logits[row, -1, answers[token]] = 1e4
+        return output
+
+    model.register_forward_hook(answer, with_kwargs=True)
+    return model
+
+
+def _written_rows(model, path, **changes):
+    config = teacher_text.TeacherTextConfig(**(SMALL_TEXT | {"prompts": "bos"} | changes))
+    teacher_text.write_teacher_text(model, _IdTokenizer(), path, config, "scripted", progress=False)
+    return teacher_text.read_teacher_text(path)
+
+
+def test_a_teacher_that_ends_every_sample_at_once_is_refused(tmp_path, monkeypatch):
+    """A model whose first token is always end-of-text writes empty rows: the run stops with an error,
+    and the file keeps none of them."""
+    model = _scripted(make_tiny_model("LlamaForCausalLM"), {1: 2})
+    real_sample, calls = teacher_text.sample, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 100:
+            pytest.fail("the teacher kept sampling empty batches")
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(teacher_text, "sample", counted)
+    with pytest.raises(SliceGPTError, match="ended every sample at its first token in 16 batches in a row"):
+        _written_rows(model, tmp_path / "empty.jsonl")
+    assert len(calls) == 16 and (tmp_path / "empty.jsonl").read_bytes() == b""
+
+
+def test_samples_end_at_the_generation_configs_stop_tokens(tmp_path):
+    """Llama 3 ends a turn with <|eot_id|>, which is in generation_config.eos_token_id and not the tokenizer's
+    end-of-text; here 5 is such a token, and every sample is 7 then 5."""
+    model = _scripted(make_tiny_model("LlamaForCausalLM"), {1: 7, 7: 5})
+    model.generation_config.eos_token_id = [2, 5]
+    assert teacher_text.stop_tokens(model, _IdTokenizer()) == [2, 5]
+    rows = _written_rows(model, tmp_path / "stops.jsonl", tokens=10)
+    assert [(row["tokens"], row["text"]) for row in rows] == [(1, "t7")] * 10
+    model.generation_config.eos_token_id = 5  # an int, as most models give it
+    assert teacher_text.stop_tokens(model, _IdTokenizer()) == [2, 5]
+
+
+def test_teacher_text_goes_only_to_a_file_of_its_own(tiny_teacher, tmp_path):
+    """An unrelated file, or one whose .json beside it is not our settings, is refused before any sampling."""
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"text": "my own data"}\n')
+    with pytest.raises(SliceGPTError, match="without its settings file notes.json, so it is not a teacher-text"):
+        _write(tiny_teacher, notes)
+    (tmp_path / "notes.json").write_text('{"name": "something else"}')
+    with pytest.raises(SliceGPTError, match="notes.json beside it is not its settings file"):
+        _write(tiny_teacher, notes)
+    with pytest.raises(SliceGPTError, match="name it .jsonl"):  # its settings would overwrite it
+        _write(tiny_teacher, tmp_path / "text.json")
+    assert notes.read_text() == '{"text": "my own data"}\n' and not (tmp_path / "text.json").exists()
+
+
+def test_any_64_bit_seed_writes_teacher_text(tmp_path):
+    """The batches' seeds grow from the seed (seed x 1,000,003 + batch); torch reads them modulo 2**64."""
+    model = make_tiny_model("LlamaForCausalLM")
+    rows = _written_rows(model, tmp_path / "big-seed.jsonl", seed=2**63 - 1, tokens=12)
+    assert sum(row["tokens"] for row in rows) >= 12
 
 @pytest.fixture
 def short_samples(monkeypatch):
