@@ -4,6 +4,7 @@ import copy
 import functools
 import json
 import multiprocessing
+import re
 import time
 
 import pytest
@@ -353,11 +354,32 @@ def test_teacher_text_goes_only_to_a_file_of_its_own(tiny_teacher, tmp_path):
     assert notes.read_text() == '{"text": "my own data"}\n' and not (tmp_path / "text.json").exists()
 
 
+def test_one_string_is_not_taken_for_a_list_of_texts(tiny_teacher, tmp_path):
+    model, tokenizer = tiny_teacher
+    with pytest.raises(TypeError, match="opening_texts must be a list of strings, got one str"):
+        teacher_text.write_teacher_text(model, tokenizer, tmp_path / "t.jsonl", teacher_text.TeacherTextConfig(
+            **SMALL_TEXT), "tiny", "one long calibration text " * 50, progress=False)
+    student, teacher = _tiny_pair()
+    with pytest.raises(TypeError, match="texts must be a list of strings, got one str"):
+        finetune_module.finetune(student, _Tokenizer(), TEXTS[0], _distill_config(), progress=False, teacher=teacher)
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(temperature=float("inf")), "teacher temperature must be a positive number, got inf"),
+    (dict(temperature=0.0), "teacher temperature must be a positive number, got 0"),
+    (dict(seed=2**64), "teacher seed must be a 64-bit integer"),
+])
+def test_bad_teacher_text_settings_are_refused(settings, message):
+    with pytest.raises(SliceGPTError, match=re.escape(message)):
+        teacher_text.TeacherTextConfig(**settings)
+
+
 def test_any_64_bit_seed_writes_teacher_text(tmp_path):
     """The batches' seeds grow from the seed (seed x 1,000,003 + batch); torch reads them modulo 2**64."""
     model = make_tiny_model("LlamaForCausalLM")
     rows = _written_rows(model, tmp_path / "big-seed.jsonl", seed=2**63 - 1, tokens=12)
     assert sum(row["tokens"] for row in rows) >= 12
+
 
 @pytest.fixture
 def short_samples(monkeypatch):

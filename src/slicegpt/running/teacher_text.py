@@ -42,6 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slicegpt.errors import SliceGPTError
+from slicegpt.validation.options import at_least, fraction, positive, seed_range, text_list
 
 PROMPTS = ("bos", "openings", "mixed")
 # Batches in a row without a token before a run gives up: a teacher that ends every sample
@@ -63,20 +64,28 @@ class TeacherTextConfig:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("tokens", "sample_tokens", "batch_size", "opening_tokens"):
-            if getattr(self, name) < 1:
-                raise SliceGPTError(f"teacher {name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
-        if not self.temperature > 0:
-            raise SliceGPTError(f"teacher temperature must be positive, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise SliceGPTError(f"teacher top-p must be in (0, 1], got {self.top_p}")
-        if self.prompts not in PROMPTS:
-            raise SliceGPTError(f"teacher prompts must be one of {', '.join(PROMPTS)}, got {self.prompts}")
+        check_settings(self)
 
     def sampling(self) -> dict:
         """Everything that decides the text but its length: a file is reused only if these match."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "tokens"}
 
+
+def _teacher_name(attribute: str) -> str:
+    return "teacher " + attribute.replace("_", "-")
+
+
+def check_settings(values, prefix: str = "", name=_teacher_name) -> None:
+    """The ranges of the sampling settings: read as `prefix + field` from a TeacherTextConfig, or from
+    the parsed command line with prefix "teacher_"; `name` is what a refusal calls a setting."""
+    for field in ("tokens", "sample_tokens", "batch_size", "opening_tokens"):
+        at_least(values, prefix + field, 1, name(prefix + field))
+    positive(values, prefix + "temperature", name(prefix + "temperature"))
+    fraction(values, prefix + "top_p", low_open=True, high_open=False, option=name(prefix + "top_p"))
+    seed_range(values, prefix + "seed", name(prefix + "seed"))
+    prompts = getattr(values, prefix + "prompts", None)
+    if prompts is not None and prompts not in PROMPTS:
+        raise SliceGPTError(f"{name(prefix + 'prompts')} must be one of {', '.join(PROMPTS)}, got {prompts}")
 
 
 def default_path(directory: Path, teacher: str, config: TeacherTextConfig) -> Path:
@@ -268,6 +277,8 @@ def write_teacher_text(model: nn.Module, tokenizer, path: Path, config: TeacherT
     A run that finds another writing the file waits for it, then reuses what it wrote.
     """
     path = Path(path)
+    if opening_texts is not None:
+        text_list(opening_texts, "opening_texts")
     check_text_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _writing(path):
