@@ -187,6 +187,21 @@ def command(name, model, out):
     ("finetune", ["--lr", "-1"], "--lr must be a positive number, got -1"),
     ("finetune", ["--seqlen", "1"], "--seqlen must be at least 2, got 1"),
     ("finetune", [*EVAL_PPL, "--ppl-seqlen", "0"], "--ppl-seqlen must be at least 2, got 0"),
+    ("finetune", ["--seed", str(2**63)], "--seed must be a 64-bit integer (from -2**63 to 2**63 - 1)"),
+    ("finetune", ["--heldout-data", str(WIKITEXT_TEST), "--eval-every", "0"],
+     "--eval-every must be at least 1, got 0, to measure the held-out text that --heldout-data asks for"),
+    ("finetune", ["--data", "teacher", "--teacher-tokens", "0"], "--teacher-tokens must be at least 1, got 0"),
+    ("finetune", ["--data", "teacher", "--teacher-temperature", "inf"],
+     "--teacher-temperature must be a positive number, got inf"),
+    ("finetune", ["--teacher-tokens", "1000"], "--teacher-tokens sets the text the teacher writes, which only "
+                                              "--data teacher uses"),
+    ("finetune", ["--teacher-temperature", "0.7"], "--teacher-temperature sets the text the teacher writes"),
+    ("finetune", ["--teacher-top-p", "0.9"], "--teacher-top-p sets the text the teacher writes"),
+    ("finetune", ["--teacher-prompts", "bos"], "--teacher-prompts sets the text the teacher writes"),
+    ("finetune", ["--teacher-text", "t.jsonl"], "--teacher-text sets the text the teacher writes"),
+    ("finetune", ["--teacher", "smollm2-135m"], "--teacher names the teacher for --distill or --data teacher"),
+    ("finetune", ["--data", "teacher", "--teacher-text", "/proc/teacher.jsonl"],
+     "--teacher-text /proc/teacher.jsonl: cannot write in /proc"),
     ("bench", ["--warmup", "-1"], "--warmup must be at least 0, got -1"),
     # More than the machine can start or hold: refused with the bound, not a traceback mid-run.
     ("ppl", ["--threads", "100000"], "--threads 100000 is more than this machine runs usefully: at most"),
@@ -211,6 +226,22 @@ def test_imatrix_that_cannot_weigh_a_quantization(tiny_model_dir, tmp_path, caps
     given.write_bytes(content)
     refused(capsys, command("export-gguf", tiny_model_dir, tmp_path / "out") + ["--imatrix", str(given), *quantize],
             message, out=tmp_path / "out.gguf")
+
+
+@pytest.mark.parametrize("content,message", [
+    ("my notes\n", "exists without its settings file notes.json, so it is not a teacher-text file"),
+    (None, "is a directory; give a file name"),
+])
+def test_teacher_text_that_is_not_ours(tiny_model_dir, tmp_path, capsys, content, message):
+    """--teacher-text naming a file of the user's own (or a directory): refused before any model loads."""
+    notes = tmp_path / "notes.jsonl"
+    if content is None:
+        notes.mkdir()
+    else:
+        notes.write_text(content)
+    argv = command("finetune", tiny_model_dir, tmp_path / "out") + ["--data", "teacher", "--teacher-text", str(notes)]
+    refused(capsys, argv, str(notes), message, out=tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.jsonl"]
 
 
 @pytest.mark.parametrize("name", ["slice", "ppl", "eval", "finetune", "bench"])

@@ -3,6 +3,9 @@
 import copy
 import functools
 import json
+import multiprocessing
+import re
+import time
 
 import pytest
 import torch
@@ -152,6 +155,54 @@ def test_distillation_needs_a_teacher_of_the_same_vocabulary():
         finetune_module.finetune(student, _Tokenizer(), TEXTS, _distill_config(), progress=False, teacher=other)
 
 
+def _word_tokenizer(words: list[str], eos: str = "</s>"):
+    """A whole-word tokenizer over `words` (ids in their order) with <unk>, <s> and </s>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *words])},
+                                         unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token=eos)
+
+
+def test_a_teacher_with_another_tokenizer_is_refused():
+    """Same size is not enough: the KL compares the models id by id, so each id must be the same token."""
+    words = [f"w{i}" for i in range(20)]
+    student = _word_tokenizer(words)
+    assert distill.tokenizer_difference(student, _word_tokenizer(words)) is None
+    swapped = _word_tokenizer([words[1], words[0], *words[2:]])
+    assert distill.tokenizer_difference(student, swapped) == "token 'w0' is id 4 in the teacher's, 3 in the student's"
+    other_end = _word_tokenizer(words, eos="w19")
+    assert "eos_token_id is 22 in the teacher's, 2 in the student's" in distill.tokenizer_difference(student, other_end)
+    assert "has 21 tokens, the student's 23" in distill.tokenizer_difference(student, _word_tokenizer(words[:-2]))
+    model, teacher = _tiny_pair()
+    with pytest.raises(SliceGPTError, match="the tokenizer of tiny is not the student's .token 'w0'"):
+        finetune_module.finetune(model, student, [" ".join(words * 20)], _distill_config(), progress=False,
+                                 teacher=teacher, teacher_tokenizer=swapped)
+
+
+def test_finetune_refuses_a_teacher_whose_tokenizer_differs(tiny_sliced_dir, tiny_model_dir, tmp_path, monkeypatch,
+                                                           capsys):
+    """The teacher's tokenizer.json with two ids swapped: the vocabulary is as large, the text is not the same."""
+    import shutil
+
+    from slicegpt.commands import finetune as command
+
+    teacher = shutil.copytree(tiny_model_dir, tmp_path / "teacher")
+    spec = json.loads((teacher / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    first, second = "the", "and"
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (teacher / "tokenizer.json").write_text(json.dumps(spec))
+    monkeypatch.setattr(command, "finetune", lambda *a, **k: pytest.fail("training started"))
+    code = main(["finetune", str(tiny_sliced_dir), "--out", str(tmp_path / "out"), "--distill", "--teacher",
+                 str(teacher), "--data", str(WIKITEXT_VALIDATION), "--steps", "1", "--seqlen", "32"])
+    error = capsys.readouterr().err
+    assert code == 2 and f"the tokenizer of {teacher} is not the student's" in error
+    assert not (tmp_path / "out").exists()
+
+
 # --- The teacher's text -----------------------------------------------------------------
 
 SMALL_TEXT = dict(tokens=120, sample_tokens=12, batch_size=2, opening_tokens=4)
@@ -197,6 +248,137 @@ def test_teacher_text_resumes_and_extends_to_the_same_file(tiny_teacher, tmp_pat
     assert fewer["tokens"] >= 30 and fewer["rows"] < found["rows"]
     with pytest.raises(SliceGPTError, match="other settings .*top_p"):
         _write(tiny_teacher, whole, top_p=0.5)
+
+
+def test_two_runs_on_one_teacher_text_file_leave_one_runs_rows(tiny_teacher, tmp_path, monkeypatch):
+    """Two runs start on one file at once (a learning-rate sweep into sibling outputs): the second waits
+    for the first and reuses its rows, so the file is the one a run alone writes."""
+    alone = tmp_path / "alone.jsonl"
+    _write(tiny_teacher, alone)
+    real_sample = teacher_text.sample
+
+    def slow_sample(*args, **kwargs):  # both runs are sure to have started before either finishes
+        time.sleep(0.05)
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(teacher_text, "sample", slow_sample)
+    shared = tmp_path / "shared.jsonl"
+    context = multiprocessing.get_context("fork")
+    start = context.Barrier(2)
+
+    def run():
+        start.wait()
+        _write(tiny_teacher, shared)
+
+    runs = [context.Process(target=run) for _ in range(2)]
+    for process in runs:
+        process.start()
+    for process in runs:
+        process.join(timeout=300)
+    assert [process.exitcode for process in runs] == [0, 0]
+    assert shared.read_bytes() == alone.read_bytes()
+    assert teacher_text.summary(shared, 120)["sha256"] == teacher_text.summary(alone, 120)["sha256"]
+
+
+class _IdTokenizer:
+    """Token ids as words, and a tiny model's special ids: enough for the teacher to write with."""
+
+    bos_token_id, eos_token_id = 1, 2
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(f"t{i}" for i in ids)
+
+
+def _scripted(model, answers: dict[int, int]):
+    """`model` now answers an input token found in `answers` with the token given there (its own choice
+    elsewhere)."""
+
+    def answer(module, args, kwargs, output):
+        for row, token in enumerate(kwargs["input_ids"][:, -1].tolist()):
+            if token in answers:
+                output.logits[row, -1] = -1e4
+                output.logits[row, -1, answers[token]] = 1e4
+        return output
+
+    model.register_forward_hook(answer, with_kwargs=True)
+    return model
+
+
+def _written_rows(model, path, **changes):
+    config = teacher_text.TeacherTextConfig(**(SMALL_TEXT | {"prompts": "bos"} | changes))
+    teacher_text.write_teacher_text(model, _IdTokenizer(), path, config, "scripted", progress=False)
+    return teacher_text.read_teacher_text(path)
+
+
+def test_a_teacher_that_ends_every_sample_at_once_is_refused(tmp_path, monkeypatch):
+    """A model whose first token is always end-of-text writes empty rows: the run stops with an error,
+    and the file keeps none of them."""
+    model = _scripted(make_tiny_model("LlamaForCausalLM"), {1: 2})
+    real_sample, calls = teacher_text.sample, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 100:
+            pytest.fail("the teacher kept sampling empty batches")
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(teacher_text, "sample", counted)
+    with pytest.raises(SliceGPTError, match="ended every sample at its first token in 16 batches in a row"):
+        _written_rows(model, tmp_path / "empty.jsonl")
+    assert len(calls) == 16 and (tmp_path / "empty.jsonl").read_bytes() == b""
+
+
+def test_samples_end_at_the_generation_configs_stop_tokens(tmp_path):
+    """Llama 3 ends a turn with <|eot_id|>, which is in generation_config.eos_token_id and not the tokenizer's
+    end-of-text; here 5 is such a token, and every sample is 7 then 5."""
+    model = _scripted(make_tiny_model("LlamaForCausalLM"), {1: 7, 7: 5})
+    model.generation_config.eos_token_id = [2, 5]
+    assert teacher_text.stop_tokens(model, _IdTokenizer()) == [2, 5]
+    rows = _written_rows(model, tmp_path / "stops.jsonl", tokens=10)
+    assert [(row["tokens"], row["text"]) for row in rows] == [(1, "t7")] * 10
+    model.generation_config.eos_token_id = 5  # an int, as most models give it
+    assert teacher_text.stop_tokens(model, _IdTokenizer()) == [2, 5]
+
+
+def test_teacher_text_goes_only_to_a_file_of_its_own(tiny_teacher, tmp_path):
+    """An unrelated file, or one whose .json beside it is not our settings, is refused before any sampling."""
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"text": "my own data"}\n')
+    with pytest.raises(SliceGPTError, match="without its settings file notes.json, so it is not a teacher-text"):
+        _write(tiny_teacher, notes)
+    (tmp_path / "notes.json").write_text('{"name": "something else"}')
+    with pytest.raises(SliceGPTError, match="notes.json beside it is not its settings file"):
+        _write(tiny_teacher, notes)
+    with pytest.raises(SliceGPTError, match="name it .jsonl"):  # its settings would overwrite it
+        _write(tiny_teacher, tmp_path / "text.json")
+    assert notes.read_text() == '{"text": "my own data"}\n' and not (tmp_path / "text.json").exists()
+
+
+def test_one_string_is_not_taken_for_a_list_of_texts(tiny_teacher, tmp_path):
+    model, tokenizer = tiny_teacher
+    with pytest.raises(TypeError, match="opening_texts must be a list of strings, got one str"):
+        teacher_text.write_teacher_text(model, tokenizer, tmp_path / "t.jsonl", teacher_text.TeacherTextConfig(
+            **SMALL_TEXT), "tiny", "one long calibration text " * 50, progress=False)
+    student, teacher = _tiny_pair()
+    with pytest.raises(TypeError, match="texts must be a list of strings, got one str"):
+        finetune_module.finetune(student, _Tokenizer(), TEXTS[0], _distill_config(), progress=False, teacher=teacher)
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(temperature=float("inf")), "teacher temperature must be a positive number, got inf"),
+    (dict(temperature=0.0), "teacher temperature must be a positive number, got 0"),
+    (dict(seed=2**64), "teacher seed must be a 64-bit integer"),
+])
+def test_bad_teacher_text_settings_are_refused(settings, message):
+    with pytest.raises(SliceGPTError, match=re.escape(message)):
+        teacher_text.TeacherTextConfig(**settings)
+
+
+def test_any_64_bit_seed_writes_teacher_text(tmp_path):
+    """The batches' seeds grow from the seed (seed x 1,000,003 + batch); torch reads them modulo 2**64."""
+    model = make_tiny_model("LlamaForCausalLM")
+    rows = _written_rows(model, tmp_path / "big-seed.jsonl", seed=2**63 - 1, tokens=12)
+    assert sum(row["tokens"] for row in rows) >= 12
 
 
 @pytest.fixture

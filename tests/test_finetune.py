@@ -1,6 +1,7 @@
 """Recovery fine-tuning: LoRA on the attention and MLP linears, merged into a loadable checkpoint."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -107,8 +108,58 @@ def test_finetune_takes_only_sliced_checkpoints(tiny_model_dir, tmp_path, capsys
 def test_bad_settings_are_refused():
     with pytest.raises(SliceGPTError, match="steps must be at least 1"):
         finetune_module.FinetuneConfig(steps=0)
-    with pytest.raises(SliceGPTError, match="lr must be positive"):
+    with pytest.raises(SliceGPTError, match="lr must be a positive number, got 0"):
         finetune_module.FinetuneConfig(lr=0)
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(lr=float("inf")), "lr must be a positive number, got inf"),
+    (dict(lora_alpha=-1), "lora_alpha must be a positive number, got -1"),
+    (dict(lora_dropout=1.0), "lora_dropout must be in [0, 1), got 1"),
+    (dict(seqlen=1), "seqlen must be at least 2, got 1"),
+    (dict(seed=2**64), "seed must be a 64-bit integer (from -2**63 to 2**63 - 1), got 18446744073709551616"),
+    (dict(heldout_fraction=0.1), "eval_every must be at least 1, got 0, to measure the held-out text that "
+                                 "heldout_fraction asks for"),
+    (dict(heldout_data="lambada.jsonl", eval_every=0), "eval_every must be at least 1, got 0"),
+])
+def test_settings_out_of_range_are_refused(settings, message):
+    """The same rules the CLI applies to its flags (tests/test_bad_input.py), with the fields' names."""
+    with pytest.raises(SliceGPTError, match=re.escape(message)):
+        finetune_module.FinetuneConfig(**settings)
+
+
+def test_texts_must_be_lists_and_heldout_texts_measured():
+    config = finetune_module.FinetuneConfig(steps=1, seqlen=16, batch_size=1)
+    model, texts = make_tiny_model("LlamaForCausalLM"), _tiny_stream_texts()
+    with pytest.raises(TypeError, match="texts must be a list of strings, got one str .wrap one text in a list"):
+        finetune_module.finetune(model, _Tokenizer(), texts[0], config, progress=False)
+    with pytest.raises(TypeError, match=r"heldout_texts\[1\] must be a string, got dict"):
+        finetune_module.finetune(model, _Tokenizer(), texts, config, progress=False,
+                                 heldout_texts=[texts[0], {"text": "a row"}])
+    with pytest.raises(SliceGPTError, match="heldout_texts are measured every eval_every steps"):
+        finetune_module.finetune(model, _Tokenizer(), texts, config, progress=False, heldout_texts=texts)
+
+
+def test_checkpoint_keeps_every_gpus_random_state(tmp_path, monkeypatch):
+    """Dropout on a GPU draws from that GPU's generator, so a resumed run restores it too (CUDA mocked:
+    two GPUs when saved, the same two when resumed, then one)."""
+    from slicegpt.running.finetune_checkpoint import load_state, save_state
+
+    states = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
+    restored, visible = [], [2]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible[0])
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [state.clone() for state in states])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    layer = torch.nn.Linear(2, 2)
+    named, optimizer = {"weight": layer.weight}, torch.optim.AdamW([layer.weight])
+    save_state(tmp_path, 3, named, optimizer, torch.Generator(), {"losses": []}, {"lr": 1})
+    assert load_state(tmp_path, named, optimizer, torch.Generator(), {"lr": 1})[0] == 3
+    visible[0] = 1
+    load_state(tmp_path, named, optimizer, torch.Generator(), {"lr": 1})
+    assert [len(given) for given in restored] == [2, 1]
+    assert all(torch.equal(a, b) for a, b in zip(restored[0], states)) and torch.equal(restored[1][0], states[0])
 
 
 def test_plain_export_can_be_finetuned(tiny_model_dir, tmp_path):
@@ -176,6 +227,6 @@ def test_stopped_finetune_resumes_to_the_same_weights(tiny_sliced_dir, tmp_path,
 
 
 def test_heldout_needs_enough_text():
-    config = finetune_module.FinetuneConfig(seqlen=16, heldout_fraction=0.01)
+    config = finetune_module.FinetuneConfig(seqlen=16, heldout_fraction=0.01, eval_every=1)
     with pytest.raises(SliceGPTError, match="too little text to hold out"):
         finetune_module.split_heldout(torch.arange(100), config)

@@ -9,6 +9,7 @@ from pathlib import Path
 from slicegpt.io.checkpoint import REPORT_FILE, check_output_dir, save_sliced
 from slicegpt.io.data import load_texts
 from slicegpt.errors import SliceGPTError
+from slicegpt.running.distill import check_same_tokenizer
 from slicegpt.running.finetune import FinetuneConfig, check_usable_text, finetune
 from slicegpt.running import teacher_text
 from slicegpt.io.models import is_sliced_dir, load_model
@@ -73,19 +74,23 @@ def add_distill_options(parser, defaults: FinetuneConfig) -> None:
     group.add_argument("--full", action="store_true",
                        help="train every weight of the decoder layers instead of LoRA adapters (embeddings and "
                             "head frozen)")
+    # Teacher options default to None so that one given without --data teacher is refused, not ignored.
     text = teacher_text.TeacherTextConfig()
     group.add_argument("--teacher-tokens", type=int, default=None, metavar="N",
                        help="with --data teacher: tokens the teacher writes (default: steps x batch x seqlen)")
-    group.add_argument("--teacher-temperature", type=float, default=text.temperature,
+    group.add_argument("--teacher-temperature", type=float, default=None,
                        help=f"sampling temperature of the teacher's text (default {text.temperature:g})")
-    group.add_argument("--teacher-top-p", type=float, default=text.top_p,
+    group.add_argument("--teacher-top-p", type=float, default=None,
                        help=f"nucleus sampling of the teacher's text (default {text.top_p:g})")
-    group.add_argument("--teacher-prompts", choices=teacher_text.PROMPTS, default=text.prompts,
+    group.add_argument("--teacher-prompts", choices=teacher_text.PROMPTS, default=None,
                        help="samples start from the beginning-of-text token, short openings of the calibration "
                             f"text, or both by turns (default {text.prompts})")
     group.add_argument("--teacher-text", default=None, metavar="PATH",
                        help="the JSONL the teacher's text is written to and reused from (default: beside --out, "
                             "named by the teacher and the sampling settings)")
+
+
+TEACHER_TEXT_OPTIONS = ("teacher_tokens", "teacher_temperature", "teacher_top_p", "teacher_prompts", "teacher_text")
 
 
 def teacher_name(args, source: Path) -> str:
@@ -100,9 +105,10 @@ def teacher_name(args, source: Path) -> str:
 
 def teacher_settings(args, config: FinetuneConfig) -> teacher_text.TeacherTextConfig:
     """How the teacher writes for --data teacher (checked before any model is loaded)."""
-    return teacher_text.TeacherTextConfig(
-        tokens=args.teacher_tokens or config.steps * config.batch_size * config.seqlen, seed=args.seed,
-        temperature=args.teacher_temperature, top_p=args.teacher_top_p, prompts=args.teacher_prompts)
+    given = {field: getattr(args, f"teacher_{field}") for field in ("tokens", "temperature", "top_p", "prompts")}
+    given = {field: value for field, value in given.items() if value is not None}
+    return teacher_text.TeacherTextConfig(**{"tokens": config.steps * config.batch_size * config.seqlen, **given},
+                                          seed=args.seed)
 
 
 def teacher_data(args, settings: teacher_text.TeacherTextConfig, teacher, tokenizer, name: str, out: Path,
@@ -160,7 +166,10 @@ def run(args) -> int:
     timings: dict[str, float] = {}
     with timed(timings, "load"):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-        teacher = load_model(config.teacher, dtype=args.dtype, device=args.device)[0] if needs_teacher else None
+        teacher = None
+        if needs_teacher:
+            teacher, teacher_tokenizer = load_model(config.teacher, dtype=args.dtype, device=args.device)
+            check_same_tokenizer(tokenizer, teacher_tokenizer, config.teacher)
     text_summary = None
     if from_teacher:
         with timed(timings, "teacher_text"):

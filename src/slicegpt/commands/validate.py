@@ -14,7 +14,10 @@ import os
 from pathlib import Path
 
 from slicegpt.commands.common import say
+from slicegpt.commands.finetune import TEACHER_TEXT_OPTIONS
 from slicegpt.errors import SliceGPTError
+from slicegpt.running import teacher_text
+from slicegpt.running.finetune import check_settings as check_finetune_settings
 from slicegpt.validation.model_config import (attention_heads, check_known_type, check_positions, check_sliceable,
                                               check_weight_shapes, plain_step, plain_width_message, read_config)
 from slicegpt.validation.options import (at_least, check_device, check_fraction, check_ppl_options,
@@ -116,15 +119,9 @@ def validate_eval(args) -> list[Path]:
 
 
 def validate_finetune(args) -> list[Path]:
-    for name in ("steps", "batch_size", "lora_r", "checkpoint_every"):
-        at_least(args, name, 1)
-    at_least(args, "seqlen", 2)  # one token predicts nothing: the loss would be NaN, blamed on --lr
-    if args.heldout_fraction:
-        at_least(args, "eval_every", 1)
-    positive(args, "lr")
-    positive(args, "lora_alpha")
-    fraction(args, "lora_dropout", low_open=False, high_open=True)
-    fraction(args, "heldout_fraction", low_open=False, high_open=True)
+    at_least(args, "checkpoint_every", 1)
+    check_finetune_settings(args, name=flag)  # the rules FinetuneConfig applies, naming the flags
+    teacher_options(args)
     check_ppl_options(args, "ppl-")
     zeroshot_options(args)
     model_options(args)
@@ -136,6 +133,21 @@ def validate_finetune(args) -> list[Path]:
         check_positions(args.model, config, {"--seqlen": args.seqlen,
                                              "--ppl-seqlen": args.ppl_seqlen if args.eval_ppl else None})
     return [Path(args.out)]
+
+
+def teacher_options(args) -> None:
+    """The teacher's sampling options, given only with --data teacher, and where its text goes."""
+    if args.data != "teacher":
+        given = next((name for name in TEACHER_TEXT_OPTIONS if getattr(args, name) is not None), None)
+        if given:
+            raise SliceGPTError(f"{flag(given)} sets the text the teacher writes, which only --data teacher uses; "
+                                "add --data teacher or leave it out")
+        if args.teacher and not args.distill:
+            raise SliceGPTError("--teacher names the teacher for --distill or --data teacher; add one or leave it out")
+    teacher_text.check_settings(args, prefix="teacher_", name=flag)
+    if args.teacher_text is not None:
+        check_output_location(args.teacher_text, "--teacher-text", kind="file")
+        teacher_text.check_text_file(args.teacher_text)
 
 
 def validate_export(args) -> list[Path]:

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from slicegpt.errors import SliceGPTError
+
 IGNORE = -100
 
 
@@ -113,3 +115,36 @@ def kl_unchunked(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor
     student_log = F.log_softmax(_wide(student(input_ids=input_ids, use_cache=False).logits), dim=-1)
     return F.kl_div(student_log.flatten(0, 1), teacher_log.flatten(0, 1), log_target=True,
                     reduction="sum") / input_ids.numel()
+
+
+# The special tokens whose ids must agree: they start and end the text the teacher writes
+# and stand for what neither tokenizer knows. (Padding never reaches the loss.)
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "unk_token_id")
+
+
+def tokenizer_difference(student, teacher) -> str | None:
+    """How two tokenizers differ, in words, or None: special ids, size, then the token-to-id mapping.
+
+    The KL compares the two models token id by token id, so equal vocabulary sizes are not
+    enough: the same id must be the same text. The whole mapping is compared, one dictionary
+    against another: cheap beside loading either model.
+    """
+    for name in SPECIAL_IDS:
+        mine, theirs = getattr(student, name, None), getattr(teacher, name, None)
+        if mine != theirs:
+            return f"{name} is {theirs} in the teacher's, {mine} in the student's"
+    if len(student) != len(teacher):
+        return f"the teacher's has {len(teacher)} tokens, the student's {len(student)}"
+    mine, theirs = student.get_vocab(), teacher.get_vocab()
+    for token, index in sorted(mine.items(), key=lambda item: item[1]):  # the lowest id that differs
+        if theirs.get(token) != index:
+            return f"token {token!r} is id {theirs.get(token)} in the teacher's, {index} in the student's"
+    return None
+
+
+def check_same_tokenizer(student, teacher, name: str) -> None:
+    """Refuse a teacher whose tokenizer is not the student's."""
+    difference = tokenizer_difference(student, teacher)
+    if difference is not None:
+        raise SliceGPTError(f"the tokenizer of {name} is not the student's ({difference}); distil from the model "
+                            "the slice was made from, or one with its tokenizer")

@@ -30,9 +30,10 @@ from slicegpt.architectures.families import family_for
 from slicegpt.architectures.modeling_sliced import layer_family
 from slicegpt.errors import SliceGPTError
 from slicegpt.io.data import tokenize_joined
-from slicegpt.running.distill import distill_loss, distill_terms
+from slicegpt.running.distill import check_same_tokenizer, distill_loss, distill_terms
 from slicegpt.running.finetune_checkpoint import load_state, save_state
 from slicegpt.running.teacher_text import texts_sha256
+from slicegpt.validation.options import at_least, fraction, positive, seed_range, text_list
 
 
 @dataclass
@@ -67,20 +68,30 @@ class FinetuneConfig:
     heldout_data: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("steps", "seqlen", "batch_size", "lora_r"):
-            if getattr(self, name) < 1:
-                raise SliceGPTError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise SliceGPTError(f"lr must be positive, got {self.lr}")
-        if not 0 <= self.heldout_fraction < 1:
-            raise SliceGPTError(f"heldout fraction must be in [0, 1), got {self.heldout_fraction}")
-        if not 0 <= self.lm_weight <= 1:
-            raise SliceGPTError(f"lm weight must be in [0, 1], got {self.lm_weight}")
-        if self.kl_chunk < 1:
-            raise SliceGPTError(f"kl-chunk must be at least 1, got {self.kl_chunk}")
+        check_settings(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_settings(values, name=str) -> None:
+    """The ranges of the fine-tuning settings, read from a FinetuneConfig or from the parsed command line
+    (the same names); `name` is what a refusal calls a setting (the CLI: its flag)."""
+    for field in ("steps", "batch_size", "lora_r", "heldout_windows", "kl_chunk"):
+        at_least(values, field, 1, name(field))
+    at_least(values, "seqlen", 2, name("seqlen"))  # one token predicts nothing: the loss would be NaN
+    at_least(values, "eval_every", 0, name("eval_every"))
+    for field in ("lr", "lora_alpha", "max_grad_norm"):
+        positive(values, field, name(field))
+    for field in ("lora_dropout", "heldout_fraction"):
+        fraction(values, field, low_open=False, high_open=True, option=name(field))
+    for field in ("lm_weight", "warmup_fraction"):
+        fraction(values, field, low_open=False, high_open=False, option=name(field))
+    seed_range(values, "seed", name("seed"))
+    heldout = [field for field in ("heldout_fraction", "heldout_data") if getattr(values, field, None)]
+    if heldout and getattr(values, "eval_every", 1) < 1:
+        raise SliceGPTError(f"{name('eval_every')} must be at least 1, got {values.eval_every}, to measure the "
+                            f"held-out text that {name(heldout[0])} asks for")
 
 
 def check_usable_text(texts: list[str], source: str) -> None:
@@ -201,6 +212,15 @@ def second_windows(tokenizer, texts: list[str] | None, config: FinetuneConfig) -
     return stream[:count * config.seqlen].view(count, config.seqlen)
 
 
+def check_inputs(texts: list[str], heldout_texts: list[str] | None, config: FinetuneConfig) -> None:
+    """The texts are lists of strings, and a second held-out corpus is measured at all."""
+    text_list(texts, "texts")
+    if heldout_texts is not None:
+        text_list(heldout_texts, "heldout_texts")
+        if config.eval_every < 1:
+            raise SliceGPTError("heldout_texts are measured every eval_every steps; set eval_every to at least 1")
+
+
 def decoder_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Every parameter inside the decoder layers (shortcuts included; no embeddings, no head)."""
     prefix = family_description(model)["layers"] + "."
@@ -209,17 +229,21 @@ def decoder_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def finetune(model: nn.Module, tokenizer, texts: list[str], config: FinetuneConfig, progress: bool = True,
              checkpoint_dir: str | None = None, checkpoint_every: int = 50, teacher: nn.Module | None = None,
-             heldout_texts: list[str] | None = None) -> tuple[nn.Module, dict]:
+             heldout_texts: list[str] | None = None, teacher_tokenizer=None) -> tuple[nn.Module, dict]:
     """Fine-tune a sliced model on `texts`; (fine-tuned model, training record).
 
     LoRA adapters, merged back at the end, or with `config.full` every decoder weight. With
     `config.distill` the loss is the KL from `teacher` (the dense model, same tokenizer),
-    which runs without gradients. `heldout_texts` is a second corpus whose loss joins the
-    held-out curve. With `checkpoint_dir`, the trained and optimizer state is saved there
-    every `checkpoint_every` steps, and a run finding a checkpoint there continues from it.
+    which runs without gradients; a `teacher_tokenizer` given is checked to be the student's.
+    `heldout_texts` is a second corpus whose loss joins the held-out curve. With
+    `checkpoint_dir`, the trained and optimizer state is saved there every
+    `checkpoint_every` steps, and a run finding a checkpoint there continues from it.
     """
+    check_inputs(texts, heldout_texts, config)
     if config.distill and teacher is None:
         raise SliceGPTError("distillation needs the teacher model")
+    if teacher_tokenizer is not None:
+        check_same_tokenizer(tokenizer, teacher_tokenizer, config.teacher or "the teacher")
     stream, heldout = split_heldout(training_stream(tokenizer, texts, config.seqlen, config.data), config)
     second = second_windows(tokenizer, heldout_texts, config)
     if teacher is not None:

@@ -1,8 +1,8 @@
 """Checkpoints of a recovery fine-tuning run, so that a stopped run continues where it was.
 
 One safetensors file holds the trained weights (LoRA adapters, or every decoder weight),
-AdamW's moments, and the random states (the window sampler's and torch's, which drives the
-dropout); its metadata holds the step, the losses so far and the settings. A resumed run draws the same windows and dropout masks as
+AdamW's moments, and the random states (the window sampler's, torch's CPU one, and every
+GPU's, which drive the dropout of a model there); its metadata holds the step, the losses so far and the settings. A resumed run draws the same windows and dropout masks as
 an uninterrupted one, so it ends with the same weights. The file is written beside and
 renamed into place: a kill while writing leaves the previous checkpoint intact.
 """
@@ -38,6 +38,7 @@ def save_state(directory: Path, step: int, named_params: dict[str, torch.Tensor]
             adam_steps[name] = float(state["step"])
     tensors["rng/windows"] = generator.get_state()
     tensors["rng/torch"] = torch.get_rng_state()
+    tensors.update(cuda_rng_states())
     metadata = {"step": str(step), "record": json.dumps(record), "settings": json.dumps(settings, sort_keys=True),
                 "adam_steps": json.dumps(adam_steps)}
     path = directory / CHECKPOINT_FILE
@@ -76,4 +77,20 @@ def load_state(directory: Path, named_params: dict[str, torch.Tensor], optimizer
                                           "exp_avg_sq": tensors[f"adam/{name}/exp_avg_sq"].to(param.device)}
     generator.set_state(tensors["rng/windows"])
     torch.set_rng_state(tensors["rng/torch"])
+    restore_cuda_rng(tensors)
     return int(metadata["step"]), json.loads(metadata["record"])
+
+
+def cuda_rng_states() -> dict[str, torch.Tensor]:
+    """Each GPU's random state as `rng/cuda/N`; none where CUDA was never started (nothing ran there)."""
+    if not torch.cuda.is_initialized():
+        return {}
+    return {f"rng/cuda/{index}": state for index, state in enumerate(torch.cuda.get_rng_state_all())}
+
+
+def restore_cuda_rng(tensors: dict[str, torch.Tensor]) -> None:
+    """Set the GPUs' random states saved by `cuda_rng_states`, for as many GPUs as are visible now."""
+    count = sum(1 for name in tensors if name.startswith("rng/cuda/"))
+    if count and torch.cuda.is_available():
+        states = [tensors[f"rng/cuda/{index}"] for index in range(count)]
+        torch.cuda.set_rng_state_all(states[:torch.cuda.device_count()])

@@ -12,17 +12,28 @@ The rows go to a JSONL file (`{"text", "tokens", "batch", "prompt"}`) with a sid
 and the batch's index and written in one append, so a run stopped at any point continues
 from the last whole batch and ends with the same file as an uninterrupted one; a request
 for more tokens extends the file, a request for fewer reads its first rows.
+
+Runs often share one file (a learning-rate sweep into sibling outputs, slices at several
+sparsities): a run holds an exclusive lock on the file while it writes, so a second run
+waits, then reads what the first wrote and continues it where it asks for more, and the
+file holds one run's rows, not two interleaved. A sample ends at the tokenizer's
+end-of-text or any of the model's `generation_config.eos_token_id` (Llama 3 ends turns
+with `<|eot_id|>`, which its tokenizer does not call end-of-text).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import inspect
 import json
 import math
 import os
 import random
+import sys
+from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +42,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slicegpt.errors import SliceGPTError
+from slicegpt.validation.options import at_least, fraction, positive, seed_range, text_list
 
 PROMPTS = ("bos", "openings", "mixed")
+# Batches in a row without a token before a run gives up: a teacher that ends every sample
+# at once would otherwise write empty rows for ever.
+EMPTY_BATCHES = 16
 
 
 @dataclass
@@ -49,19 +64,28 @@ class TeacherTextConfig:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("tokens", "sample_tokens", "batch_size", "opening_tokens"):
-            if getattr(self, name) < 1:
-                raise SliceGPTError(f"teacher {name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
-        if not self.temperature > 0:
-            raise SliceGPTError(f"teacher temperature must be positive, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise SliceGPTError(f"teacher top-p must be in (0, 1], got {self.top_p}")
-        if self.prompts not in PROMPTS:
-            raise SliceGPTError(f"teacher prompts must be one of {', '.join(PROMPTS)}, got {self.prompts}")
+        check_settings(self)
 
     def sampling(self) -> dict:
         """Everything that decides the text but its length: a file is reused only if these match."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "tokens"}
+
+
+def _teacher_name(attribute: str) -> str:
+    return "teacher " + attribute.replace("_", "-")
+
+
+def check_settings(values, prefix: str = "", name=_teacher_name) -> None:
+    """The ranges of the sampling settings: read as `prefix + field` from a TeacherTextConfig, or from
+    the parsed command line with prefix "teacher_"; `name` is what a refusal calls a setting."""
+    for field in ("tokens", "sample_tokens", "batch_size", "opening_tokens"):
+        at_least(values, prefix + field, 1, name(prefix + field))
+    positive(values, prefix + "temperature", name(prefix + "temperature"))
+    fraction(values, prefix + "top_p", low_open=True, high_open=False, option=name(prefix + "top_p"))
+    seed_range(values, prefix + "seed", name(prefix + "seed"))
+    prompts = getattr(values, prefix + "prompts", None)
+    if prompts is not None and prompts not in PROMPTS:
+        raise SliceGPTError(f"{name(prefix + 'prompts')} must be one of {', '.join(PROMPTS)}, got {prompts}")
 
 
 def default_path(directory: Path, teacher: str, config: TeacherTextConfig) -> Path:
@@ -80,6 +104,58 @@ def texts_sha256(texts: list[str]) -> str:
 
 def _sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
+
+
+def _saved_settings(path: Path) -> dict | None:
+    """The settings a teacher-text file was written with, or None where it has none yet."""
+    sidecar = _sidecar(path)
+    if not sidecar.is_file():
+        return None
+    try:
+        saved = json.loads(sidecar.read_text())["settings"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        saved = None
+    if not isinstance(saved, dict) or "teacher" not in saved:
+        raise SliceGPTError(f"{path} is not a teacher-text file: {sidecar.name} beside it is not its settings file")
+    return saved
+
+
+def check_text_file(path: str | Path) -> None:
+    """`path` can hold teacher text: it is absent, empty, or a teacher-text file with its settings
+    beside it; anything else is a file this run must not append to."""
+    path = Path(path)
+    if _sidecar(path) == path:
+        raise SliceGPTError(f"{path}: a teacher-text file's settings go to a .json beside it; name it .jsonl")
+    if path.is_dir() or (path.exists() and not path.is_file()):
+        raise SliceGPTError(f"{path} is not a regular file")
+    empty = not path.exists() or path.stat().st_size == 0
+    if _saved_settings(path) is None and not empty:
+        raise SliceGPTError(f"{path} exists without its settings file {_sidecar(path).name}, so it is not a "
+                            "teacher-text file; remove it or choose another path")
+
+
+def _claim(path: Path, settings: dict) -> None:
+    """Write the settings beside a new file, or refuse a file written with other settings."""
+    saved = _saved_settings(path)
+    if saved is None:
+        _sidecar(path).write_text(json.dumps({"settings": settings}, indent=1) + "\n")
+    elif saved != settings:
+        changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        raise SliceGPTError(f"{path} was written with other settings ({', '.join(changed)}); use the same "
+                            f"settings, another path, or remove it and {_sidecar(path).name}")
+
+
+@contextmanager
+def _writing(path: Path):
+    """Hold the file's exclusive lock: another run writing it is waited for (the kernel drops the
+    lock of a run that dies, kill -9 included)."""
+    with open(path, "ab") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"slicegpt: waiting for another run writing {path}", file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def _read_rows(path: Path, batch_size: int) -> list[dict]:
@@ -142,10 +218,19 @@ def nucleus_sample(probs: torch.Tensor, top_p: float, generator: torch.Generator
     return order.gather(-1, torch.multinomial(top, 1, generator=generator))
 
 
+def stop_tokens(model: nn.Module, tokenizer) -> list[int]:
+    """The ids that end a sample: the tokenizer's end-of-text and the model's generation stops (an int or a list)."""
+    stops = {tokenizer.eos_token_id}
+    found = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stops.update(found if isinstance(found, (list, tuple)) else [found])
+    return sorted(token for token in stops if token is not None)
+
+
 @torch.no_grad()
 def sample(model: nn.Module, prompts: torch.Tensor, new_tokens: int, temperature: float, top_p: float,
-           generator: torch.Generator, stop: int | None) -> list[list[int]]:
-    """Nucleus samples continuing each prompt row; each ends before its first `stop` token."""
+           generator: torch.Generator, stop: int | Iterable[int] | None) -> list[list[int]]:
+    """Nucleus samples continuing each prompt row; each ends before its first `stop` token (one id or several)."""
+    stops = torch.tensor([] if stop is None else [stop] if isinstance(stop, int) else list(stop), dtype=torch.long)
     device = next(model.parameters()).device
     ids = prompts.to(device)
     # transformers renamed `past_key_values` to `cache` (5.25 warns about the old name)
@@ -157,16 +242,31 @@ def sample(model: nn.Module, prompts: torch.Tensor, new_tokens: int, temperature
     for _ in range(new_tokens):
         token = nucleus_sample(torch.softmax(logits.float().cpu() / temperature, dim=-1), top_p, generator)
         written = torch.cat([written, token], dim=1)
-        if stop is not None:
-            finished |= token[:, 0] == stop
-            if finished.all():
-                break
+        finished |= torch.isin(token[:, 0], stops)
+        if finished.all():
+            break
         out = model(input_ids=token.to(device), use_cache=True, **{cache_name: cache})
         cache, logits = getattr(out, cache_name), out.logits[:, -1]
-    rows = []
-    for row in written.tolist():
-        rows.append(row[:row.index(stop)] if stop is not None and stop in row else row)
-    return rows
+    ends = set(stops.tolist())
+    return [_until(row, ends) for row in written.tolist()]
+
+
+def _until(row: list[int], stops: set[int]) -> list[int]:
+    """`row` up to its first stop token."""
+    return next((row[:i] for i, token in enumerate(row) if token in stops), row)
+
+
+def _batch_seed(config: TeacherTextConfig, batch: int) -> int:
+    """The seed of one batch's generator; torch reads seeds modulo 2**64, so any seed gives one."""
+    return (config.seed * 1_000_003 + batch) % 2**64
+
+
+def _append(path: Path, rows: list[dict]) -> None:
+    """Whole batches in one write, flushed to disk: a kill leaves at most the last one cut short."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def write_teacher_text(model: nn.Module, tokenizer, path: Path, config: TeacherTextConfig, teacher: str,
@@ -174,51 +274,62 @@ def write_teacher_text(model: nn.Module, tokenizer, path: Path, config: TeacherT
     """Make `path` hold at least `config.tokens` tokens of the teacher's text; a summary of what it holds.
 
     Resumes a file written before with the same settings; refuses one written with others.
+    A run that finds another writing the file waits for it, then reuses what it wrote.
     """
     path = Path(path)
-    settings = {"teacher": str(teacher), **config.sampling()}
-    sidecar = _sidecar(path)
-    if sidecar.is_file():
-        saved = json.loads(sidecar.read_text())["settings"]
-        if saved != settings:
-            changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
-            raise SliceGPTError(f"{path} was written with other settings ({', '.join(changed)}); use the same "
-                                f"settings, another path, or remove it and {sidecar.name}")
-    elif path.exists() and path.stat().st_size > 0:
-        raise SliceGPTError(f"{path} exists without its settings file {sidecar.name}; remove it or choose another path")
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sidecar.write_text(json.dumps({"settings": settings}, indent=1) + "\n")
+    if opening_texts is not None:
+        text_list(opening_texts, "opening_texts")
+    check_text_file(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _writing(path):
+        _claim(path, {"teacher": str(teacher), **config.sampling()})
+        _write_batches(model, tokenizer, path, config, opening_texts, progress)
+        return summary(path, config.tokens)
+
+
+def _write_batches(model: nn.Module, tokenizer, path: Path, config: TeacherTextConfig,
+                   opening_texts: list[str] | None, progress: bool) -> None:
+    """Sample batches after the whole ones in `path` until it holds `config.tokens` tokens."""
     rows = _read_rows(path, config.batch_size)
     have = sum(r["tokens"] for r in rows)
     openings = _openings(tokenizer, opening_texts, config.opening_tokens) if config.prompts != "bos" else []
     if config.prompts == "openings" and not openings:
         raise SliceGPTError(f"teacher prompts 'openings' need calibration text with rows of at least "
                             f"{config.opening_tokens} tokens")
+    stops = stop_tokens(model, tokenizer)
     was_training = model.training
     model.eval()
     bar = tqdm(total=config.tokens, initial=min(have, config.tokens), desc="Teacher writing", unit="tok",
                disable=not progress or have >= config.tokens)
     batch = len(rows) // config.batch_size
+    empty: list[dict] = []  # batches without a token, written only once one with text follows
     while have < config.tokens:
         kind, prompts = _prompt(tokenizer, config, batch, openings)
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + batch)
+        generator = torch.Generator().manual_seed(_batch_seed(config, batch))
         written = sample(model, torch.tensor(prompts), config.sample_tokens, config.temperature, config.top_p,
-                         generator, tokenizer.eos_token_id)
+                         generator, stops)
         new = [{"batch": batch, "prompt": kind, "tokens": len(ids),
                 "text": tokenizer.decode(ids, skip_special_tokens=True)} for ids in written]
-        with open(path, "a", encoding="utf-8") as handle:
-            handle.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in new))
-            handle.flush()
-            os.fsync(handle.fileno())
-        rows += new
+        batch += 1
         added = sum(r["tokens"] for r in new)
+        if added == 0:
+            empty += new
+            _check_progress(len(empty) // config.batch_size, batch, stops)
+            continue
+        _append(path, empty + new)
+        empty = []
         bar.update(min(added, config.tokens - have))
         have += added
-        batch += 1
     bar.close()
     model.train(was_training)
-    return summary(path, config.tokens)
+
+
+def _check_progress(empty_batches: int, batch: int, stops: list[int]) -> None:
+    """Refuse to go on when the teacher has ended every sample at once for EMPTY_BATCHES batches."""
+    if empty_batches >= EMPTY_BATCHES:
+        raise SliceGPTError(f"the teacher ended every sample at its first token in {empty_batches} batches in a "
+                            f"row (batches {batch - empty_batches} to {batch - 1}; end tokens {stops}): it writes no text "
+                            "to learn from; check the teacher and its end-of-text tokens")
 
 
 def read_teacher_text(path: Path, tokens: int | None = None) -> list[dict]:

@@ -1,9 +1,11 @@
-"""Option values: counts, fractions, threads and devices, each refused by the flag that set it.
+"""Option values: counts, fractions, seeds, threads and devices, each refused by the flag that set it.
 
 Each rule is a function of a value and the name to blame: the CLI passes the flag
 (`--seqlen`), the Python API (`perplexity`, `evaluate_zeroshot`, `SliceConfig`) the
 argument's name, so a value one refuses the other refuses too, with the same words. The
 refusals are ValueErrors (a value out of range) and TypeErrors (not a number) as well.
+Checks that read `getattr(values, name)` serve a config dataclass whose fields share the
+options' names, with its field names in the messages.
 """
 
 from __future__ import annotations
@@ -105,6 +107,26 @@ def fraction(args, name: str, low_open: bool, high_open: bool, option: str | Non
 
 
 THREADS_PER_CPU = 4  # past a few threads per CPU a run only slows; far past it, threads fail to start
+
+
+SEED_LIMIT = 2**63  # torch seeds its generators from a 64-bit integer
+
+
+def seed_range(args, name: str = "seed", option: str | None = None) -> None:
+    """`args.<name>` is a seed a 64-bit signed integer holds (None passes)."""
+    value = getattr(args, name, None)
+    if value is not None and not -SEED_LIMIT <= value < SEED_LIMIT:
+        raise SliceGPTError(f"{option or flag(name)} must be a 64-bit integer (from -2**63 to 2**63 - 1), got {value}")
+
+
+def text_list(texts, name: str) -> None:
+    """`texts` is a collection of strings, not one string (taken as one row per character) or one row's dict."""
+    if isinstance(texts, (str, bytes, dict)):
+        hint = " (wrap one text in a list)" if isinstance(texts, str) else ""
+        raise TypeError(f"{name} must be a list of strings, got one {type(texts).__name__}{hint}")
+    for index, text in enumerate(texts if isinstance(texts, (list, tuple)) else []):
+        if not isinstance(text, str):
+            raise TypeError(f"{name}[{index}] must be a string, got {type(text).__name__}")
 
 
 def check_threads(args) -> None:
