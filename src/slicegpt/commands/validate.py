@@ -22,7 +22,7 @@ from slicegpt.validation.model_config import (attention_heads, check_known_type,
                                               check_weight_shapes, plain_step, plain_width_message, read_config)
 from slicegpt.validation.options import (at_least, check_device, check_fraction, check_ppl_options,
                                          check_slice_values, check_threads, check_zeroshot_values, flag, fraction,
-                                         positive)
+                                         positive, seed_range)
 from slicegpt.validation.outputs import check_name_length, check_not_input, check_output_location, check_writes
 
 
@@ -40,6 +40,7 @@ def slice_options(args) -> None:
     """What `slice` and `sweep` share: the method's numbers (SliceConfig's rules, by flag), perplexity,
     zero-shot, the model."""
     check_slice_values(lambda field: getattr(args, field, None), flag)
+    seed_range(args)
     check_ppl_options(args, "ppl-")
     zeroshot_options(args)
     model_options(args)
@@ -165,8 +166,7 @@ def validate_export(args) -> list[Path]:
         if problem:
             raise SliceGPTError(f"cannot export {args.model} as a plain model: {problem}")
     export_imatrix(args)
-    if not 0 <= args.rotate_seed < 2**63:  # torch's generator takes 64 bits, and aliases some of them
-        raise SliceGPTError(f"--rotate-seed must be in [0, 2**63), got {args.rotate_seed}")
+    seed_range(args, "rotate_seed")
     if args.format == "gguf" and args.out.endswith(".gguf"):
         from slicegpt.io.export import imatrix_path_for
 
