@@ -8,7 +8,7 @@ import slicegpt
 PACKAGE = Path(slicegpt.__file__).parent
 # Bottom to top. A module's layer is its subpackage, or its own name at the top level.
 LAYERS = [
-    {"errors", "config", "tasks"},
+    {"errors", "checks", "config", "tasks"},
     {"architectures"},
     {"method"},
     {"sizing"},

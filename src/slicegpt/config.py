@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from slicegpt.errors import SliceGPTError
-from slicegpt.validation.options import check_number, check_slice_values
+from slicegpt.checks import check_number, check_slice_values
 
 CONFIG_VERSION = 1
 WIDTHS = ("auto", "uniform", "variance", "embedding")  # see SliceConfig.widths

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from slicegpt.io.data import tokenize_joined
 from slicegpt.errors import SliceGPTError
-from slicegpt.validation.options import check_ppl_values
+from slicegpt.checks import check_ppl_values
 
 
 LOSS_POSITIONS = 512  # positions per cross-entropy call: a 262k vocabulary's copies stay small

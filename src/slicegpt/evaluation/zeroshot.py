@@ -24,7 +24,7 @@ import yaml
 
 from slicegpt.errors import SliceGPTError
 from slicegpt.tasks import paper_metric
-from slicegpt.validation.options import check_zeroshot_values
+from slicegpt.checks import check_zeroshot_values
 
 TASK_DIR = Path(__file__).parent / "tasks"
 DATA_DIR_ENV = "SLICEGPT_DATA_DIR"
