@@ -100,6 +100,30 @@ def test_a_few_steps_lower_the_kl():
     assert record["objective"].startswith("KL") and len(record["kl_losses"]) == 10
 
 
+def test_bf16_autocast_computes_the_passes_in_bfloat16_and_keeps_float32_weights(monkeypatch):
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return distill.distill_loss(*args, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "distill_loss", recording)
+    student, teacher = _tiny_pair()
+    tuned, record = finetune_module.finetune(student, _Tokenizer(), TEXTS,
+                                             _distill_config(steps=10, eval_every=10, autocast="bf16"),
+                                             progress=False, teacher=teacher)
+    assert seen == [True] * 10
+    first, last = record["heldout_losses"][0], record["heldout_losses"][-1]
+    assert last["kl"] < 0.8 * first["kl"]
+    assert {p.dtype for p in tuned.parameters()} == {torch.float32}
+
+
+def test_autocast_takes_only_the_dtypes_it_knows():
+    with pytest.raises(SliceGPTError, match="autocast must be one of bf16, got 'fp8'"):
+        _distill_config(autocast="fp8")
+    assert "autocast" not in _distill_config().to_dict()  # checkpoints from before the setting still resume
+
+
 def test_full_trains_the_decoder_layers_only():
     student, teacher = _tiny_pair()
     before = {k: v.clone() for k, v in student.state_dict().items()}

@@ -71,6 +71,9 @@ def add_distill_options(parser, defaults: FinetuneConfig) -> None:
                        help="the teacher (default: the model the slice was made from, as its report records)")
     group.add_argument("--kl-chunk", type=int, default=defaults.kl_chunk, metavar="N",
                        help=f"positions whose logits are held at a time (default {defaults.kl_chunk})")
+    group.add_argument("--autocast", choices=["bf16"], default=None,
+                       help="compute the training passes in bfloat16 (weights and optimizer stay float32): about "
+                            "1.8x faster steps on CPUs with AVX-512 BF16")
     group.add_argument("--full", action="store_true",
                        help="train every weight of the decoder layers instead of LoRA adapters (embeddings and "
                             "head frozen)")
@@ -143,7 +146,7 @@ def run(args) -> int:
                             seed=args.seed, data=args.data, heldout_fraction=args.heldout_fraction,
                             eval_every=args.eval_every if args.heldout_fraction or args.heldout_data else 0,
                             distill=args.distill, lm_weight=args.lm_weight, kl_chunk=args.kl_chunk,
-                            full=args.full, heldout_data=args.heldout_data)
+                            full=args.full, heldout_data=args.heldout_data, autocast=args.autocast)
     if args.lm_weight and not args.distill:
         raise SliceGPTError("--lm-weight mixes the LM loss into distillation; add --distill")
     out = Path(args.out)

@@ -66,12 +66,22 @@ class FinetuneConfig:
     full: bool = False
     # A second held-out corpus (text the training never sees), measured with the held-out windows.
     heldout_data: str | None = None
+    # "bf16": the forward and backward passes compute in bfloat16 under torch.autocast (the
+    # weights, their gradients and AdamW's state stay float32). About 1.8x faster steps on a
+    # CPU with AVX-512 BF16; None trains in the model's own dtype.
+    autocast: str | None = None
 
     def __post_init__(self) -> None:
         check_settings(self)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        settings = dataclasses.asdict(self)
+        if self.autocast is None:  # absent from checkpoints written before the setting existed
+            del settings["autocast"]
+        return settings
+
+
+AUTOCAST = {None: None, "bf16": torch.bfloat16}  # FinetuneConfig.autocast: the dtype the passes compute in
 
 
 def check_settings(values, name=str) -> None:
@@ -88,6 +98,9 @@ def check_settings(values, name=str) -> None:
     for field in ("lm_weight", "warmup_fraction"):
         fraction(values, field, low_open=False, high_open=False, option=name(field))
     seed_range(values, "seed", name("seed"))
+    if getattr(values, "autocast", None) not in AUTOCAST:
+        raise SliceGPTError(f"{name('autocast')} must be one of {', '.join(k for k in AUTOCAST if k)}, "
+                            f"got {values.autocast!r}")
     heldout = [field for field in ("heldout_fraction", "heldout_data") if getattr(values, field, None)]
     if heldout and getattr(values, "eval_every", 1) < 1:
         raise SliceGPTError(f"{name('eval_every')} must be at least 1, got {values.eval_every}, to measure the "
@@ -315,11 +328,13 @@ def finetune(model: nn.Module, tokenizer, texts: list[str], config: FinetuneConf
     for step in bar:
         starts = torch.randint(0, len(stream) - config.seqlen + 1, (config.batch_size,), generator=generator)
         batch = torch.stack([stream[s:s + config.seqlen] for s in starts.tolist()]).to(device)
-        if config.distill:
-            loss, terms = distill_loss(student, teacher, batch, config.lm_weight, config.kl_chunk)
-            kls.append(terms["kl"])
-        else:
-            loss = trained(input_ids=batch, labels=batch, use_cache=False).loss
+        with torch.autocast(device.type, dtype=AUTOCAST[config.autocast] or torch.float32,
+                            enabled=config.autocast is not None):
+            if config.distill:
+                loss, terms = distill_loss(student, teacher, batch, config.lm_weight, config.kl_chunk)
+                kls.append(terms["kl"])
+            else:
+                loss = trained(input_ids=batch, labels=batch, use_cache=False).loss
         if not math.isfinite(loss.item()):
             raise SliceGPTError(f"fine-tuning loss became {loss.item()} at step {len(losses) + 1} (lower --lr)")
         loss.backward()
