@@ -51,6 +51,13 @@ timed in the same process (bench/results/distill_throughput.json); on a machine 
 this one was when the script was written (load average 13 on 2 cores, another benchmark at
 nice -5) it did not finish in 30 minutes, so the figures above are the recorded ones.
 
+Measured since (2026-12-07, commit 950cd88, mostly alone on the CPU): recipe b's 200 KL
+steps took 4,453 s (16-20 s a step alone, 22 s on average with other work beside it part
+of the time), each corpus's perplexity about 60 s, and the teacher's text wrote at about
+50 tokens/s (32,768 tokens in about 11 minutes), so c's text is about 2.3 hours, not 40-60
+minutes. bf16 autocast halves a training step (bench/autocast_step.py: 9.9 s against 19.8 s)
+but the table's recipes train in float32, so their rows stay comparable.
+
 Resumable: each finished (recipe, evaluation) is one JSON line in
 bench/results/distill.jsonl, skipped on a rerun; trained models are cached in
 out/distill-models/NAME; a training run stopped midway continues from its checkpoint
