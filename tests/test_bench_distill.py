@@ -66,3 +66,11 @@ def test_dense_and_slice_take_zero_shot_rows_over_from_zeroshot_py(tmp_path, mon
     assert bench.borrowed_zeroshot("slice", "arc_easy") is None  # not measured there
     assert bench.borrowed_zeroshot("c-kl-teacher", "piqa") is None  # a new model is measured
     assert distill.Bench(quick=True, rows=tmp_path / "q.jsonl", threads=2).borrowed_zeroshot("dense", "piqa") is None
+
+
+def test_the_self_distillation_check_trains_a_quarter_of_the_budget_on_the_whole_text(tmp_path):
+    distill = load_bench_script("distill")
+    bench = distill.Bench(quick=False, rows=tmp_path / "rows.jsonl", threads=2)
+    check, recovery = bench.spec("dense-self-kl"), bench.spec("c-kl-teacher")
+    assert check["train"]["steps"] == distill.STEPS // 4 and recovery["train"]["steps"] == distill.STEPS
+    assert check["teacher_text"] == recovery["teacher_text"]  # the same text file serves both
