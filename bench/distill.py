@@ -53,9 +53,9 @@ nice -5) it did not finish in 30 minutes, so the figures above are the recorded 
 
 Measured since (2026-12-07, commit 950cd88, mostly alone on the CPU): recipe b's 200 KL
 steps took 4,453 s (16-20 s a step alone, 22 s on average with other work beside it part
-of the time), each corpus's perplexity about 60 s, and the teacher's text wrote at about
-50 tokens/s (32,768 tokens in about 11 minutes), so c's text is about 2.3 hours, not 40-60
-minutes. bf16 autocast halves a training step (bench/autocast_step.py: 9.9 s against 19.8 s)
+of the time), each corpus's perplexity about 60 s, and the teacher's text wrote a batch of
+32 x 512 tokens in 138 s alone (119 tokens/s; about 50 with tests beside it), so c's text
+takes about an hour. bf16 autocast halves a training step (bench/autocast_step.py: 9.9 s against 19.8 s)
 but the table's recipes train in float32, so their rows stay comparable.
 
 Resumable: each finished (recipe, evaluation) is one JSON line in
