@@ -37,6 +37,16 @@ def wait_for(condition, process, seconds=120.0):
         time.sleep(0.05)
 
 
+def hold(out):
+    """A process that holds `out`'s lock until killed (returns once it holds it)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom slicegpt.io.output_lock import output_lock\n"
+         "with output_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)\n", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def kill(process):
     process.kill()  # SIGKILL: no clean-up runs, only the kernel lets go of the lock
     process.wait()
@@ -44,12 +54,8 @@ def kill(process):
 
 def test_a_held_output_refuses_a_second_run_until_its_holder_is_killed(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom slicegpt.io.output_lock import output_lock\n"
-         "with output_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)\n", str(out)],
-        stdout=subprocess.PIPE, text=True)
+    holder = hold(out)
     try:
-        assert holder.stdout.readline().strip() == "held"
         for argv in (slice_args(tiny_model_dir, out), slice_args(tiny_model_dir, out, "--streaming"),
                      ["eval", "zeroshot", str(tiny_model_dir), "--tasks", "piqa", "--limit", "1", "--out", str(out)]):
             refused_by(capsys, main(argv), holder.pid)
@@ -121,12 +127,8 @@ def test_every_process_that_writes_takes_the_lock(tiny_model_dir, tmp_path, monk
 
 def test_a_process_of_rank_one_is_refused_by_a_held_output(tiny_model_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "bench.json"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom slicegpt.io.output_lock import output_lock\n"
-         "with output_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)\n", str(out)],
-        stdout=subprocess.PIPE, text=True)
+    holder = hold(out)
     try:
-        assert holder.stdout.readline().strip() == "held"
         monkeypatch.setenv("RANK", "1")
         refused_by(capsys, main(commands(tiny_model_dir, out)["bench"]), holder.pid)
         assert not out.exists()
