@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 
 from slicegpt.errors import SliceGPTError
-from slicegpt.io.checkpoint import REPORT_FILE, load_sliced
+from slicegpt.io.checkpoint import REPORT_FILE, atomic_file, load_sliced
 from slicegpt.io.permissions import ordinary_permissions
 from slicegpt.io.shards import damaged_file_message, open_safetensors
 
@@ -139,11 +139,8 @@ def gguf_digest(path: Path) -> str:
     with open(real, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**seen, "sha256": digest}))
-        os.replace(tmp, memo)
-    except OSError:
+        atomic_file(memo, json.dumps({**seen, "sha256": digest}))
+    except SliceGPTError:
         pass  # a cache that cannot be written costs a hash per run, nothing else
     return digest
 
