@@ -37,8 +37,8 @@ def main() -> None:
 
     from slicegpt import load_model
     from slicegpt.io.data import load_texts
-    from slicegpt.running import distill
-    from slicegpt.running.finetune import AUTOCAST, lora_targets
+    from slicegpt.recovery import distill
+    from slicegpt.recovery.finetune import AUTOCAST, lora_targets
 
     torch.set_num_threads(args.threads)
     dense = lambda: load_model("smollm2-135m")  # noqa: E731

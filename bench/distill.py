@@ -203,7 +203,7 @@ class Bench:
         return self.models / name
 
     def teacher_text_path(self) -> Path:
-        from slicegpt.running.teacher_text import TeacherTextConfig, default_path
+        from slicegpt.recovery.teacher_text import TeacherTextConfig, default_path
 
         config = TeacherTextConfig(tokens=self.budget(), **self.settings["teacher_text"])
         return default_path(self.models, "smollm2-135m", config)
@@ -231,7 +231,7 @@ class Bench:
 
     def teacher_cal_slice(self):
         """The slice calibrated on text the dense model writes (no recovery)."""
-        from slicegpt.running.teacher_text import calibration_texts
+        from slicegpt.recovery.teacher_text import calibration_texts
 
         calibration = self.settings["calibration"]
         teacher, tokenizer = self.dense()
@@ -366,7 +366,7 @@ class Bench:
 
 def checkpoint_step(directory: Path) -> int:
     """The step a training checkpoint in `directory` holds (0 without one)."""
-    from slicegpt.running.finetune_checkpoint import CHECKPOINT_FILE
+    from slicegpt.recovery.checkpoint import CHECKPOINT_FILE
 
     path = directory / CHECKPOINT_FILE
     if not path.is_file():
@@ -430,9 +430,9 @@ def measure(threads: int, out: Path) -> dict:
     import torch
 
     from slicegpt import FinetuneConfig, load_model
-    from slicegpt.running import distill
-    from slicegpt.running.finetune import decoder_parameters, lora_targets
-    from slicegpt.running.teacher_text import sample
+    from slicegpt.recovery import distill
+    from slicegpt.recovery.finetune import decoder_parameters, lora_targets
+    from slicegpt.recovery.teacher_text import sample
 
     torch.set_num_threads(threads)
     teacher, tokenizer = load_model("smollm2-135m")

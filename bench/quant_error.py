@@ -94,7 +94,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from slicegpt.io.data import calibration_batches, load_texts
-    from slicegpt.io.export import plain_model
+    from slicegpt.jobs.export import plain_model
     from slicegpt.io.models import resolve
 
     torch.set_grad_enabled(False)

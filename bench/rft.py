@@ -72,7 +72,7 @@ def measure(name: str, spec: dict, cal_texts: list[str]) -> dict:
 
 def heldout(model, tokenizer, cal_texts: list[str]) -> float:
     """Loss on the held-out windows of the fine-tuning runs (the validation text's last tenth)."""
-    from slicegpt.running.finetune import FinetuneConfig, heldout_loss, split_heldout, training_stream
+    from slicegpt.recovery.finetune import FinetuneConfig, heldout_loss, split_heldout, training_stream
 
     config = FinetuneConfig(**zeroshot.RFT, data=str(zeroshot.CAL_DATA))
     _, windows = split_heldout(training_stream(tokenizer, cal_texts, config.seqlen), config)

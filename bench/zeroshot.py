@@ -188,7 +188,7 @@ def build_model(name: str, load_dense, cal_texts: list, specs: dict = MODELS, ca
     """(model, tokenizer, real parameters) for `name`, from `cache/name` when built before;
     `cal_texts` are texts or ready batches (calibration, and the fine-tuning text)."""
     from slicegpt import SliceConfig, load_model, save_sliced, slice_model
-    from slicegpt.running.finetune import FinetuneConfig, finetune
+    from slicegpt.recovery.finetune import FinetuneConfig, finetune
     from slicegpt.sizing.counts import count_parameters
 
     spec = specs[name]

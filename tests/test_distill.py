@@ -14,13 +14,13 @@ from slicegpt.cli import main
 from slicegpt.errors import SliceGPTError
 from slicegpt.io.checkpoint import load_sliced
 from slicegpt.io.models import load_model
-from slicegpt.running import distill, teacher_text
+from slicegpt.recovery import distill, teacher_text
 
 from conftest import TINY_CAL_PPL, WIKITEXT_TEST, WIKITEXT_VALIDATION, full_precision_norms, make_tiny_model
 
 pytest.importorskip("peft")
 
-from slicegpt.running import finetune as finetune_module  # noqa: E402
+from slicegpt.recovery import finetune as finetune_module  # noqa: E402
 
 
 def _ids(vocab: int = 90, shape=(2, 12), seed: int = 3) -> torch.Tensor:
@@ -211,7 +211,7 @@ def test_finetune_refuses_a_teacher_whose_tokenizer_differs(tiny_sliced_dir, tin
     """The teacher's tokenizer.json with two ids swapped: the vocabulary is as large, the text is not the same."""
     import shutil
 
-    from slicegpt.commands import finetune as command
+    from slicegpt.jobs import recover as job
 
     teacher = shutil.copytree(tiny_model_dir, tmp_path / "teacher")
     spec = json.loads((teacher / "tokenizer.json").read_text())
@@ -219,7 +219,7 @@ def test_finetune_refuses_a_teacher_whose_tokenizer_differs(tiny_sliced_dir, tin
     first, second = "the", "and"
     vocab[first], vocab[second] = vocab[second], vocab[first]
     (teacher / "tokenizer.json").write_text(json.dumps(spec))
-    monkeypatch.setattr(command, "finetune", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(job, "finetune", lambda *a, **k: pytest.fail("training started"))
     code = main(["finetune", str(tiny_sliced_dir), "--out", str(tmp_path / "out"), "--distill", "--teacher",
                  str(teacher), "--data", str(WIKITEXT_VALIDATION), "--steps", "1", "--seqlen", "32"])
     error = capsys.readouterr().err
@@ -461,9 +461,9 @@ def test_lm_weight_needs_distill(tiny_sliced_dir, tmp_path, capsys):
 
 
 def test_bad_teacher_settings_are_refused_before_any_model_loads(tiny_sliced_dir, tmp_path, monkeypatch, capsys):
-    from slicegpt.commands import finetune as command
+    from slicegpt.jobs import recover as job
 
-    monkeypatch.setattr(command, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(job, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     code = main(["finetune", str(tiny_sliced_dir), "--out", str(tmp_path / "out"), "--data", "teacher",
                  "--teacher-top-p", "0"])
     assert code == 2 and "top-p must be in (0, 1]" in capsys.readouterr().err

@@ -193,7 +193,7 @@ def test_quantized_export_without_a_quantizer(tmp_path, capsys, monkeypatch):
 
 def test_plain_model_from_a_loaded_checkpoint_keeps_the_function(tmp_path):
     """A checkpoint loaded from disk (the Sliced... class) converts like the model in memory."""
-    from slicegpt.io.export import plain_model
+    from slicegpt.jobs.export import plain_model
 
     directory, model = sliced_dir(tmp_path, "MistralForCausalLM", tied=False)
     plain, _, note = plain_model(directory)

@@ -14,7 +14,7 @@ from conftest import TINY_CAL_PPL, WIKITEXT_TEST, WIKITEXT_VALIDATION, make_tiny
 
 pytest.importorskip("peft")
 
-from slicegpt.running import finetune as finetune_module  # noqa: E402
+from slicegpt.recovery import finetune as finetune_module  # noqa: E402
 
 FAST = ["--steps", "6", "--seqlen", "32", "--batch-size", "2", "--lr", "1e-3"]
 
@@ -83,10 +83,10 @@ def test_lora_targets_follow_each_layers_description():
 def test_data_without_text_fails_before_training(tiny_sliced_dir, tmp_path, monkeypatch, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"text": ""}\n{"text": "   \\n"}\n')
-    from slicegpt.commands import finetune as command
+    from slicegpt.jobs import recover as job
 
-    monkeypatch.setattr(command, "finetune", lambda *a, **k: pytest.fail("training started"))
-    monkeypatch.setattr(command, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(job, "finetune", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(job, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     code = main(["finetune", str(tiny_sliced_dir), "--out", str(tmp_path / "out"), "--data", str(empty), *FAST])
     assert code == 2
     error = capsys.readouterr().err
@@ -143,7 +143,7 @@ def test_texts_must_be_lists_and_heldout_texts_measured():
 def test_checkpoint_keeps_every_gpus_random_state(tmp_path, monkeypatch):
     """Dropout on a GPU draws from that GPU's generator, so a resumed run restores it too (CUDA mocked:
     two GPUs when saved, the same two when resumed, then one)."""
-    from slicegpt.running.finetune_checkpoint import load_state, save_state
+    from slicegpt.recovery.checkpoint import load_state, save_state
 
     states = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
     restored, visible = [], [2]

@@ -13,7 +13,7 @@ from slicegpt import SliceConfig, slice_model
 from slicegpt.cli import main
 from slicegpt.io.checkpoint import save_sliced
 from slicegpt.io.imatrix import gguf_weight_name, read_imatrix
-from slicegpt.method.importance import IMPORTANCE_FILE, LEGACY_IMPORTANCE_FILE, save_importance
+from slicegpt.io.importance_file import IMPORTANCE_FILE, LEGACY_IMPORTANCE_FILE, importance_bytes
 
 from conftest import random_batches
 from test_export import tiny_bpe_tokenizer
@@ -31,7 +31,7 @@ def quantizable_slice(tmp_path, sparsity=0.25, layers=2):
     result = slice_model(model, None, SliceConfig(sparsity=sparsity, rotations="model", round_to=32),
                          random_batches(96, seqlen=32), progress=False)
     out = tmp_path / f"sliced-{sparsity}"
-    extras = {IMPORTANCE_FILE: save_importance(result.importance, result.importance_tokens)}
+    extras = {IMPORTANCE_FILE: importance_bytes(result.importance, result.importance_tokens)}
     save_sliced(model, tiny_bpe_tokenizer(), out, report={"config": {"model": "tiny", "cal_seqlen": 32}},
                 extra_files=extras)
     return out, result
@@ -89,9 +89,9 @@ def test_slice_command_saves_the_importance(tmp_path, tiny_model_dir):
     out = tmp_path / "sliced"
     args = [a for a in tiny_slice_args(tiny_model_dir, out) if a != "--eval-ppl"]
     assert main(args + ["--rotations", "model"]) == 0
-    from slicegpt.method.importance import load_importance
+    from slicegpt.io.importance_file import read_importance
 
-    importance, tokens = load_importance(out / IMPORTANCE_FILE)
+    importance, tokens = read_importance(out / IMPORTANCE_FILE)
     assert tokens == 4 * 64 and "model.layers.1.mlp.down_proj" in importance and "lm_head" in importance
     assert importance["model.layers.0.self_attn.q_proj"].shape == (48,)
 
@@ -171,8 +171,8 @@ def fake_quantizer(monkeypatch, fail: bool):
         shutil.copy(source, target)
         return {"out": target, "quantizer": "fake", "without_importance": []}
 
-    monkeypatch.setattr("slicegpt.io.export.quantize_with_log", quantize)
-    monkeypatch.setattr("slicegpt.io.export.takes_imatrix", lambda quantizer=None: True)
+    monkeypatch.setattr("slicegpt.jobs.export.quantize_with_log", quantize)
+    monkeypatch.setattr("slicegpt.jobs.export.takes_imatrix", lambda quantizer=None: True)
     return given
 
 

@@ -16,6 +16,8 @@ LAYERS = [
     {"validation"},
     {"evaluation"},
     {"running"},
+    {"recovery"},
+    {"jobs"},
     {"commands", "cli", "__init__", "vllm_plugin"},
 ]
 
@@ -48,6 +50,16 @@ def test_no_module_imports_a_layer_above_its_own():
             if layer_of(target) > layer_of(name):
                 upward.append(f"{name} imports {target}")
     assert not upward, "\n".join(upward)
+
+
+def test_slicing_and_recovery_import_nothing_from_each_other():
+    """running/ slices and recovery/ trains a slice: two rooms side by side, though the list puts one above the other."""
+    crossing = []
+    for room, other in (("running", "recovery"), ("recovery", "running")):
+        for path in sorted((PACKAGE / room).rglob("*.py")):
+            crossing += [f"{module_name(path)} imports {target}" for target in imports_of(path)
+                         if target.split(".")[1] == other]
+    assert not crossing, "\n".join(crossing)
 
 
 def test_no_relative_imports_hide_the_layers():

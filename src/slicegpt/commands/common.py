@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from contextlib import contextmanager
 
 from slicegpt.errors import SliceGPTError
 from slicegpt.io.models import DTYPES
+from slicegpt.jobs.progress import say, timed  # noqa: F401 (the commands' progress, shared with the jobs)
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -67,18 +66,6 @@ def apply_threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
-@contextmanager
-def timed(timings: dict, name: str):
-    start = time.perf_counter()
-    yield
-    timings[name] = round(time.perf_counter() - start, 3)
-
-
 def print_json(data: dict) -> None:
     json.dump(data, sys.stdout, indent=2)
     sys.stdout.write("\n")
-
-
-def say(message: str) -> None:
-    """Progress for people goes to stderr, so stdout stays parseable."""
-    print(message, file=sys.stderr, flush=True)

@@ -50,23 +50,14 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from slicegpt.errors import SliceGPTError
-    from slicegpt.io.export import export_gguf, export_plain
+    from slicegpt.jobs.export import ExportConfig, export
 
-    if args.format == "plain":
-        if args.quantize:
-            raise SliceGPTError("--quantize needs --format gguf")
-        out, note = export_plain(args.model, args.out, overwrite=args.overwrite, dtype=args.dtype)
-        result = {"out": str(out), "format": "plain", "untied_head_note": note}
-        if note and not args.json:
-            say(note)
-    else:
-        result = export_gguf(args.model, args.out, out_type=args.outtype, quant=args.quantize,
-                             quantizer=args.quantizer, allow_fallback=args.allow_fallback,
-                             tokenizer_pre=args.tokenizer_pre, overwrite=args.overwrite, threads=args.threads,
-                             dtype=args.dtype, warn=say, imatrix=args.imatrix, use_imatrix=args.use_imatrix,
-                             rotate=args.rotate, rotate_seed=args.rotate_seed)
-        result["format"] = "gguf"
+    config = ExportConfig(model=args.model, out=args.out, format=args.format, out_type=args.outtype,
+                          quantize=args.quantize, quantizer=args.quantizer, imatrix=args.imatrix,
+                          use_imatrix=args.use_imatrix, rotate=args.rotate, rotate_seed=args.rotate_seed,
+                          allow_fallback=args.allow_fallback, tokenizer_pre=args.tokenizer_pre, dtype=args.dtype,
+                          threads=args.threads, overwrite=args.overwrite)
+    result = export(config, warn=say)
     if args.json:
         print_json(result)
     else:

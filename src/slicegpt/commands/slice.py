@@ -8,9 +8,9 @@ from pathlib import Path
 
 from slicegpt.running import distributed
 from slicegpt.running.in_memory import calibration_data, slice_model
-from slicegpt.method.importance import IMPORTANCE_FILE, save_importance
+from slicegpt.io.importance_file import IMPORTANCE_FILE, importance_files
 from slicegpt.io.checkpoint import CARD_FILE, REPORT_FILE, atomic_file, check_output_dir, save_sliced
-from slicegpt.io.export import plain_model
+from slicegpt.jobs.export import plain_model
 from slicegpt.io.model_card import model_card
 from slicegpt.config import SliceConfig
 from slicegpt.io.data import load_texts
@@ -120,7 +120,7 @@ def run(args) -> int:
 
 def teacher_calibration(args, config: SliceConfig, out: Path) -> list[str]:
     """--cal-data teacher: the model being sliced writes its calibration text, kept beside the output."""
-    from slicegpt.running.teacher_text import calibration_texts
+    from slicegpt.recovery.teacher_text import calibration_texts
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     texts, found = calibration_texts(model, tokenizer, out.parent, args.model, config.cal_samples, config.cal_seqlen,
@@ -200,9 +200,7 @@ def slice_and_save(args, config: SliceConfig, out: Path, cal_texts: list[str], p
 
 def importance_file(result) -> dict[str, bytes]:
     """The kept linears' input importance (method/importance.py), where the run collected it."""
-    if not result.importance:
-        return {}
-    return {IMPORTANCE_FILE: save_importance(result.importance, result.importance_tokens)}
+    return importance_files(result.importance, result.importance_tokens)
 
 
 def build_report(args, config: SliceConfig, result, params: dict, ppl: dict, zeroshot: dict, timings: dict,

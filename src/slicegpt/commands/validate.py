@@ -16,8 +16,8 @@ from pathlib import Path
 from slicegpt.commands.common import say
 from slicegpt.commands.finetune import TEACHER_TEXT_OPTIONS
 from slicegpt.errors import SliceGPTError
-from slicegpt.running import teacher_text
-from slicegpt.running.finetune import check_settings as check_finetune_settings
+from slicegpt.recovery import teacher_text
+from slicegpt.recovery.finetune import check_settings as check_finetune_settings
 from slicegpt.validation.model_config import (attention_heads, check_known_type, check_positions, check_sliceable,
                                               check_weight_shapes, plain_step, plain_width_message, read_config)
 from slicegpt.validation.options import (at_least, check_device, check_fraction, check_ppl_options,
@@ -168,7 +168,7 @@ def validate_export(args) -> list[Path]:
     export_imatrix(args)
     seed_range(args, "rotate_seed")
     if args.format == "gguf" and args.out.endswith(".gguf"):
-        from slicegpt.io.export import imatrix_path_for
+        from slicegpt.io.imatrix import imatrix_path_for
 
         return [Path(args.out), imatrix_path_for(Path(args.out))]  # the slice's importance matrix goes beside it
     return [Path(args.out)]

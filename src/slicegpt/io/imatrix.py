@@ -1,4 +1,4 @@
-"""A slice's importance (method/importance.py) as llama.cpp's GGUF importance-matrix file.
+"""A slice's importance (io/importance_file.py) as llama.cpp's GGUF importance-matrix file.
 
 The layout is the one `llama-imatrix` writes and `llama-quantize --imatrix` reads
 (llama.cpp's tools/imatrix/imatrix.cpp and common/imatrix-loader.cpp): a GGUF file with
@@ -20,6 +20,11 @@ from slicegpt.errors import SliceGPTError
 from slicegpt.io.gguf_export import GLOBAL_TENSORS, LAYER_TENSORS
 
 IMATRIX_SUFFIX = ".imatrix.gguf"
+
+
+def imatrix_path_for(out: Path) -> Path:
+    """Where the importance matrix of the GGUF file `out` goes: beside it, model.gguf -> model.imatrix.gguf."""
+    return out.with_name(out.name[: -len(".gguf")] + IMATRIX_SUFFIX)
 
 
 def gguf_weight_name(path: str) -> str | None:

@@ -29,12 +29,12 @@ by its error).
 
 Names are the plain model's module paths ("model.layers.0.self_attn.q_proj"); values are
 float32 mean squares, one per input column; `tokens` is how many tokens each mean is over.
+A slice keeps them beside its weights (io/importance_file.py).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -43,10 +43,6 @@ from slicegpt.architectures.family import Family, get_module
 from slicegpt.method.pca import _comm_device, _distributed, rms_normed
 from slicegpt.method.points import EMBEDDINGS, layer_input, layer_of, layer_output, mlp_input
 
-# In a subfolder, out of the weights' file pattern: vLLM loads every top-level *.safetensors of
-# a model directory as weights (and transformers reads model*.safetensors or the index).
-IMPORTANCE_FILE = "importance/mean_squares.safetensors"
-LEGACY_IMPORTANCE_FILE = "importance.safetensors"  # beside the weights in earlier outputs: read, never written
 # Shared bases hold the readers' covariances only up to this many bytes at once (read when
 # called, so tests may lower it): past it (a 4096-wide model with one basis would hold 4.4 GB)
 # the rotation pass measures the readers' importance instead.
@@ -206,29 +202,3 @@ def writer_paths(family: Family, index: int) -> dict[str, str]:
 
 def point_names(index: int, parallel: bool) -> tuple[str, ...]:
     return (layer_output(index),) if parallel else (mlp_input(index), layer_output(index))
-
-
-def importance_tensors(importance: dict[str, list[float]]) -> dict[str, torch.Tensor]:
-    return {name: torch.tensor(values, dtype=torch.float32) for name, values in importance.items()}
-
-
-def save_importance(importance: dict[str, list[float]], tokens: int) -> bytes:
-    """The safetensors bytes of a slice's importance (IMPORTANCE_FILE)."""
-    from safetensors.torch import save
-
-    return save(importance_tensors(importance), metadata={"tokens": str(tokens), "statistic": "mean square of "
-                                                          "each input column on the calibration text"})
-
-
-def importance_path(directory: str | Path) -> Path | None:
-    """The importance file of a sliced directory (or where earlier versions put it); None if it has none."""
-    return next((p for p in (Path(directory) / IMPORTANCE_FILE, Path(directory) / LEGACY_IMPORTANCE_FILE)
-                 if p.is_file()), None)
-
-
-def load_importance(path) -> tuple[dict[str, torch.Tensor], int]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        tokens = int((f.metadata() or {}).get("tokens", 1))
-        return {name: f.get_tensor(name) for name in f.keys()}, tokens

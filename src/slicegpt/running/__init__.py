@@ -1,1 +1,1 @@
-"""Drivers that run the method over a whole model: in memory, streamed from shards, across ranks, and recovery fine-tuning."""
+"""Drivers that run the method over a whole model: in memory, streamed from shards, across ranks."""

@@ -15,7 +15,7 @@ TRL's GKDTrainer computes the same loss at beta = 0, but it is not used here: it
 `trl.experimental`, is built on the SFT trainer and its chat-message collator (prompts and
 completions, loss on completions), holds both models' full logits at once, and brings its
 own Trainer checkpoints and progress reporting (plus accelerate, datasets and pandas).
-Plain-text recovery needs none of that, and the loop in running/finetune.py already has
+Plain-text recovery needs none of that, and the loop in recovery/finetune.py already has
 the checkpoints that resume to the same weights; the loss is this file.
 """
 

@@ -1,17 +1,18 @@
-"""Export a slice with one basis for the whole model as a plain directory or a GGUF file.
+"""The export job: a slice with one basis for the whole model as a plain directory or a GGUF file.
 
 A sliced checkpoint without shortcuts is a standard model of its own class with a smaller
 hidden size (architectures/plain.py). `plain` writes that as a Hugging Face directory that
 needs no remote code; `gguf` writes it (or any plain Llama/Mistral/Qwen2/Qwen3 directory,
 dense ones included) as one GGUF file for llama.cpp, optionally quantized by llama.cpp's
 own quantizer. A tied head has no place for its map in a plain class, so the export
-unties it and says what that costs.
+unties it and says what that costs. `export` runs it from an `ExportConfig`.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from slicegpt.architectures.families import family_of_sliced
@@ -19,13 +20,12 @@ from slicegpt.architectures.plain import to_plain_model
 from slicegpt.errors import SliceGPTError
 from slicegpt.io.checkpoint import CARD_FILE, REPORT_FILE, atomic_directory, write_sliced
 from slicegpt.io.gguf_export import write_gguf
-from slicegpt.io.imatrix import IMATRIX_SUFFIX, write_imatrix
+from slicegpt.io.imatrix import imatrix_path_for, write_imatrix
+from slicegpt.io.importance_file import IMPORTANCE_FILE, carried_importance, importance_path, read_importance
 from slicegpt.io.llama_quantize import describe_misfits, quantize_with_log, takes_imatrix, width_misfits
-from slicegpt.method.importance import IMPORTANCE_FILE, importance_path, load_importance
-from slicegpt.io.models import EMBEDDED, cache_dir, load_model
+from slicegpt.io.models import EMBEDDED, SOURCE_FILE, cache_dir, load_model
+from slicegpt.jobs.progress import say
 from slicegpt.sizing.counts import count_parameters
-
-SOURCE_FILE = "source.json"  # written by io/models.py when a model directory came from a GGUF file
 
 
 def plain_model(directory: str | Path, dtype: str = "float32"):
@@ -92,9 +92,7 @@ def export_plain(directory: str | Path, out: str | Path, overwrite: bool = False
              f"`{type(model).__name__}` (hidden size {model.config.hidden_size}, no remote code), exported with "
              "`slicegpt export --format plain`. RMSNorm scales and epsilon are set so that a standard norm over "
              "the sliced width equals the sliced model's norm. " + (note or "") + "\n")
-    extras = {CARD_FILE: card}
-    if (importance := importance_path(directory)) is not None:
-        extras[IMPORTANCE_FILE] = importance.read_bytes()
+    extras = {CARD_FILE: card, **carried_importance(directory)}
     if (directory / REPORT_FILE).is_file():
         report = json.loads((directory / REPORT_FILE).read_text())
         report["export"] = {"format": "plain", "untied_head": note is not None,
@@ -103,11 +101,6 @@ def export_plain(directory: str | Path, out: str | Path, overwrite: bool = False
 
     atomic_directory(Path(out), overwrite, lambda tmp: write_sliced(model, tokenizer, tmp, extras))
     return Path(out), note
-
-
-def imatrix_path_for(out: Path) -> Path:
-    """Where the importance matrix of the GGUF file `out` goes: beside it, model.gguf -> model.imatrix.gguf."""
-    return out.with_name(out.name[: -len(".gguf")] + IMATRIX_SUFFIX)
 
 
 def staged(path: Path) -> Path:
@@ -126,7 +119,7 @@ def write_slice_imatrix(directory: Path, out: Path, transform=None) -> Path | No
     source = importance_path(directory)
     if source is None:
         return None
-    importance, tokens = load_importance(source)
+    importance, tokens = read_importance(source)
     if transform is not None:
         importance = transform(importance)
     config = {}
@@ -235,3 +228,46 @@ def export_gguf(directory: str | Path, out: str | Path, out_type: str = "f16", q
             "imatrix": str(imatrix_file) if imatrix_file is not None else None, "imatrix_source": imatrix_source,
             "without_importance": quantized.get("without_importance", []),
             "extra_rotation": None if rotation is None else {"kind": rotation, "seed": rotate_seed}}
+
+
+@dataclass
+class ExportConfig:
+    """One export: the directory `model` written to `out` as `format` ("plain" or "gguf"). The
+    rest are the GGUF file's settings (see export_gguf); `dtype` is what the model is loaded and
+    converted in."""
+
+    model: str
+    out: str
+    format: str
+    out_type: str = "f16"
+    quantize: str | None = None
+    quantizer: str | None = None
+    imatrix: str | None = None
+    use_imatrix: bool = True
+    rotate: str = "none"
+    rotate_seed: int = 0
+    allow_fallback: bool = False
+    tokenizer_pre: str | None = None
+    dtype: str = "float32"
+    threads: int = 2
+    overwrite: bool = False
+
+
+def export(config: ExportConfig, warn=say) -> dict:
+    """Run one export; the result names what was written (what `slicegpt export --json` prints).
+    Notes and warnings go through `warn`."""
+    if config.format == "plain":
+        if config.quantize:
+            raise SliceGPTError("--quantize needs --format gguf")
+        out, note = export_plain(config.model, config.out, overwrite=config.overwrite, dtype=config.dtype)
+        if note:
+            warn(note)
+        return {"out": str(out), "format": "plain", "untied_head_note": note}
+    if config.format != "gguf":
+        raise SliceGPTError(f"the export format is plain or gguf, not {config.format!r}")
+    result = export_gguf(config.model, config.out, out_type=config.out_type, quant=config.quantize,
+                         quantizer=config.quantizer, allow_fallback=config.allow_fallback,
+                         tokenizer_pre=config.tokenizer_pre, overwrite=config.overwrite, threads=config.threads,
+                         dtype=config.dtype, warn=warn, imatrix=config.imatrix, use_imatrix=config.use_imatrix,
+                         rotate=config.rotate, rotate_seed=config.rotate_seed)
+    return {**result, "format": "gguf"}

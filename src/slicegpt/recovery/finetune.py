@@ -9,7 +9,7 @@ parameters without adding a direction of change the others lack. The LM head and
 embeddings stay frozen as in the paper.
 
 The objective is the next-token loss on the training text, or with `distill` the KL from
-the dense teacher (running/distill.py), optionally mixed with it. `full` trains every
+the dense teacher (recovery/distill.py), optionally mixed with it. `full` trains every
 weight of the decoder layers instead of adapters (the embeddings and head stay frozen, as
 Minitron's recovery does), so the two can be compared at equal tokens.
 """
@@ -30,9 +30,9 @@ from slicegpt.architectures.families import family_for
 from slicegpt.architectures.modeling_sliced import layer_family
 from slicegpt.errors import SliceGPTError
 from slicegpt.io.data import tokenize_joined
-from slicegpt.running.distill import check_same_tokenizer, distill_loss, distill_terms
-from slicegpt.running.finetune_checkpoint import load_state, save_state
-from slicegpt.running.teacher_text import texts_sha256
+from slicegpt.recovery.distill import check_same_tokenizer, distill_loss, distill_terms
+from slicegpt.recovery.checkpoint import load_state, save_state
+from slicegpt.recovery.teacher_text import texts_sha256
 from slicegpt.validation.options import at_least, fraction, positive, seed_range, text_list
 
 
