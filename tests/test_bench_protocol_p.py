@@ -1,5 +1,5 @@
-"""bench/protocol_p.py without slicing: what each slice measures, the rows it keeps and skips on
-a rerun, and that the recorded results still read."""
+"""bench/protocol_p.py and bench/gemma3.py without slicing: what each slice measures, the rows
+they keep and skip on a rerun, and that the recorded results still read."""
 
 import json
 from pathlib import Path
@@ -78,3 +78,21 @@ def test_protocol_p_names_its_files_and_parses_variants(pp):
 def test_recorded_protocol_p_results_still_read(pp, path):
     data = json.loads(path.read_text())
     assert pp.summarise(data["rows"]) == data["summary"]
+
+
+def test_gemma3_measures_the_dense_model_with_the_first_configuration(tmp_path):
+    gemma3 = load_bench_script("gemma3")
+    calls, isolated = [], []
+    first, other = list(gemma3.CONFIGS)[:2]
+    row = gemma3.measure(first, dense=True, threads=2, quick=True, measure_slice=stand_in(calls))
+    assert list(row)[:3] == ["config", "settings", "params_dense"] and row["config"] == first
+    assert calls[0].model == "gemma3-270m" and calls[0].cal_batch_size == 8 and calls[0].cal_samples == 2
+    assert calls[0].dense and calls[0].baseline and calls[0].settings == gemma3.CONFIGS[first]
+    gemma3.measure(other, dense=False, threads=2, quick=False, measure_slice=stand_in(calls))
+    assert not calls[1].dense and calls[1].cal_samples == 64
+    gemma3.measure(gemma3.MEAN_SCALE, dense=False, threads=2, quick=False,
+                   run_isolated=lambda function, *args: isolated.append((function.__name__, args)) or {})
+    assert isolated == [("mean_scale_run", (16, 2))]
+    for path in RESULTS.glob("gemma3*.json"):
+        data = json.loads(path.read_text())
+        assert gemma3.summarise(data["rows"]) == data["summary"]
