@@ -1,5 +1,5 @@
-"""bench/protocol_p.py and bench/gemma3.py without slicing: what each slice measures, the rows
-they keep and skip on a rerun, and that the recorded results still read."""
+"""bench/protocol_p.py, bench/layouts.py and bench/gemma3.py without slicing: what each slice
+measures, the rows they keep and skip on a rerun, and that the recorded results still read."""
 
 import json
 from pathlib import Path
@@ -78,6 +78,20 @@ def test_protocol_p_names_its_files_and_parses_variants(pp):
 def test_recorded_protocol_p_results_still_read(pp, path):
     data = json.loads(path.read_text())
     assert pp.summarise(data["rows"]) == data["summary"]
+
+
+def test_layouts_spend_the_per_block_size_on_shared_bases(results):
+    layouts = load_bench_script("layouts")
+    calls = []
+    layouts.measure([0.3], ["block", "model-refit"], {0.3: 103148800}, threads=2, measure_slice=stand_in(calls))
+    assert [run.settings for run in calls] == [
+        {"sparsity": 0.3, "rotations": "block", "refit": False},
+        {"sparsity": 0.3, "rotations": "model", "refit": True, "target_params": 103148800}]
+    assert not any(run.dense or run.baseline for run in calls)
+    rows = json.loads((results / "protocol_p_layouts.json").read_text())["rows"]
+    assert [layouts.layout_of(row) for row in rows] == ["block", "model-refit"]
+    recorded = json.loads((RESULTS / "protocol_p_layouts.json").read_text())["rows"]
+    assert {layouts.layout_of(row) for row in recorded} <= set(layouts.LAYOUTS)
 
 
 def test_gemma3_measures_the_dense_model_with_the_first_configuration(tmp_path):
