@@ -1,8 +1,10 @@
-"""bench/protocol_p.py, bench/layouts.py and bench/gemma3.py without slicing: what each slice
-measures, the rows they keep and skip on a rerun, and that the recorded results still read."""
+"""bench/protocol_p.py, bench/layouts.py, bench/gemma3.py and bench/size_quality.py without
+slicing: what each slice measures, the rows they keep and skip on a rerun, and that the recorded
+results still read."""
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -110,3 +112,18 @@ def test_gemma3_measures_the_dense_model_with_the_first_configuration(tmp_path):
     for path in RESULTS.glob("gemma3*.json"):
         data = json.loads(path.read_text())
         assert gemma3.summarise(data["rows"]) == data["summary"]
+
+
+def test_size_quality_rows_come_from_measure_slice(monkeypatch):
+    size_quality = load_bench_script("size_quality")
+    calls = []
+    monkeypatch.setattr(size_quality.harness, "measure_slice", stand_in(calls))
+    args = SimpleNamespace(cal_samples=16, cal_seqlen=2048, ppl_chunks=4, threads=2)
+    row = size_quality.run_variant("model-b25", args)
+    label, settings = size_quality.VARIANTS["model-b25"]
+    assert row == {"key": "model-b25", "label": label, "settings": settings, "width": 48, "params": 750,
+                   "shortcuts": 0, "head": 0, "ppl": 40.0, "slice_s": 12.0}
+    assert calls[0].settings == settings and calls[0].corpora == ["wikitext2"]
+    assert (calls[0].cal_samples, calls[0].ppl_chunks, calls[0].dense) == (16, 4, False)
+    recorded = json.loads((RESULTS / "size_quality_p_c.json").read_text())["rows"]
+    assert all(list(old) == list(row) for old in recorded if old.get("key"))
