@@ -144,7 +144,7 @@ def run_isolated(function: Callable, *args):
     """function(*args) in a Python process of its own, so that its peak RSS, threads and allocator are
     that run's alone. `function` is a module-level function of a file (a bench script or this module);
     the arguments and the result travel as JSON. Exits with the child's standard error if it fails."""
-    source = Path(inspect.getfile(function)).resolve()
+    source = Path(inspect.getfile(inspect.unwrap(function))).resolve()  # a decorator's file is not the function's
     command = [sys.executable, str(Path(__file__).resolve()), str(source), function.__name__, json.dumps(args)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
