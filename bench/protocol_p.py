@@ -53,6 +53,7 @@ def parse_variant(spec: str) -> dict:
 
 
 def results_path(tag: str = "", quick: bool = False, device: str = "cpu"):
+    """bench/results/protocol_p[_quick][_DEVICE][_TAG].json"""
     suffix = ("_quick" if quick else "") + ("" if device == "cpu" else "_" + device.split(":")[0])
     suffix += f"_{tag}" if tag else ""
     return harness.RESULTS / f"protocol_p{suffix}.json"
