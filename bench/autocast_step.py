@@ -13,23 +13,21 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import zeroshot  # noqa: E402  (the cached slice and the commit)
+import harness
+import zeroshot  # the cached slice
 
-OUT = zeroshot.ROOT / "bench" / "results" / "autocast_step.json"
+OUT = harness.RESULTS / "autocast_step.json"
 SETTINGS = {"float32": None, "bf16": "bf16"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=harness.THREADS)
     args = parser.parse_args()
 
     import torch
@@ -41,9 +39,9 @@ def main() -> None:
     from slicegpt.recovery.finetune import AUTOCAST, lora_targets
 
     torch.set_num_threads(args.threads)
-    dense = lambda: load_model("smollm2-135m")  # noqa: E731
+    dense = lambda: load_model(harness.MODEL)  # noqa: E731
     teacher, _ = dense()
-    student, _ = zeroshot.build_model("refit-25", dense, load_texts(str(zeroshot.CAL_DATA)))[:2]
+    student, _ = zeroshot.build_model("refit-25", dense, load_texts(str(harness.CAL_DATA)))[:2]
     lora = LoraConfig(r=32, lora_alpha=10, lora_dropout=0.05, target_modules=lora_targets(student))
     adapted = get_peft_model(student, lora)
     base = adapted.get_base_model()
@@ -68,10 +66,10 @@ def main() -> None:
             runs[name].append(step(name))
     medians = {name: statistics.median(s for s, _ in steps) for name, steps in runs.items()}
     result = {"command": "python bench/autocast_step.py " + " ".join(sys.argv[1:]),
-              "date": datetime.date.today().isoformat(), "commit": zeroshot.git_commit(), "threads": args.threads,
+              "date": datetime.date.today().isoformat(), "commit": harness.git_commit(), "threads": args.threads,
               "batch": [4, 512], "median_seconds": medians, "ratio": medians["float32"] / medians["bf16"],
               "steps": {name: [{"seconds": s, "kl": kl} for s, kl in steps] for name, steps in runs.items()}}
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    harness.write_json(OUT, result)
     print(f"{'setting':<10}{'median s/step':>15}")
     for name, seconds in medians.items():
         print(f"{name:<10}{seconds:>15.1f}")

@@ -16,16 +16,11 @@ Writes bench/results/gemma3.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from protocol_p import CAL_DATA, PPL_DATA, ROOT, SECOND_CORPUS, dense_body_forward_s, peak_rss_gib  # noqa: E402
+import harness
 
 MODEL = "gemma3-270m"
 # name -> SliceConfig settings; the first also measures the dense model. MEAN_SCALE is the
@@ -41,14 +36,16 @@ CONFIGS = {
     "block-sparsity-0.25": dict(sparsity=0.25, widths="uniform"),
     MEAN_SCALE: None,
 }
+CAL_BATCH_SIZE = 8
+QUICK = {"cal_samples": 2, "cal_seqlen": 128, "ppl_chunks": 1}  # --quick: a smoke run
 
 
 @torch.no_grad()
-def mean_scale_run(args) -> dict:
+def mean_scale_run(ppl_chunks: int, threads: int) -> dict:
     from slicegpt import load_model, perplexity
     from slicegpt.io.data import load_texts
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     model, tokenizer = load_model(MODEL)
     spread = []
     for name, module in model.named_modules():
@@ -56,98 +53,51 @@ def mean_scale_run(args) -> dict:
             scale = 1.0 + module.weight.double()
             spread.append((scale.std() / scale.mean().abs()).item())
             module.weight.fill_(scale.mean().item() - 1.0)
-    ppl = perplexity(model, tokenizer, load_texts(str(PPL_DATA)), chunks=args.ppl_chunks, progress=False)["ppl"]
+    ppl = perplexity(model, tokenizer, load_texts(str(harness.WIKITEXT_TEST)), chunks=ppl_chunks,
+                     progress=False)["ppl"]
     return {"config": MEAN_SCALE, "ppl": ppl, "post_norm_scale_cv_min": min(spread),
             "post_norm_scale_cv_max": max(spread)}
 
 
-def one_run(name: str, args) -> dict:
-    """Everything measured for one configuration, in this process."""
-    from slicegpt import SliceConfig, load_model, perplexity, slice_model
-
+def measure(name: str, dense: bool, threads: int, quick: bool, measure_slice=harness.measure_slice_isolated,
+            run_isolated=harness.run_isolated) -> dict:
+    """One configuration's row, measured in a process of its own (`dense`: the dense model's
+    perplexities and forward time too, in the same process, before slicing)."""
+    sizes = QUICK if quick else {}
     if name == MEAN_SCALE:
-        return mean_scale_run(args)
-    from slicegpt.architectures.families import family_for
-    from slicegpt.io.data import load_texts
-    from slicegpt.running.in_memory import calibration_data
-    from slicegpt.sizing.counts import count_parameters, head_parameters, shortcut_parameters
-
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(MODEL)
-    family = family_for(model)
-    config = SliceConfig(**CONFIGS[name], cal_samples=args.cal_samples, cal_seqlen=args.cal_seqlen,
-                         cal_batch_size=args.cal_batch_size, seed=42)
-    batches = calibration_data(tokenizer, config, load_texts(str(CAL_DATA)))
-    ppl_texts = load_texts(str(PPL_DATA))
-    row = {"config": name, "settings": CONFIGS[name], "params_dense": count_parameters(model)}
-    second_texts = load_texts(str(SECOND_CORPUS))
-    if args.dense:
-        row["ppl_dense"] = perplexity(model, tokenizer, ppl_texts, chunks=args.ppl_chunks, progress=False)["ppl"]
-        row["ppl_lambada_dense"] = perplexity(model, tokenizer, second_texts, chunks=args.ppl_chunks,
-                                              progress=False)["ppl"]
-        row["dense_forward_s"] = dense_body_forward_s(model, batches)
-    start = time.perf_counter()
-    slice_model(model, tokenizer, config, batches, progress=False)
-    row["calibrate_and_slice_s"] = time.perf_counter() - start
-    row["ppl_sliced"] = perplexity(model, tokenizer, ppl_texts, chunks=args.ppl_chunks, progress=False)["ppl"]
-    row["ppl_lambada_sliced"] = perplexity(model, tokenizer, second_texts, chunks=args.ppl_chunks,
-                                           progress=False)["ppl"]
-    slicing = model.config.slicing
-    row["rotations"], row["pca"] = slicing["config"]["rotations"], slicing["config"]["pca"]
-    row["widths"] = slicing["config"]["widths"]
-    row["width"] = slicing["embedding_width"]
-    row["params_sliced"] = count_parameters(model)
-    row["params_shortcuts"] = shortcut_parameters(model)
-    row["params_head"] = head_parameters(model, family)
-    row["params_post_norm_maps"] = sum(p.numel() for n, p in model.named_parameters()
-                                       if "_feedforward_layernorm.map." in n or "post_attention_layernorm.map." in n)
-    row["peak_rss_gib"] = peak_rss_gib()
-    return row
+        return run_isolated(mean_scale_run, sizes.get("ppl_chunks", harness.PPL_CHUNKS), threads)
+    run = harness.SliceRun(settings=CONFIGS[name], model=MODEL, cal_batch_size=CAL_BATCH_SIZE, dense=dense,
+                           baseline=dense, threads=threads, **sizes)
+    return {"config": name, "settings": CONFIGS[name], **measure_slice(run)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings, to check the script runs")
     parser.add_argument("--fresh", action="store_true", help="drop the rows already measured")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=harness.THREADS)
     parser.add_argument("--only", help="comma-separated configurations, written to gemma3_<first>.json")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration
-    parser.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--cal-samples", type=int, default=64, help=argparse.SUPPRESS)
-    parser.add_argument("--cal-seqlen", type=int, default=2048, help=argparse.SUPPRESS)
-    parser.add_argument("--cal-batch-size", type=int, default=8, help=argparse.SUPPRESS)
-    parser.add_argument("--ppl-chunks", type=int, default=16, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.one:
-        print(json.dumps(one_run(args.one, args)))
-        return
 
     names = args.only.split(",") if args.only else list(CONFIGS)
     tag = f"_{names[0]}" if args.only else ""
-    out = ROOT / "bench" / "results" / f"gemma3{tag}{'_quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    rows = [] if args.fresh or not out.exists() else json.loads(out.read_text())["rows"]
-    sizes = ["--cal-samples", "2", "--cal-seqlen", "128", "--ppl-chunks", "1"] if args.quick else []
+    out = harness.RESULTS / f"gemma3{tag}{'_quick' if args.quick else ''}.json"
+    store = harness.RowsDocument(out, lambda row: row["config"], lambda rows: document(rows, args.quick, args.threads),
+                                 fresh=args.fresh)
     for name in names:
-        if any(row["config"] == name for row in rows):
+        if name in store.measured():
             continue
-        command = [sys.executable, __file__, "--one", name, "--threads", str(args.threads),
-                   *(["--dense"] if name == next(iter(CONFIGS)) else []), *sizes]
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(done.stderr)
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        save(out, rows, args)
-    summary = summarise(rows)
-    save(out, rows, args, summary)
-    print_table(rows, summary)
-    print(f"wrote {out.relative_to(ROOT)}")
+        store.add(measure(name, dense=name == next(iter(CONFIGS)), threads=args.threads, quick=args.quick))
+    store.write()
+    rows = store.rows()
+    print_table(rows, summarise(rows))
+    print(f"wrote {harness.shown(out)}")
 
 
-def save(out: Path, rows: list[dict], args, summary: dict | None = None) -> None:
-    out.write_text(json.dumps({"protocol": "P", "model": MODEL, "quick": args.quick, "threads": args.threads,
-                               "rows": rows, "summary": summary or {}, "torch": torch.__version__}, indent=2) + "\n")
+def document(rows: list[dict], quick: bool, threads: int) -> dict:
+    return {"protocol": "P", "model": MODEL, "quick": quick, "threads": threads, "rows": rows,
+            "summary": summarise(rows), "torch": torch.__version__}
 
 
 def summarise(rows: list[dict]) -> dict:

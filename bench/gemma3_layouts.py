@@ -11,45 +11,51 @@ one line; nothing is written (a probe, not protocol P).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
-CAL, PPL = DATA / "wikitext-2-v1.validation.jsonl", DATA / "wikitext-2-raw-v1.test.jsonl"
+import harness
+
+MODEL = "gemma3-270m"
+REDUCED = dict(model=MODEL, cal_samples=8, cal_seqlen=512, cal_batch_size=4, ppl_chunks=2, ppl_seqlen=512,
+               corpora=["wikitext2"])
 WIDTH = 480
+PARTS = {  # a case that slices one part of the stream at WIDTH and keeps the rest at full width
+    "embeddings-only": lambda name: name == "embeddings",
+    "body-only": lambda name: name != "embeddings",
+}
 
 
-def main() -> None:
-    from slicegpt import SliceConfig, load_model, perplexity, slice_model
+def dense_or_part_ppl(case: str) -> float:
+    """The dense model's perplexity, or that of one part of its stream sliced (per-block bases)."""
+    from slicegpt import SliceConfig, calibration_data, load_model, perplexity
     from slicegpt.architectures.families import family_for
     from slicegpt.io.data import load_texts
     from slicegpt.running.driver import slice_layers
     from slicegpt.running.layer_store import ResidentStore
-    from slicegpt.running.in_memory import calibration_data
 
-    torch.set_num_threads(2)
-    ppl_texts = load_texts(str(PPL))
+    torch.set_num_threads(harness.THREADS)
+    model, tokenizer = load_model(MODEL)
+    if case in PARTS:
+        calibration = SliceConfig(sparsity=0.25, cal_samples=REDUCED["cal_samples"], cal_seqlen=REDUCED["cal_seqlen"],
+                                  cal_batch_size=REDUCED["cal_batch_size"], seed=harness.SEED)
+        batches = calibration_data(tokenizer, calibration, load_texts(str(harness.CAL_DATA)))
+        config = SliceConfig(sparsity=0.25, rotations="block")
+        slice_layers(ResidentStore(model, family_for(model), config, progress=False), config, batches,
+                     width_rule=lambda name, ev: WIDTH if PARTS[case](name) else ev.shape[0])
+    return perplexity(model, tokenizer, load_texts(str(harness.WIKITEXT_TEST)), seqlen=REDUCED["ppl_seqlen"],
+                      chunks=REDUCED["ppl_chunks"], progress=False)["ppl"]
+
+
+def main() -> None:
     for case in sys.argv[1:]:
-        model, tokenizer = load_model("gemma3-270m")
-        settings = {} if case in ("dense", "embeddings-only", "body-only") else eval(f"dict({case})")
-        config = SliceConfig(**{"sparsity": 0.25, **settings}, cal_samples=8, cal_seqlen=512, cal_batch_size=4,
-                             seed=42)
-        batches = calibration_data(tokenizer, config, load_texts(str(CAL)))
-        note = ""
-        if case in ("embeddings-only", "body-only"):  # one part at WIDTH, the rest at full width
-            sliced_part = (lambda name: name == "embeddings") if case == "embeddings-only" else \
-                (lambda name: name != "embeddings")
-            config = SliceConfig(sparsity=0.25, rotations="block")
-            slice_layers(ResidentStore(model, family_for(model), config, progress=False), config, batches,
-                         width_rule=lambda name, ev: WIDTH if sliced_part(name) else ev.shape[0])
-        elif case != "dense":
-            slice_model(model, tokenizer, config, batches, progress=False)
-            slicing = model.config.slicing
-            note = f"width {slicing['embedding_width']}, rotations {slicing['config']['rotations']}, " \
-                   f"pca {slicing['config']['pca']}, "
-        ppl = perplexity(model, tokenizer, ppl_texts, seqlen=512, chunks=2, progress=False)["ppl"]
-        print(f"{case}: {note}ppl {ppl:.2f}", flush=True)
+        if case == "dense" or case in PARTS:
+            print(f"{case}: ppl {dense_or_part_ppl(case):.2f}", flush=True)
+            continue
+        settings = {"sparsity": 0.25, **eval(f"dict({case})")}
+        row = harness.measure_slice(harness.SliceRun(settings=settings, **REDUCED))
+        print(f"{case}: width {row['width']}, rotations {row['rotations']}, pca {row['pca']}, "
+              f"ppl {row['ppl_sliced']:.2f}", flush=True)
 
 
 if __name__ == "__main__":

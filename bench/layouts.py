@@ -3,9 +3,9 @@
 For each sparsity, the real size of the per-block layout at that sparsity (what `--sparsity`
 means) is spent on each layout in turn: a basis per block with and without the refit, one
 basis for the whole model with the refit, and groups of 10 layers with the refit. Each
-configuration is one protocol P run (`protocol_p.py --one`: 64 x 2048 calibration tokens of
-WikiText-2 validation, 16 chunks of WikiText-2 test and of the LAMBADA passages), so the
-figures compare with the rest of protocol P.
+configuration is one protocol P run in a process of its own (bench/protocol_p.py's: 64 x 2048
+calibration tokens of WikiText-2 validation, 16 chunks of WikiText-2 test and of the LAMBADA
+passages), so the figures compare with the rest of protocol P.
 
     python bench/layouts.py                          # 0.25, 0.30 and 0.35, every layout
     python bench/layouts.py --sparsities 0.30 --layouts model-refit
@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "results" / "protocol_p_layouts.json"
+import harness
+import protocol_p
+
+TAG = "layouts"  # results: protocol_p_layouts.json
 DENSE = {"ppl": 20.71, "lambada": 36.36}  # protocol P's dense figures (protocol_p_default_refit.json)
 LAYOUTS = {  # name: SliceConfig settings; shared layouts get the per-block size as a budget
     "block": "rotations=block,refit=false",
@@ -38,7 +38,7 @@ def per_block_sizes(sparsities: list[float]) -> dict[float, int]:
     from slicegpt.architectures.families import family_for
     from slicegpt.sizing.budget import uniform_size
 
-    model, _ = load_model("smollm2-135m")
+    model, _ = load_model(harness.MODEL)
     family = family_for(model)
     return {s: uniform_size(model, family, SliceConfig(sparsity=s, rotations="block")) for s in sparsities}
 
@@ -48,26 +48,33 @@ def variant(layout: str, size: int) -> str:
     return settings if layout.startswith("block") else f"{settings},target_params={size}"
 
 
+def measure(sparsities: list[float], layouts: list[str], sizes: dict[float, int], threads: int,
+            measure_slice=harness.measure_slice_isolated) -> None:
+    """Every layout at every sparsity not yet in the results file, the sliced model only."""
+    for sparsity in sparsities:
+        for layout in layouts:
+            print(f"{layout} at {sparsity}", file=sys.stderr, flush=True)
+            protocol_p.measure([sparsity], variant(layout, sizes[sparsity]), TAG, threads, dense=False,
+                               measure_slice=measure_slice)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsities", default="0.3,0.35,0.25")
     parser.add_argument("--layouts", default="model-refit,block,block-refit,group10-refit")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=harness.THREADS)
     parser.add_argument("--table", action="store_true", help="print the results as a markdown table and stop")
     args = parser.parse_args()
     if args.table:
         print(markdown_table())
         return
     sparsities = [float(s) for s in args.sparsities.split(",")]
-    sizes = per_block_sizes(sparsities)
-    for sparsity in sparsities:
-        for layout in args.layouts.split(","):
-            command = [sys.executable, str(ROOT / "bench" / "protocol_p.py"), "--sparsities", str(sparsity),
-                       "--variant", variant(layout, sizes[sparsity]), "--tag", "layouts", "--no-dense",
-                       "--threads", str(args.threads)]
-            print(f"{layout} at {sparsity}", file=sys.stderr, flush=True)
-            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    measure(sparsities, args.layouts.split(","), per_block_sizes(sparsities), args.threads)
     print_table()
+
+
+def recorded_rows() -> list[dict]:
+    return json.loads(protocol_p.results_path(TAG).read_text())["rows"]
 
 
 def layout_of(row: dict) -> str:
@@ -82,7 +89,7 @@ NAMES = {"block": "a basis per block", "block-refit": "a basis per block, refit 
 
 
 def markdown_table() -> str:
-    rows = sorted(json.loads(OUT.read_text())["rows"], key=lambda r: (r["sparsity"], -r["ppl_lambada_sliced"]))
+    rows = sorted(recorded_rows(), key=lambda r: (r["sparsity"], -r["ppl_lambada_sliced"]))
     lines = ["| sparsity | layout | real parameters (× dense) | WikiText-2 (× dense) | LAMBADA passages (× dense) |",
              "|---|---|---|---|---|"]
     for row in rows:
@@ -94,7 +101,7 @@ def markdown_table() -> str:
 
 
 def print_table() -> None:
-    rows = json.loads(OUT.read_text())["rows"]
+    rows = recorded_rows()
     print(f"{'sparsity':>8} {'layout':>14} {'params':>12} {'x dense':>7} {'WikiText-2':>10} {'x dense':>7} "
           f"{'LAMBADA':>8} {'x dense':>7} {'slice s':>8}")
     for row in sorted(rows, key=lambda r: (r["sparsity"], r["params_sliced"])):

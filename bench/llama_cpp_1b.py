@@ -17,20 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-CAL_DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "wikitext-2-v1.validation.jsonl"
+import harness
+
 SLICES = {"25%": ["--sparsity", "0.25"], "0.85x": ["--target-ratio", "0.85"]}
 TYPES = ["F16", "Q8_0", "Q4_K_M"]
-
-
-def cli(*args: str) -> str:
-    return subprocess.run([sys.executable, "-m", "slicegpt.cli", *args], check=True, capture_output=True,
-                          text=True).stdout
 
 
 def make_dense(out: Path) -> Path:
@@ -41,7 +34,7 @@ def make_dense(out: Path) -> Path:
 
     if (out / "config.json").is_file():
         return out
-    tokenizer = transformers.AutoTokenizer.from_pretrained(resolve("smollm2-135m"))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(resolve(harness.MODEL))
     config = transformers.LlamaConfig(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
                                       num_key_value_heads=4, intermediate_size=5632, vocab_size=len(tokenizer),
                                       max_position_embeddings=2048, tie_word_embeddings=False,
@@ -59,9 +52,10 @@ def make_slice(dense: Path, name: str, scratch: Path) -> Path:
     out = scratch / f"tinyllama-shape-{name.replace('%', '').replace('.', '')}"
     if not (out / "config.json").is_file():
         print(f"slicing {name} ...", file=sys.stderr, flush=True)
-        cli("slice", str(dense), *SLICES[name], "--rotations", "model", "--round-to", "256", "--streaming",
-            "--dtype", "float16", "--cal-data", str(CAL_DATA), "--cal-samples", "4", "--cal-seqlen", "128",
-            "--cal-batch-size", "2", "--out", str(out), "--overwrite", "--threads", "2")
+        harness.run_slicegpt("slice", str(dense), *SLICES[name], "--rotations", "model", "--round-to", "256",
+                             "--streaming", "--dtype", "float16", "--cal-data", str(harness.CAL_DATA), "--cal-samples",
+                             "4", "--cal-seqlen", "128", "--cal-batch-size", "2", "--out", str(out), "--overwrite",
+                             "--threads", "2")
     return out
 
 
@@ -72,8 +66,8 @@ def export(source: Path, out: Path, kind: str, llama_python: str) -> dict:
     if record.is_file():
         return json.loads(record.read_text())
     if kind == "F16":
-        result = json.loads(cli("export", str(source), "--format", "gguf", "--out", str(out), "--json",
-                                "--overwrite", "--dtype", "float16"))
+        result = json.loads(harness.run_slicegpt("export", str(source), "--format", "gguf", "--out", str(out),
+                                                 "--json", "--overwrite", "--dtype", "float16"))
     else:
         import gguf
 
@@ -102,7 +96,7 @@ def main() -> None:
                         help="time only these models, e.g. 'dense F16,25%% F16' (all loaded at once must fit memory)")
     parser.add_argument("--prepare-only", action="store_true",
                         help="make, slice and export the models, time nothing (run this part under nice)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "llama_cpp_1b.json")
+    parser.add_argument("--out", type=Path, default=harness.RESULTS / "llama_cpp_1b.json")
     args = parser.parse_args()
     args.scratch.mkdir(parents=True, exist_ok=True)
     types = args.types.split(",")
@@ -119,11 +113,8 @@ def main() -> None:
     files = {(n, k): f for (n, k), f in files.items() if f"{n} {k}" in timed}
     job = {"kind": "speed", "models": {f"{n} {k}": f["out"] for (n, k), f in files.items()}, "ids": str(ids),
            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": 2}
-    (args.scratch / "job-speed.json").write_text(json.dumps(job))
-    result_file = args.scratch / f"result-speed-{args.out.stem}.json"
-    subprocess.run([args.llama_python, str(ROOT / "bench" / "llama_cpp_measure.py"),
-                    str(args.scratch / "job-speed.json"), str(result_file)], check=True)
-    speed = json.loads(result_file.read_text())
+    speed = harness.run_job(args.llama_python, "llama_cpp_measure.py", job, args.scratch / "job-speed.json",
+                            args.scratch / f"result-speed-{args.out.stem}.json")
     first = next(iter(job["models"]))
     rows = []
     for (name, kind), exported in files.items():
@@ -133,9 +124,8 @@ def main() -> None:
                      **{f"{k}_tokens_per_s": v for k, v in speed["median"][key].items()},
                      **{f"{k}_vs_{first}": v for k, v in speed[f"paired_ratio_vs_{first}"][key].items()}})
     data = {"command": "python bench/llama_cpp_1b.py " + " ".join(sys.argv[1:]), "rows": rows, "speed": speed,
-            "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=2) + "\n")
+            "load_average_1_5_15": harness.load_average()}
+    harness.write_json(args.out, data)
     print(f"{'model':>6} {'type':>7} {'hidden':>6} {'bytes':>14} {'prefill t/s':>11} {'decode t/s':>10} "
           f"{'decode x':>8} {'prefill x':>9}")
     for r in rows:

@@ -54,13 +54,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-CAL_DATA = DATA / "wikitext-2" / "wikitext-2-v1.validation.jsonl"
-CORPORA = {"wikitext2": DATA / "wikitext-2" / "wikitext-2-raw-v1.test.jsonl",
-           "lambada": DATA / "lambada" / "lambada_openai.test.jsonl"}
-RESULTS = ROOT / "bench" / "results" / "llama_cpp_quant.json"
-MODEL = "smollm2-135m"
+import harness
+
+CORPORA = harness.CORPORA  # WikiText-2 raw test and the LAMBADA passages
+RESULTS = harness.RESULTS / "llama_cpp_quant.json"
+MODEL = harness.MODEL
 # name -> `slicegpt slice --sparsity` (None: the original weights, no slicing run).
 MODELS = {"dense": None, "dense-rotated": "0", "20%": "0.2", "25%": "0.25", "30%": "0.3"}
 DEFAULT_MODELS = ["dense", "25%", "30%"]
@@ -70,8 +68,8 @@ DEFAULT_TYPES = ["F16", "Q8_0", "Q4_0", "Q4_K_M", "Q3_K_M"]
 BENCH_TYPES = ["F16", "Q4_0"]
 VARIANTS = ["none", "llama", "slicegpt"]
 BENCH = "llama-bench"  # the corpus field of a speed row
-CAL_SEQLEN = 2048
-PROTOCOL_P_SAMPLES = 64
+CAL_SEQLEN = harness.CAL_SEQLEN
+PROTOCOL_P_SAMPLES = harness.CAL_SAMPLES
 BUILD_INFO = "build_time.json"  # written by bench/llama_cpp_tools.sh beside bin/
 
 
@@ -84,7 +82,7 @@ def run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 def cli(*args: str) -> str:
-    return run([sys.executable, "-m", "slicegpt.cli", *args]).stdout
+    return run(harness.slicegpt_command(*args)).stdout
 
 
 # -- pure pieces ------------------------------------------------------------------------------
@@ -260,7 +258,7 @@ class Bench:
                                         + (f"-cal{samples}" if samples != PROTOCOL_P_SAMPLES else ""))
         if not (out / "config.json").is_file():
             print(f"slicing {model} ...", file=sys.stderr, flush=True)
-            self.cli("slice", MODEL, "--sparsity", sparsity, "--round-for", "Q4_0", "--cal-data", str(CAL_DATA),
+            self.cli("slice", MODEL, "--sparsity", sparsity, "--round-for", "Q4_0", "--cal-data", str(harness.CAL_DATA),
                      "--cal-samples", str(samples), "--cal-seqlen", str(CAL_SEQLEN), "--out", str(out),
                      "--overwrite", "--threads", str(self.args.threads))
         return out
@@ -279,8 +277,8 @@ class Bench:
             from slicegpt.io.models import resolve
 
             tokenizer = AutoTokenizer.from_pretrained(resolve(MODEL))
-            batches = calibration_batches(tokenizer, load_texts(str(CAL_DATA)), self.args.cal_samples, CAL_SEQLEN,
-                                          1, 42)
+            batches = calibration_batches(tokenizer, load_texts(str(harness.CAL_DATA)), self.args.cal_samples,
+                                          CAL_SEQLEN, 1, harness.SEED)
             text = "".join(tokenizer.decode(row) for batch in batches for row in batch["input_ids"])
         else:
             text = "\n\n".join(load_texts(str(CORPORA[path.stem]), split="test"))
@@ -383,14 +381,6 @@ class Bench:
 
 # -- output -----------------------------------------------------------------------------------
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=ROOT).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
 def order(rows: list[dict], models: list[str]) -> list[dict]:
     corpora = [*CORPORA, BENCH]
     return sorted(rows, key=lambda r: (models.index(r["model"]) if r["model"] in models else len(models),
@@ -410,7 +400,7 @@ def with_ratios(rows: list[dict]) -> list[dict]:
 
 def document(rows: list[dict], settings: dict, build: dict | None, command: str) -> dict:
     ppl_rows = [r for r in rows if r["corpus"] != BENCH]
-    return {"command": command, "commit": commit(), "date": time.strftime("%Y-%m-%d"), "model": MODEL,
+    return {"command": command, "commit": harness.git_commit(), "date": time.strftime("%Y-%m-%d"), "model": MODEL,
             "settings": settings, "tools_build": build,
             "perplexity": "llama-perplexity, 2048-token chunks (second halves scored): WikiText-2 raw test, LAMBADA "
                           "(OpenAI) test passages joined by blank lines",
@@ -422,9 +412,8 @@ def document(rows: list[dict], settings: dict, build: dict | None, command: str)
 
 def write_results(rows: list[dict], settings: dict, build: dict | None, path: Path = RESULTS,
                   with_plot: bool = True) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document(rows, settings, build, "python bench/llama_cpp_quant.py "
-                                        + " ".join(sys.argv[1:])), indent=2) + "\n")
+    command = "python bench/llama_cpp_quant.py " + " ".join(sys.argv[1:])
+    harness.write_json(path, document(rows, settings, build, command))
     if with_plot:
         plot(rows, path.with_suffix(".png"))
 

@@ -21,23 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
-CAL_DATA = DATA / "wikitext-2-v1.validation.jsonl"
-TEST_DATA = DATA / "wikitext-2-raw-v1.test.jsonl"
+import harness
+
 SLICES = {"25%": ["--sparsity", "0.25"], "0.85x": ["--target-ratio", "0.85"]}
 TYPES = ["F32", "F16", "Q8_0", "Q4_0"]
 PROMPT = "The capital of France is"
-
-
-def cli(*args: str) -> str:
-    return subprocess.run([sys.executable, "-m", "slicegpt.cli", *args], check=True, capture_output=True,
-                          text=True).stdout
 
 
 def cached(path: Path, compute):
@@ -49,11 +40,12 @@ def cached(path: Path, compute):
 
 
 def make_slice(name: str, scratch: Path, threads: int) -> Path:
-    out = scratch / f"smollm2-135m-{name.replace('%', '').replace('.', '')}"
+    out = scratch / f"{harness.MODEL}-{name.replace('%', '').replace('.', '')}"
     if not (out / "config.json").is_file():
         print(f"slicing {name} ...", file=sys.stderr, flush=True)
-        cli("slice", "smollm2-135m", *SLICES[name], "--round-to", "32", "--cal-data", str(CAL_DATA),
-            "--cal-samples", "64", "--cal-seqlen", "2048", "--out", str(out), "--overwrite", "--threads", str(threads))
+        harness.run_slicegpt("slice", harness.MODEL, *SLICES[name], "--round-to", "32", "--cal-data",
+                             str(harness.CAL_DATA), "--cal-samples", str(harness.CAL_SAMPLES), "--cal-seqlen",
+                             str(harness.CAL_SEQLEN), "--out", str(out), "--overwrite", "--threads", str(threads))
     return out
 
 
@@ -63,7 +55,7 @@ def export(source: Path, out: Path, kind: str, llama_python: str) -> dict:
     if kind in ("F32", "F16"):
         args = ["export", str(source), "--format", "gguf", "--out", str(out), "--json", "--overwrite",
                 "--outtype", kind.lower()]
-        result = json.loads(cli(*args))
+        result = json.loads(harness.run_slicegpt(*args))
         result["fallbacks"] = len(result["fallbacks"])
         return result
     import gguf
@@ -79,11 +71,8 @@ def export(source: Path, out: Path, kind: str, llama_python: str) -> dict:
 
 
 def measure(job: dict, scratch: Path, llama_python: str, tag: str) -> dict:
-    job_file, result_file = scratch / f"job-{tag}.json", scratch / f"result-{tag}.json"
-    job_file.write_text(json.dumps(job))
-    subprocess.run([llama_python, str(ROOT / "bench" / "llama_cpp_measure.py"), str(job_file), str(result_file)],
-                   check=True)
-    return json.loads(result_file.read_text())
+    return harness.run_job(llama_python, "llama_cpp_measure.py", job, scratch / f"job-{tag}.json",
+                           scratch / f"result-{tag}.json")
 
 
 def references(sources: dict[str, Path], scratch: Path, excerpt: int, chunks: int, threads: int) -> dict:
@@ -96,7 +85,7 @@ def references(sources: dict[str, Path], scratch: Path, excerpt: int, chunks: in
     from slicegpt.io.models import load_model
 
     torch.set_num_threads(threads)
-    texts = load_texts(str(TEST_DATA), split="test")
+    texts = load_texts(str(harness.WIKITEXT_TEST), split="test")
     out = {}
     for name, source in sources.items():
         def compute():
@@ -126,16 +115,17 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--excerpt", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2, help="for slicing, logits and perplexity (speed: always 2)")
+    parser.add_argument("--threads", type=int, default=harness.THREADS,
+                        help="for slicing, logits and perplexity (speed: always 2)")
     parser.add_argument("--steps", default="logits,ppl,speed")
     parser.add_argument("--models", default="dense,25%,0.85x")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "llama_cpp.json")
+    parser.add_argument("--out", type=Path, default=harness.RESULTS / "llama_cpp.json")
     args = parser.parse_args()
     args.scratch.mkdir(parents=True, exist_ok=True)
     steps = args.steps.split(",")
 
     given = dict(item.split("=", 1) for item in args.slice_dirs.split(",")) if args.slice_dirs else {}
-    sources = {"dense": Path(resolve("smollm2-135m"))}
+    sources = {"dense": Path(resolve(harness.MODEL))}
     for name in SLICES:
         sources[name] = Path(given[name]) if name in given else make_slice(name, args.scratch, args.threads)
     sources = {name: source for name, source in sources.items() if name in args.models.split(",")}
@@ -148,7 +138,7 @@ def main() -> None:
     refs = references(sources, args.scratch, args.excerpt, args.chunks, args.threads)
     text = (args.scratch / "excerpt.txt").read_text()
     data = {"command": "python bench/llama_cpp_smollm2.py " + " ".join(sys.argv[1:]), "rows": [], "logits": [],
-            "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]}
+            "load_average_1_5_15": harness.load_average()}
     for (name, kind), exported in files.items():
         tag = f"{name.replace('%', '')}-{kind}"
         row = {"model": name, "type": kind, "bytes": exported["bytes"], "params": exported["params"],
@@ -184,8 +174,7 @@ def main() -> None:
             if key in speed["median"]:
                 row.update({f"{k}_tokens_per_s": v for k, v in speed["median"][key].items()})
                 row["decode_vs_dense_f16"] = speed["paired_ratio_vs_dense F16"][key]["decode"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=2) + "\n")
+    harness.write_json(args.out, data)
     print_tables(data)
     print(f"wrote {args.out}")
 

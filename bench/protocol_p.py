@@ -19,93 +19,21 @@ Each finished sparsity is written at once; a rerun skips the sparsities already 
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
-CAL_DATA = DATA / "wikitext-2-v1.validation.jsonl"
-PPL_DATA = DATA / "wikitext-2-raw-v1.test.jsonl"
-SECOND_CORPUS = ROOT.parent / "shared" / "data" / "lambada" / "lambada_openai.test.jsonl"
+import harness
+
 ORIGINAL = {  # the original implementation on this protocol (a reference figure, not rerun here)
     "dense_ppl": 20.71, "sliced_ppl": {"0.2": 43.95, "0.25": 52.21, "0.3": 66.18},
     "slice_s_25": 718.0, "dense_forward_s": 342.0, "params_25": 140.65e6, "params_dense": 134.52e6,
 }
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-@torch.no_grad()
-def dense_body_forward_s(model, batches, device: str = "cpu") -> float:
-    body = model.get_decoder()
-    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-    _sync(device)
-    start = time.perf_counter()
-    for batch in batches:
-        body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    _sync(device)
-    return time.perf_counter() - start
-
-
-def one_run(args) -> dict:
-    """Everything measured for one sparsity, in this process."""
-    from slicegpt import SliceConfig, load_model, perplexity, slice_model
-    from slicegpt.running.in_memory import calibration_data
-    from slicegpt.io.data import load_texts
-    from slicegpt.architectures.families import family_for
-    from slicegpt.sizing.counts import count_parameters, head_parameters, shortcut_parameters
-
-    torch.set_num_threads(args.threads)
-    if args.refit_damping is not None:  # the refit's ridge weight (method/least_squares.DAMPING)
-        from slicegpt.method import refit
-
-        refit.DAMPING = args.refit_damping
-    model, tokenizer = load_model("smollm2-135m", device=args.device)
-    family = family_for(model)
-    config = SliceConfig(sparsity=args.sparsity, cal_samples=args.cal_samples, cal_seqlen=args.cal_seqlen,
-                         cal_batch_size=args.cal_batch_size or SliceConfig.cal_batch_size, seed=42, **parse_variant(args.variant))
-    batches = calibration_data(tokenizer, config, load_texts(str(CAL_DATA)))
-    ppl_texts = load_texts(str(PPL_DATA))
-    second_texts = load_texts(str(SECOND_CORPUS)) if SECOND_CORPUS.is_file() else None
-    row = {"sparsity": args.sparsity, "variant": args.variant, "params_dense": count_parameters(model)}
-    if args.refit_damping is not None:
-        row["refit_damping"] = args.refit_damping
-    if args.dense:
-        row["ppl_dense"] = perplexity(model, tokenizer, ppl_texts, chunks=args.ppl_chunks, progress=False)["ppl"]
-        if second_texts:
-            row["ppl_lambada_dense"] = perplexity(model, tokenizer, second_texts, chunks=args.ppl_chunks,
-                                                  progress=False)["ppl"]
-    if args.baseline:
-        row["dense_forward_s"] = dense_body_forward_s(model, batches, args.device)
-    _sync(args.device)
-    start = time.perf_counter()
-    slice_model(model, tokenizer, config, batches, progress=False)
-    _sync(args.device)
-    row["calibrate_and_slice_s"] = time.perf_counter() - start
-    row["ppl_sliced"] = perplexity(model, tokenizer, ppl_texts, chunks=args.ppl_chunks, progress=False)["ppl"]
-    if second_texts:
-        row["ppl_lambada_sliced"] = perplexity(model, tokenizer, second_texts, chunks=args.ppl_chunks,
-                                               progress=False)["ppl"]
-    row["params_sliced"] = count_parameters(model)
-    row["params_shortcuts"] = shortcut_parameters(model)
-    row["params_head"] = head_parameters(model, family)
-    row["peak_rss_gib"] = peak_rss_gib()
-    if args.device.startswith("cuda"):
-        row["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return row
+# A row's fields besides its sparsity and variant (measure_slice's, less the layout it resolved to).
+FIELDS = ["params_dense", "refit_damping", "ppl_dense", "ppl_lambada_dense", "dense_forward_s",
+          "calibrate_and_slice_s", "ppl_sliced", "ppl_lambada_sliced", "params_sliced", "params_shortcuts",
+          "params_head", "peak_rss_gib", "peak_gpu_gib"]
+QUICK = {"cal_samples": 4, "cal_seqlen": 256, "ppl_chunks": 1}  # --quick: a smoke run
 
 
 def parse_variant(spec: str) -> dict:
@@ -124,11 +52,42 @@ def parse_variant(spec: str) -> dict:
     return settings
 
 
+def results_path(tag: str = "", quick: bool = False, device: str = "cpu"):
+    """bench/results/protocol_p[_quick][_DEVICE][_TAG].json"""
+    suffix = ("_quick" if quick else "") + ("" if device == "cpu" else "_" + device.split(":")[0])
+    suffix += f"_{tag}" if tag else ""
+    return harness.RESULTS / f"protocol_p{suffix}.json"
+
+
+def measure(sparsities: list[float], variant: str = "", tag: str = "", threads: int = harness.THREADS,
+            device: str = "cpu", quick: bool = False, dense: bool = True, dense_ppl: bool = True,
+            refit_damping: float | None = None, measure_slice=harness.measure_slice_isolated) -> harness.RowsDocument:
+    """Each sparsity not yet in the results file, sliced and measured in a process of its own; the
+    file is written after each. At 0.25 the dense model is measured too (`dense`: its forward time,
+    `dense_ppl`: its perplexities)."""
+    out = results_path(tag, quick, device)
+    store = harness.RowsDocument(out, lambda row: (row["sparsity"], row.get("variant", "")),
+                                 lambda rows: document(rows, quick, threads, device))
+    corpora = [name for name, path in harness.CORPORA.items() if path.is_file()]
+    for sparsity in sparsities:
+        if (sparsity, variant) in store.measured():
+            print(f"sparsity {sparsity}: already measured in {harness.shown(out)}", file=sys.stderr)
+            continue
+        run = harness.SliceRun(settings={"sparsity": sparsity, **parse_variant(variant)}, corpora=corpora,
+                               dense=sparsity == 0.25 and dense and dense_ppl, baseline=sparsity == 0.25 and dense,
+                               refit_damping=refit_damping, device=device, threads=threads,
+                               **(QUICK if quick else {}))
+        print(f"running sparsity {sparsity} ...", file=sys.stderr, flush=True)
+        row = measure_slice(run)
+        store.add({"sparsity": sparsity, "variant": variant, **{k: row[k] for k in FIELDS if k in row}})
+    return store
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings, to check the script runs")
     parser.add_argument("--sparsities", default="0.2,0.25,0.3")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=harness.THREADS)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (results go to protocol_p_cuda.json)")
     parser.add_argument("--variant", default="", help="SliceConfig settings, e.g. refit=true,rotations=block")
     parser.add_argument("--tag", default="", help="results go to protocol_p_TAG.json")
@@ -138,51 +97,18 @@ def main() -> None:
                         help="time the dense forward but skip the dense perplexities (known from other runs)")
     parser.add_argument("--refit-damping", type=float, default=None,
                         help="the refit's ridge weight, relative to the mean diagonal (default: the library's)")
-    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: run one sparsity
-    parser.add_argument("--sparsity", type=float, default=0.25, help=argparse.SUPPRESS)
-    parser.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--cal-samples", type=int, default=64, help=argparse.SUPPRESS)
-    parser.add_argument("--cal-seqlen", type=int, default=2048, help=argparse.SUPPRESS)
-    parser.add_argument("--cal-batch-size", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--ppl-chunks", type=int, default=16, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.one:
-        print(json.dumps(one_run(args)))
-        return
-
-    sizes = ["--cal-samples", "4", "--cal-seqlen", "256", "--ppl-chunks", "1"] if args.quick else []
-    suffix = ("_quick" if args.quick else "") + ("" if args.device == "cpu" else "_" + args.device.split(":")[0])
-    suffix += f"_{args.tag}" if args.tag else ""
-    out = ROOT / "bench" / "results" / f"protocol_p{suffix}.json"
-    rows = json.loads(out.read_text())["rows"] if out.is_file() else []
-    for sparsity in [float(s) for s in args.sparsities.split(",")]:
-        if any(r["sparsity"] == sparsity and r.get("variant", "") == args.variant for r in rows):
-            print(f"sparsity {sparsity}: already measured in {out.relative_to(ROOT)}", file=sys.stderr)
-            continue
-        flags = ["--dense", "--baseline"] if sparsity == 0.25 and not args.no_dense else []
-        if args.no_dense_ppl:
-            flags = [flag for flag in flags if flag != "--dense"]
-        command = [sys.executable, __file__, "--one", "--sparsity", str(sparsity), "--threads", str(args.threads),
-                   "--device", args.device, "--variant", args.variant, *flags, *sizes]
-        if args.refit_damping is not None:
-            command += ["--refit-damping", str(args.refit_damping)]
-        print(f"running sparsity {sparsity} ...", file=sys.stderr, flush=True)
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(done.stderr)
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        write_results(out, args, rows)
-
+    store = measure([float(s) for s in args.sparsities.split(",")], args.variant, args.tag, args.threads,
+                    args.device, args.quick, dense=not args.no_dense, dense_ppl=not args.no_dense_ppl,
+                    refit_damping=args.refit_damping)
+    rows = store.rows()
     print_table(rows, summarise(rows))
-    print(f"wrote {out.relative_to(ROOT)}")
+    print(f"wrote {harness.shown(store.path)}")
 
 
-def write_results(out: Path, args, rows: list[dict]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"protocol": "P", "quick": args.quick, "threads": args.threads, "device": args.device,
-                               "rows": rows, "summary": summarise(rows), "original": ORIGINAL,
-                               "torch": torch.__version__}, indent=2) + "\n")
+def document(rows: list[dict], quick: bool, threads: int, device: str) -> dict:
+    return {"protocol": "P", "quick": quick, "threads": threads, "device": device, "rows": rows,
+            "summary": summarise(rows), "original": ORIGINAL, "torch": torch.__version__}
 
 
 def summarise(rows: list[dict]) -> dict:

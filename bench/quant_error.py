@@ -19,7 +19,6 @@ The figures are averaged over layers per kind of tensor (attn_q, ..., ffn_down, 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import defaultdict
@@ -31,9 +30,9 @@ from torch import nn
 
 from slicegpt.method.importance import InputSquares
 
-ROOT = Path(__file__).resolve().parents[1]
-CAL_DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "wikitext-2-v1.validation.jsonl"
-RESULTS = ROOT / "bench" / "results" / "quant_error.json"
+import harness
+
+RESULTS = harness.RESULTS / "quant_error.json"
 
 
 def input_squares(model: nn.Module, batches: list[dict]) -> dict[str, torch.Tensor]:
@@ -104,15 +103,14 @@ def main() -> None:
         directory = resolve(source) if not Path(source).is_dir() else source
         model, tokenizer, _ = plain_model(directory)
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(directory)
-        batches = calibration_batches(tokenizer, load_texts(str(CAL_DATA)), 64, 2048, 1, 42)[: args.windows]
+        batches = calibration_batches(tokenizer, load_texts(str(harness.CAL_DATA)), harness.CAL_SAMPLES,
+                                      harness.CAL_SEQLEN, 1, harness.SEED)[: args.windows]
         print(f"{label}: input statistics ...", file=sys.stderr, flush=True)
         squares = input_squares(model.eval(), batches)
         rows = tensor_errors(model, squares, args.type)
         results[label] = {"hidden_size": model.config.hidden_size, "by_kind": by_kind(rows), "tensors": rows}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"command": "python bench/quant_error.py " + " ".join(sys.argv[1:]),
-                                   "date": time.strftime("%Y-%m-%d"), "type": args.type, "models": results},
-                                  indent=2) + "\n")
+    harness.write_json(RESULTS, {"command": "python bench/quant_error.py " + " ".join(sys.argv[1:]),
+                                 "date": time.strftime("%Y-%m-%d"), "type": args.type, "models": results})
     kinds = list(next(iter(results.values()))["by_kind"])
     print(f"{'kind':<22}" + "".join(f"{label + ' weighted':>18}{label + ' plain':>15}{label + ' 1st32':>13}"
                                     for label in results))

@@ -13,15 +13,16 @@ it (zero-shot rows carry their own commit and date).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
-README = ROOT / "README.md"
-BENCH_README = ROOT / "bench" / "README.md"
+import harness
+import zeroshot
+
+RESULTS = harness.RESULTS
+README = harness.ROOT / "README.md"
+BENCH_README = harness.ROOT / "bench" / "README.md"
 PLOT = RESULTS / "zeroshot_vs_params.png"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 ZS_START, ZS_END = "<!-- zeroshot:start -->", "<!-- zeroshot:end -->"
@@ -74,28 +75,13 @@ def load(name: str, results: Path) -> dict | None:
 
 def rft_rows(results: Path) -> dict[str, dict]:
     """bench/rft.py's rows by variant (the last of each), from results/rft.jsonl."""
-    path = results / "rft.jsonl"
-    if not path.is_file():
-        return {}
-    rows = {}
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-        rows[row["variant"]] = row
-    return rows
+    return {row["variant"]: row for row in harness.read_rows(results / "rft.jsonl")}
 
 
 def distill_rows(results: Path) -> dict[str, dict[str, dict]]:
     """bench/distill.py's rows (not --quick): the last of each (recipe, evaluation)."""
-    path = results / "distill.jsonl"
     rows: dict[str, dict[str, dict]] = {}
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
+    for row in harness.read_rows(results / "distill.jsonl"):
         if not row.get("quick"):
             rows.setdefault(row["recipe"], {})[row["eval"]] = row
     return rows
@@ -158,10 +144,7 @@ def decode_speed(source, results: Path) -> tuple[float, float] | None:
 
 def zeroshot_summary(results: Path) -> tuple[dict, dict]:
     """bench/zeroshot.py's summary of results/zeroshot.jsonl at its largest limit, and that run's facts."""
-    spec = importlib.util.spec_from_file_location("bench_zeroshot", ROOT / "bench" / "zeroshot.py")
-    zeroshot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(zeroshot)
-    rows = zeroshot.read_rows(results / "zeroshot.jsonl")
+    rows = harness.read_rows(results / "zeroshot.jsonl")
     if not rows:
         return {}, {}
     limit = max((r["limit"] or 10**9) for r in rows)
@@ -197,9 +180,6 @@ def table(results: Path = RESULTS) -> str:
         ]))
     distilled = distill_rows(results)
     if distilled:
-        spec = importlib.util.spec_from_file_location("bench_zeroshot", ROOT / "bench" / "zeroshot.py")
-        zeroshot = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(zeroshot)
         for key, label in DISTILLED:
             recipe = distilled.get(key)
             if not recipe:

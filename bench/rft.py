@@ -22,16 +22,13 @@ import datetime
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import zeroshot  # noqa: E402  (the model specs, cache and row files are shared)
+import harness
+import zeroshot  # the model specs and the cache of built models are shared
 
-ROOT = zeroshot.ROOT
-ROWS = ROOT / "bench" / "results" / "rft.jsonl"
-WIKITEXT_TEST = ROOT.parent / "shared" / "data" / "wikitext-2" / "wikitext-2-raw-v1.test.jsonl"
-LAMBADA = ROOT.parent / "shared" / "data" / "lambada" / "lambada_openai.test.jsonl"
-PPL = {"chunks": 16, "seqlen": 2048}
+ROWS = harness.RESULTS / "rft.jsonl"
+PPL = {"chunks": harness.PPL_CHUNKS, "seqlen": harness.PPL_SEQLEN}
+CORPORA = {"wikitext2_test": harness.WIKITEXT_TEST, "lambada": harness.LAMBADA}  # row field: ppl_NAME
 
 
 def rft(**changes) -> dict:
@@ -54,7 +51,7 @@ def measure(name: str, spec: dict, cal_texts: list[str]) -> dict:
     from slicegpt.io.data import load_texts
 
     start = time.perf_counter()
-    model, tokenizer, params = zeroshot.build_model(name, lambda: load_model("smollm2-135m"), cal_texts,
+    model, tokenizer, params = zeroshot.build_model(name, lambda: load_model(harness.MODEL), cal_texts,
                                                     specs={name: spec}, progress=True)
     built = time.perf_counter() - start
     row = {"variant": name, "spec": spec, "params": params, "build_seconds": round(built, 1)}
@@ -64,7 +61,7 @@ def measure(name: str, spec: dict, cal_texts: list[str]) -> dict:
         row["rft"] = {k: record[k] for k in ("loss_first", "loss_last", "heldout_losses", "trainable_params",
                                              "tokens_seen", "data_tokens")}
         row["rft"]["losses"] = record["losses"]
-    for key, path in (("wikitext2_test", WIKITEXT_TEST), ("lambada", LAMBADA)):
+    for key, path in CORPORA.items():
         row[f"ppl_{key}"] = perplexity(model, tokenizer, load_texts(str(path)), **PPL)["ppl"]
     row["heldout_loss"] = heldout(model, tokenizer, cal_texts)
     return row
@@ -74,7 +71,7 @@ def heldout(model, tokenizer, cal_texts: list[str]) -> float:
     """Loss on the held-out windows of the fine-tuning runs (the validation text's last tenth)."""
     from slicegpt.recovery.finetune import FinetuneConfig, heldout_loss, split_heldout, training_stream
 
-    config = FinetuneConfig(**zeroshot.RFT, data=str(zeroshot.CAL_DATA))
+    config = FinetuneConfig(**zeroshot.RFT, data=str(harness.CAL_DATA))
     _, windows = split_heldout(training_stream(tokenizer, cal_texts, config.seqlen), config)
     return heldout_loss(model, windows, config.batch_size)
 
@@ -100,13 +97,13 @@ def summary_table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=harness.THREADS)
     parser.add_argument("--rows", default=str(ROWS))
     parser.add_argument("--summary", action="store_true", help="only print the table from the rows so far")
     parser.add_argument("--again", action="store_true",
                         help="measure the variants again even if rows exist (the table uses the latest row)")
     args = parser.parse_args()
-    rows_path = Path(args.rows)
+    rows = harness.RowsFile(args.rows, lambda row: (row["variant"], json.dumps(row["spec"], sort_keys=True)))
     names = [v for v in args.variants.split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
@@ -117,18 +114,18 @@ def main() -> None:
         from slicegpt.io.data import load_texts
 
         torch.set_num_threads(args.threads)
-        cal_texts = load_texts(str(zeroshot.CAL_DATA))
-        done = {(r["variant"], json.dumps(r["spec"], sort_keys=True)) for r in zeroshot.read_rows(rows_path)}
+        cal_texts = load_texts(str(harness.CAL_DATA))
+        done = rows.measured()
         for name in names:
             if (name, json.dumps(VARIANTS[name], sort_keys=True)) in done and not args.again:
                 continue
             row = measure(name, VARIANTS[name], cal_texts)
-            row |= {"commit": zeroshot.git_commit(), "threads": args.threads, "ppl": PPL,
+            row |= {"commit": harness.git_commit(), "threads": args.threads, "ppl": PPL,
                     "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-            zeroshot.append_row(rows_path, row)
+            rows.add(row)
             print(f"{name}: wikitext2 {row['ppl_wikitext2_test']:.2f}, lambada {row['ppl_lambada']:.2f}",
                   file=sys.stderr)
-    print(summary_table(zeroshot.read_rows(rows_path)))
+    print(summary_table(rows.rows()))
 
 
 if __name__ == "__main__":

@@ -23,17 +23,15 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-CAL_DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "wikitext-2-v1.validation.jsonl"
-RESULTS = ROOT / "bench" / "results" / "scale.json"
+import harness
+
+RESULTS = harness.RESULTS / "scale.json"
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
              num_hidden_layers=32, vocab_size=49152, max_position_embeddings=4096, rms_norm_eps=1e-5,
              tie_word_embeddings=False)
@@ -84,7 +82,7 @@ def generate(directory: Path, layers: int = 32, seed: int = 0) -> Path:
         del tensors
     write_index(directory)
     config.save_pretrained(directory)
-    AutoTokenizer.from_pretrained(resolve("smollm2-135m")).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(resolve(harness.MODEL)).save_pretrained(directory)
     return directory
 
 
@@ -114,45 +112,23 @@ def cut(full: Path, layers: int, target: Path) -> Path:
     return target
 
 
-class RssSampler(threading.Thread):
-    def __init__(self, pid: int, every: float = 0.5):
-        super().__init__(daemon=True)
-        self.pid, self.every, self.samples, self.done = pid, every, [], False
-        self.start_time = time.monotonic()
-
-    def run(self) -> None:
-        while not self.done:
-            try:
-                with open(f"/proc/{self.pid}/status") as f:
-                    rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-                self.samples.append((round(time.monotonic() - self.start_time, 1), rss / 2**20))
-            except (OSError, StopIteration):
-                pass
-            time.sleep(self.every)
-
-
 def slice_case(model: Path, out: Path, args) -> dict:
-    command = [sys.executable, "-m", "slicegpt.cli", "slice", str(model), "--sparsity", "0.25", "--out", str(out),
-               "--streaming", "--overwrite", "--fresh", "--dtype", args.dtype, "--threads", str(args.threads),
-               "--cal-data", str(CAL_DATA), "--cal-samples", str(args.cal_samples),
-               "--cal-seqlen", str(args.cal_seqlen), "--cal-batch-size", str(args.cal_samples), *args.extra.split()]
-    start = time.monotonic()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    sampler = RssSampler(proc.pid)
-    sampler.start()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - start
-    sampler.done = True
-    stdout, stderr = proc.stdout.read(), proc.stderr.read()
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"slicing failed:\n{stderr[-3000:]}")
+    command = harness.slicegpt_command(
+        "slice", str(model), "--sparsity", "0.25", "--out", str(out), "--streaming", "--overwrite", "--fresh",
+        "--dtype", args.dtype, "--threads", str(args.threads), "--cal-data", str(harness.CAL_DATA),
+        "--cal-samples", str(args.cal_samples), "--cal-seqlen", str(args.cal_seqlen),
+        "--cal-batch-size", str(args.cal_samples), *args.extra.split())
+    run = harness.run_watched(command)
+    if run.returncode != 0:
+        sys.exit(f"slicing failed:\n{run.stderr[-3000:]}")
     report = json.loads((out / "slicing_report.json").read_text())
     output_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    return {"wall_s": round(wall, 1), "calibrate_and_slice_s": report["timings_s"]["calibrate_and_slice"],
-            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-            "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3), "params": report["params"],
-            "output_gib": round(output_bytes / 2**30, 3), "rss_trace_gib": sampler.samples[::4],
-            "stdout": stdout.strip().splitlines()[-3:]}
+    trace = [(seconds, rss / 2**30) for seconds, rss in run.rss_samples]
+    return {"wall_s": round(run.wall_s, 1), "calibrate_and_slice_s": report["timings_s"]["calibrate_and_slice"],
+            "cpu_s": round(run.usage.ru_utime + run.usage.ru_stime, 1),
+            "peak_rss_gib": round(run.peak_rss_bytes / 2**30, 3), "params": report["params"],
+            "output_gib": round(output_bytes / 2**30, 3), "rss_trace_gib": trace[::4],
+            "stdout": run.stdout.strip().splitlines()[-3:]}
 
 
 def main() -> None:
@@ -162,7 +138,7 @@ def main() -> None:
     parser.add_argument("--cal-samples", type=int, default=4)
     parser.add_argument("--cal-seqlen", type=int, default=128)
     parser.add_argument("--dtype", default="float16")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=harness.THREADS)
     parser.add_argument("--keep-output", action="store_true", help="keep the sliced directories")
     parser.add_argument("--extra", default="", help='more slice options, e.g. "--refit" (use --extra=--refit)')
     parser.add_argument("--tag", default="", help="keep these cases apart in the results (scale_TAG.json)")
@@ -192,8 +168,7 @@ def main() -> None:
     results["model"] = {"shape": SHAPE, "dtype": "float16", "disk_gib": round(
         sum(p.stat().st_size for p in full.glob("*.safetensors")) / 2**30, 2)}
     results["torch"] = torch.__version__
-    results_file.parent.mkdir(parents=True, exist_ok=True)
-    results_file.write_text(json.dumps(results, indent=2) + "\n")
+    harness.write_json(results_file, results)
     print_table(results)
 
 

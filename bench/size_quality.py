@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+import harness
+
 ORIGINAL = {"label": "original code, 25%", "params": 140.65e6, "ppl": 52.21}
 DENSE_PARAMS = 134_515_008
 BUDGET = 0.85  # the size target: at most 0.85 x dense
@@ -60,56 +59,47 @@ VARIANTS = {
 }
 
 
-def run_variant(key: str, args, batches, ppl_texts) -> dict:
-    from slicegpt import SliceConfig, load_model, perplexity, slice_model
-    from slicegpt.architectures.families import family_for
-    from slicegpt.sizing.counts import count_parameters, head_parameters, shortcut_parameters
-
+def run_variant(key: str, args) -> dict:
+    """One variant sliced from a fresh copy of the model and measured, in this process."""
     label, settings = VARIANTS[key]
-    model, tokenizer = load_model("smollm2-135m")
-    family = family_for(model)  # before slicing: the check compares shapes with the dense width
-    config = SliceConfig(cal_samples=args.cal_samples, cal_seqlen=args.cal_seqlen, seed=42, **settings)
-    start = time.perf_counter()
-    result = slice_model(model, tokenizer, config, batches, progress=False)
-    seconds = time.perf_counter() - start
-    ppl = perplexity(model, tokenizer, ppl_texts, chunks=args.ppl_chunks, progress=False)["ppl"]
-    return {"key": key, "label": label, "settings": settings, "width": result.embedding_width,
-            "params": count_parameters(model), "shortcuts": shortcut_parameters(model),
-            "head": head_parameters(model, family), "ppl": ppl, "slice_s": round(seconds, 1)}
+    measured = harness.measure_slice(harness.SliceRun(settings=settings, cal_samples=args.cal_samples,
+                                                      cal_seqlen=args.cal_seqlen, ppl_chunks=args.ppl_chunks,
+                                                      corpora=["wikitext2"], threads=args.threads))
+    return {"key": key, "label": label, "settings": settings, "width": measured["width"],
+            "params": measured["params_sliced"], "shortcuts": measured["params_shortcuts"],
+            "head": measured["params_head"], "ppl": measured["ppl_sliced"],
+            "slice_s": round(measured["calibrate_and_slice_s"], 1)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated keys from {list(VARIANTS)}")
-    parser.add_argument("--cal-samples", type=int, default=64)
-    parser.add_argument("--cal-seqlen", type=int, default=2048)
-    parser.add_argument("--ppl-chunks", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cal-samples", type=int, default=harness.CAL_SAMPLES)
+    parser.add_argument("--cal-seqlen", type=int, default=harness.CAL_SEQLEN)
+    parser.add_argument("--ppl-chunks", type=int, default=harness.PPL_CHUNKS)
+    parser.add_argument("--threads", type=int, default=harness.THREADS)
     parser.add_argument("--dense", action="store_true", help="also measure the dense model's perplexity")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "size_quality.json"))
+    parser.add_argument("--out", default=str(harness.RESULTS / "size_quality.json"))
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    from slicegpt import SliceConfig, load_model, perplexity
-    from slicegpt.running.in_memory import calibration_data
-    from slicegpt.io.data import load_texts
-
-    model, tokenizer = load_model("smollm2-135m")
-    ppl_texts = load_texts(str(DATA / "wikitext-2-raw-v1.test.jsonl"))
-    cal = SliceConfig(cal_samples=args.cal_samples, cal_seqlen=args.cal_seqlen, seed=42)
-    batches = calibration_data(tokenizer, cal, load_texts(str(DATA / "wikitext-2-v1.validation.jsonl")))
-    rows = []
-    if args.dense:
-        rows.append({"label": "dense", "params": DENSE_PARAMS, "shortcuts": 0, "head": 0, "width": 576,
-                     "ppl": perplexity(model, tokenizer, ppl_texts, chunks=args.ppl_chunks, progress=False)["ppl"]})
-    del model
     keys = [key.strip() for key in args.variants.split(",")]
     unknown = [key for key in keys if key not in VARIANTS]
     if unknown:
         sys.exit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    torch.set_num_threads(args.threads)
+
+    rows = []
+    if args.dense:
+        from slicegpt import load_model, perplexity
+        from slicegpt.io.data import load_texts
+
+        model, tokenizer = load_model(harness.MODEL)
+        ppl = perplexity(model, tokenizer, load_texts(str(harness.WIKITEXT_TEST)), chunks=args.ppl_chunks,
+                         progress=False)["ppl"]
+        rows.append({"label": "dense", "params": DENSE_PARAMS, "shortcuts": 0, "head": 0, "width": 576, "ppl": ppl})
+        del model
     for key in keys:
         print(f"running {key} ...", file=sys.stderr, flush=True)
-        rows.append(run_variant(key, args, batches, ppl_texts))
+        rows.append(run_variant(key, args))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
     print(f"{'variant':<38} {'width':>5} {'params':>13} {'x dense':>7} {'shortcuts':>10} {'head':>10} {'ppl':>8}")
@@ -119,10 +109,9 @@ def main() -> None:
     print(f"{ORIGINAL['label']:<38} {'':>5} {int(ORIGINAL['params']):>13,} "
           f"{ORIGINAL['params'] / DENSE_PARAMS:>7.3f} {'':>10} {'':>10} {ORIGINAL['ppl']:>8.2f}")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     protocol = {"cal_samples": args.cal_samples, "cal_seqlen": args.cal_seqlen, "ppl_chunks": args.ppl_chunks,
-                "threads": args.threads, "seed": 42}
-    out.write_text(json.dumps({"protocol": protocol, "rows": rows, "original": ORIGINAL}, indent=2) + "\n")
+                "threads": args.threads, "seed": harness.SEED}
+    harness.write_json(out, {"protocol": protocol, "rows": rows, "original": ORIGINAL})
     plot(rows, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 

@@ -24,9 +24,6 @@ embedding table is only indexed and not counted; a tied dense head is counted on
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -34,9 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-CAL_DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "wikitext-2-v1.validation.jsonl"
-
+import harness
 
 VARIANTS = {  # name suffix -> extra `slicegpt slice` flags (see docs/size-and-quality.md)
     "": [],  # the default layout (--rotations auto)
@@ -50,10 +45,9 @@ def make_sliced(sparsity: float, scratch: Path, device: str, variant: str = "") 
     out = scratch / f"smollm2-135m-sliced-{sparsity}{variant.replace(' ', '-')}"
     if not (out / "config.json").exists():
         print(f"slicing at {sparsity}{variant} ...", file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, "-m", "slicegpt.cli", "slice", "smollm2-135m", "--sparsity", str(sparsity),
-                        "--out", str(out), "--overwrite", "--cal-data", str(CAL_DATA), "--cal-samples", "8",
-                        "--cal-seqlen", "256", "--cal-batch-size", "4", "--device", device, *VARIANTS[variant]],
-                       check=True, stdout=subprocess.DEVNULL)
+        harness.run_slicegpt("slice", harness.MODEL, "--sparsity", str(sparsity), "--out", str(out), "--overwrite",
+                             "--cal-data", str(harness.CAL_DATA), "--cal-samples", "8", "--cal-seqlen", "256",
+                             "--cal-batch-size", "4", "--device", device, *VARIANTS[variant])
     return out
 
 
@@ -95,7 +89,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsities", default="0.2,0.25,0.3")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (0: leave torch's default)")
+    parser.add_argument("--threads", type=int, default=harness.THREADS,
+                        help="torch threads (0: leave torch's default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch-sizes", default="1,8")
@@ -108,7 +103,7 @@ def main() -> None:
     parser.add_argument("--variants", default="block,layer,model",
                         help="also 25%% with --rotations block / layer / model (comma-separated; empty for none)")
     parser.add_argument("--scratch", type=Path, default=Path("/work/scratch/speed"))
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "speed.json")
+    parser.add_argument("--out", type=Path, default=harness.RESULTS / "speed.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,7 +112,7 @@ def main() -> None:
     paths = {f"{int(s * 100)}%": make_sliced(s, args.scratch, args.device) for s in sparsities}
     for variant in [f" {v}" for v in args.variants.split(",") if v]:
         paths[f"25%{variant}"] = make_sliced(0.25, args.scratch, args.device, variant)
-    models = {"dense": load_model("smollm2-135m", dtype=args.dtype, device=args.device)[0]}
+    models = {"dense": load_model(harness.MODEL, dtype=args.dtype, device=args.device)[0]}
     for name, path in paths.items():
         models[name] = load_model(str(path), dtype=args.dtype, device=args.device)[0]
     if not args.no_ablation and "25%" in paths:
@@ -128,13 +123,12 @@ def main() -> None:
                              cache=args.cache, compile=args.compile)
     figures = run_benchmark(models, settings, lambda d, t: print(f"repeat {d}/{t}", file=sys.stderr, flush=True))
     environment = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
-                   "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()], **versions()}
+                   "load_average_1_5_15": harness.load_average(), **versions()}
     data = summarise(figures, settings, environment)
     bound = {f.name: matrix_bytes_per_token(models["dense"]) / matrix_bytes_per_token(models[f.name]) for f in figures}
     for name, ratios in data["vs_first"].items():
         ratios["bandwidth_bound"] = bound[name]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=2) + "\n")
+    harness.write_json(args.out, data)
     print(format_table(data))
     batches = [str(b) for b in settings.batch_sizes]
     print("\nspeed-up over dense (paired medians) and the batch-1 decode bound from bytes read per token:")

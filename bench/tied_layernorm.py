@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+import harness
+
 MODEL_DIR = Path("/tmp/slicegpt-opt125m-random")
 WORK = Path("/tmp/slicegpt-opt125m-sliced")
-TOKENIZER = Path.home() / ".cache" / "slicegpt" / "smollm2-135m"
+TOKENIZER = Path.home() / ".cache" / "slicegpt" / harness.MODEL
 DENSE_PARAMS = 125_239_296
-COMMON = ["--cal-data", str(DATA / "wikitext-2-v1.validation.jsonl"), "--cal-samples", "8", "--cal-seqlen", "256",
-          "--eval-ppl", "--ppl-data", str(DATA / "wikitext-2-raw-v1.test.jsonl"), "--ppl-chunks", "4",
-          "--ppl-seqlen", "256", "--threads", "2", "--overwrite"]
+COMMON = ["--cal-data", str(harness.CAL_DATA), "--cal-samples", "8", "--cal-seqlen", "256", "--eval-ppl",
+          "--ppl-data", str(harness.WIKITEXT_TEST), "--ppl-chunks", "4", "--ppl-seqlen", "256", "--threads", "2",
+          "--overwrite"]
 
 
 def build_model() -> None:
@@ -50,8 +49,7 @@ def build_model() -> None:
 
 def slice_with(name: str, options: list[str]) -> dict:
     out = WORK / name
-    command = [sys.executable, "-c", "from slicegpt.cli import main; raise SystemExit(main())", "slice",
-               str(MODEL_DIR), *options, "--out", str(out), *COMMON]
+    command = harness.slicegpt_command("slice", str(MODEL_DIR), *options, "--out", str(out), *COMMON)
     print("$ slicegpt " + " ".join(command[3:]), flush=True)
     subprocess.run(command, check=True)
     report = json.loads((out / "slicing_report.json").read_text())
@@ -73,8 +71,8 @@ def main() -> None:
         print(f"{row['name']:<18} {params:>13,} {params / DENSE_PARAMS:>8.3f} {str(row['tied_head']):>5} "
               f"{row['rotations']:>7} {row['width']:>6} {row['ppl']['sliced']:>10.1f}")
     print(f"dense perplexity {rows[0]['ppl']['dense']:.1f}")
-    target = ROOT / "bench" / "results" / "tied_layernorm.json"
-    target.write_text(json.dumps({"dense_params": DENSE_PARAMS, "runs": rows}, indent=2) + "\n")
+    target = harness.RESULTS / "tied_layernorm.json"
+    harness.write_json(target, {"dense_params": DENSE_PARAMS, "runs": rows})
     print(f"wrote {target}")
 
 

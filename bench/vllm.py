@@ -45,10 +45,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
-CAL_DATA = DATA / "wikitext-2-v1.validation.jsonl"
-TEST_DATA = DATA / "wikitext-2-raw-v1.test.jsonl"
+import harness
+
 GREEDY_PROMPTS = ["The capital of France is", "In 1905, Albert Einstein published",
                   "The recipe calls for two cups of flour and", "def fibonacci(n):"]
 # name -> how `slicegpt slice` makes it (None: the original weights); "plain": exported with --format plain.
@@ -65,7 +63,7 @@ MIN_ROUNDS = 3
 
 
 def cli(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "slicegpt.cli", *args], check=True)
+    subprocess.run(harness.slicegpt_command(*args), check=True)
 
 
 def slug(name: str) -> str:
@@ -80,14 +78,14 @@ def make_models(scratch: Path, cal: list[str], names: list[str]) -> dict[str, Pa
     for name in names:
         recipe = MODELS[name]
         if recipe is None:
-            dirs[name] = Path(resolve("smollm2-135m"))
+            dirs[name] = Path(resolve(harness.MODEL))
             continue
         tag = "-".join(a.lstrip("-") for a in recipe["slice"] + cal)
-        sliced = scratch / f"smollm2-135m-{tag}"
+        sliced = scratch / f"{harness.MODEL}-{tag}"
         if not (sliced / "config.json").is_file():
             print(f"slicing {name} ...", file=sys.stderr, flush=True)
-            cli("slice", "smollm2-135m", *recipe["slice"], "--cal-data", str(CAL_DATA), *cal, "--out", str(sliced),
-                "--overwrite")
+            cli("slice", harness.MODEL, *recipe["slice"], "--cal-data", str(harness.CAL_DATA), *cal, "--out",
+                str(sliced), "--overwrite")
         dirs[name] = sliced
         if recipe.get("plain"):
             plain = sliced.with_name(sliced.name + "-plain")
@@ -128,7 +126,7 @@ def _numel(shape) -> int:
 
 def throughput_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
     """`count` windows of `length` tokens, one after another, from WikiText-2 test."""
-    text = "".join(json.loads(line)["text"] for line in TEST_DATA.open())
+    text = "".join(json.loads(line)["text"] for line in harness.WIKITEXT_TEST.open())
     ids = tokenizer(text[: 400 * count * length // 64], add_special_tokens=False)["input_ids"]
     if len(ids) < count * length:
         raise SystemExit("not enough WikiText-2 test text for the throughput prompts")
@@ -159,7 +157,7 @@ class Engine:
         job_file.write_text(json.dumps(job))
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
         self.log = scratch / f"vllm_{slug(name)}.log"
-        self.process = subprocess.Popen([vllm_python, str(ROOT / "bench" / "vllm_measure.py"), str(job_file)],
+        self.process = subprocess.Popen([vllm_python, str(harness.ROOT / "bench" / "vllm_measure.py"), str(job_file)],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=self.log.open("w"), text=True, env=env)
         self.ready = self.read("ready")
@@ -216,7 +214,7 @@ def make_serve_job(name: str, directory: Path, job: dict, offline_texts: list[st
 def run_serve(vllm_python: str, job_file: Path, timeout_s: float) -> dict:
     """bench/vllm_serve.py in the vLLM environment; past `timeout_s` it gets SIGTERM (it then stops
     its server) and, a minute later, SIGKILL."""
-    process = subprocess.Popen([vllm_python, str(ROOT / "bench" / "vllm_serve.py"), str(job_file)],
+    process = subprocess.Popen([vllm_python, str(harness.ROOT / "bench" / "vllm_serve.py"), str(job_file)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = process.communicate(timeout=timeout_s)
@@ -261,15 +259,16 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--vllm-python", required=True, help="a Python with vLLM and slicegpt (bench/vllm_env.sh)")
     p.add_argument("--scratch", type=Path, default=Path("/tmp/slicegpt-vllm"))
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "vllm.json")
+    p.add_argument("--out", type=Path, default=harness.RESULTS / "vllm.json")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--greedy-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=MIN_ROUNDS,
                    help=f"timed generates per model and setting, in turns (at least {MIN_ROUNDS})")
-    p.add_argument("--cal-samples", default="64", help="the slices' calibration windows (default 64, protocol P)")
-    p.add_argument("--cal-seqlen", default="2048")
+    p.add_argument("--cal-samples", default=str(harness.CAL_SAMPLES),
+                   help="the slices' calibration windows (default 64, protocol P)")
+    p.add_argument("--cal-seqlen", default=str(harness.CAL_SEQLEN))
     p.add_argument("--eager", action="store_true",
                    help="vLLM without torch.compile or graph capture (starts in seconds rather than minutes)")
     p.add_argument("--only", nargs="*", help="measure only these models (names as in the JSON; dense always)")
@@ -304,12 +303,11 @@ def main() -> None:
            "enforce_eager": args.eager}
     data = {"command": "python bench/vllm.py " + " ".join(sys.argv[1:]),
             "date": datetime.date.today().isoformat(),
-            "commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                     text=True).stdout.strip(),
+            "commit": harness.git_commit(),
             "setting": {**{k: v for k, v in job.items() if k not in ("greedy_prompts", "throughput_prompts")},
                         "rounds": args.rounds, "slices": {n: MODELS[n] for n in names if MODELS[n]},
-                        "calibration": [str(CAL_DATA.name), *cal]},
-            "greedy_prompts": GREEDY_PROMPTS, "load_average_before": [round(x, 2) for x in os.getloadavg()],
+                        "calibration": [str(harness.CAL_DATA.name), *cal]},
+            "greedy_prompts": GREEDY_PROMPTS, "load_average_before": harness.load_average(),
             "note": "models are timed in turns, one round after another, and each ratio to dense is the median "
                     "over rounds of that round's ratio", "models": {}}
 
@@ -343,15 +341,14 @@ def main() -> None:
             engine.close()
 
     summarize(data["models"])
-    data["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=2) + "\n")  # the offline figures stand if serving fails
+    data["load_average_after"] = harness.load_average()
+    harness.write_json(args.out, data)  # the offline figures stand if serving fails
     if args.serve:
         data["serve"] = serve_step(models, offline_texts, job, args)
         data["serve_setting"] = {"burst": args.serve_burst, "burst_new_tokens": args.new_tokens,
                                  "ready_timeout_s": args.serve_ready_timeout,
                                  "burst_timeout_s": args.serve_burst_timeout, "host": "127.0.0.1"}
-        args.out.write_text(json.dumps(data, indent=2) + "\n")
+        harness.write_json(args.out, data)
     print(table(data))
 
 

@@ -34,16 +34,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-CAL_DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "wikitext-2-v1.validation.jsonl"
-ROWS = ROOT / "bench" / "results" / "zeroshot.jsonl"
-SUMMARY = ROOT / "bench" / "results" / "zeroshot_summary.json"
+import harness
+# bench/distill.py reads these through this module too.
+from harness import CAL_DATA, ROOT, append_row, git_commit, read_rows  # noqa: F401
+
+ROWS = harness.RESULTS / "zeroshot.jsonl"
+SUMMARY = harness.RESULTS / "zeroshot_summary.json"
 MODEL_CACHE = ROOT / "out" / "zeroshot-models"
 SPEC_FILE = "bench_spec.json"  # the spec a cached model was built from
 RFT_RECORD = "rft_record.json"  # the fine-tuning's losses and held-out curve
@@ -52,7 +52,7 @@ TASKS = ["piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "lambad
 # LAMBADA asks for the exact last word, so guessing scores nothing.
 CHANCE = {"piqa": 0.5, "winogrande": 0.5, "arc_easy": 0.25, "arc_challenge": 0.25, "hellaswag": 0.25,
           "lambada_openai": 0.0}
-CALIBRATION = {"cal_samples": 64, "cal_seqlen": 2048, "seed": 42}
+CALIBRATION = {"cal_samples": harness.CAL_SAMPLES, "cal_seqlen": harness.CAL_SEQLEN, "seed": harness.SEED}
 RFT = {"steps": 200, "seqlen": 512, "batch_size": 4, "lr": 5e-4, "lora_r": 32, "lora_alpha": 10.0, "seed": 42,
        "heldout_fraction": 0.1, "heldout_windows": 8, "eval_every": 25}
 MODELS = {
@@ -74,37 +74,12 @@ def row_key(row: dict) -> tuple:
     return row["model"], row["task"], row["limit"], json.dumps(row["spec"], sort_keys=True)
 
 
-def read_rows(path: Path) -> list[dict]:
-    """Every complete row; a line cut short by a kill is ignored (the rerun measures it again)."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def append_row(path: Path, row: dict) -> None:
-    """One line, flushed to disk before the next task starts; a line cut short by a kill is ended
-    first, so it cannot swallow this row."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cut_short = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
-    with open(path, "a") as handle:
-        if cut_short:
-            handle.write("\n")
-        handle.write(json.dumps(row, sort_keys=True) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def run(models: list[str], tasks: list[str], limit: int | None, path: Path, build, evaluate, meta: dict,
         specs: dict = MODELS) -> list[dict]:
     """Measure every (model, task) not yet in `path`; build(name) -> (model, tokenizer, params) is
     called only for a model with something left to measure; evaluate(model, tokenizer, task) -> metrics."""
-    done = {row_key(row) for row in read_rows(path)}
+    rows = harness.RowsFile(path, row_key)
+    done = rows.measured()
     new = []
     for name in models:
         spec = specs[name]
@@ -119,7 +94,7 @@ def run(models: list[str], tasks: list[str], limit: int | None, path: Path, buil
             row = {"model": name, "task": task, "limit": limit, "spec": spec, "params": params, "metrics": metrics,
                    "seconds": round(time.perf_counter() - start, 1), **meta,
                    "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-            append_row(path, row)
+            rows.add(row)
             new.append(row)
             print(f"{name} {task}: {metrics.get(paper_metric(task))}", file=sys.stderr)
         del model
@@ -173,14 +148,6 @@ def format_summary(summary: dict, tasks: list[str]) -> str:
                        for k, w in (("average", 9), ("above_chance", 9), ("retention", 8)))
         lines.append(f"{name:<16}{entry['params'] / 1e6:>7.1f}M" + "".join(f" {c}" for c in cells) + tail)
     return "\n".join(lines)
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def build_model(name: str, load_dense, cal_texts: list, specs: dict = MODELS, cache: Path = MODEL_CACHE,
@@ -247,7 +214,7 @@ def probe_batch_sizes(sizes: list[int], task: str, limit: int, threads: int, out
     from slicegpt import load_model
     from slicegpt.evaluation.zeroshot import evaluate_zeroshot
 
-    model, tokenizer = load_model("smollm2-135m")
+    model, tokenizer = load_model(harness.MODEL)
     probe = {"task": task, "limit": limit, "threads": threads, "commit": git_commit(),
              "date": datetime.date.today().isoformat(), "batch_sizes": {}}
     for size in sizes:
@@ -267,7 +234,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=500, help="examples per task (default 500; 0: all)")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="lm-eval batch size (default 8: faster than 1, bench/README.md)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=harness.THREADS)
     parser.add_argument("--rows", default=str(ROWS), help="JSON-lines file of results (appended to)")
     parser.add_argument("--summary", action="store_true", help="only print and write the summary")
     parser.add_argument("--probe-batch-sizes", default=None, help="e.g. 1,4,8,16: time lm-eval batch sizes")
@@ -290,7 +257,7 @@ def main() -> None:
     rows_path = Path(args.rows)
     if args.probe_batch_sizes:
         sizes = [int(s) for s in args.probe_batch_sizes.split(",")]
-        out = ROOT / "bench" / "results" / "zeroshot_batch_sizes.json"
+        out = harness.RESULTS / "zeroshot_batch_sizes.json"
         print(json.dumps(probe_batch_sizes(sizes, args.probe_task, args.probe_limit, args.threads, out), indent=2))
         return
     if not args.summary:
@@ -306,12 +273,11 @@ def main() -> None:
         def evaluate(model, tokenizer, task):
             return evaluate_zeroshot(model, tokenizer, [task], limit=limit, batch_size=args.batch_size)["tasks"][task]
 
-        run(models, tasks, limit, rows_path, lambda name: build_model(name, lambda: load_model("smollm2-135m"),
+        run(models, tasks, limit, rows_path, lambda name: build_model(name, lambda: load_model(harness.MODEL),
                                                                        cal_texts), evaluate, meta)
     # Always over the six tasks, so that an average is never one of a subset.
     summary = summarize(read_rows(rows_path), TASKS, limit)
-    SUMMARY.write_text(json.dumps({"limit": limit, "tasks": TASKS, "chance": CHANCE, "models": summary},
-                                  indent=2) + "\n")
+    harness.write_json(SUMMARY, {"limit": limit, "tasks": TASKS, "chance": CHANCE, "models": summary})
     print(f"smollm2-135m, 0-shot, first {limit} examples per task; paper metric in % ± stderr")
     print(format_summary(summary, TASKS))
 

@@ -300,11 +300,18 @@ def tiny_sliced_dir(tmp_path_factory, tiny_model_dir):
 
 
 def load_bench_script(name: str):
-    """A script under bench/ imported as a module (bench/ is not a package)."""
+    """A script under bench/ imported as a module (bench/ is not a package), with bench/ on the path
+    as `python bench/NAME.py` has it, so that its `import harness` works. Appended, not put first:
+    bench/vllm.py must not stand in for the vllm package."""
     import importlib.util
+    import sys
 
-    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    if str(bench) not in sys.path:
+        sys.path.append(str(bench))
+    path = bench / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # before it runs: its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
