@@ -68,12 +68,30 @@ class Server:
                 self.process.wait(grace_s)
             except subprocess.TimeoutExpired:
                 pass
+        # SIGKILL is delivered asynchronously: on a busy machine the group's other members can still be
+        # running for a moment after the leader is reaped, and the port stays taken until they are gone.
+        deadline = time.monotonic() + grace_s
+        while group_members(self.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def tail(self, lines: int = 20) -> str:
         try:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes of a process group, read from /proc (zombies, which init may never reap, are not live)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(group) == pgid and state != "Z":
+            found.append(int(stat.parent.name))
+    return found
 
 
 def start_server(job: dict, port: int) -> Server:
